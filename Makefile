@@ -1,0 +1,49 @@
+# distray: `make quickstart` runs the demo pipeline on an embedded local Ray; `make test` runs the suite.
+# Both create .venv when it is missing. `make setup` is idempotent: a stamp keyed on the hash of
+# pyproject.toml makes it a no-op when nothing changed.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.setup-$(HASH)
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRAS := $(if $(HAS_GPU),gpu,cpu),dev
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distray/torch_extensions
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-unit quickstart lint typecheck bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	@# pip pulls these in; on CPU they break `import transformers` models (torchvision::nms).
+	@if [ -z "$(HAS_GPU)" ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	@rm -f $(VENV)/.setup-*
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+quickstart: setup
+	$(BIN)/distray run jobs/configs/quickstart.yaml
+
+lint: setup
+	$(BIN)/ruff check distray tests jobs benchmarks
+	$(BIN)/mypy distray
+
+bench: setup
+	$(BIN)/python benchmarks/generate.py && $(BIN)/python benchmarks/train.py && $(BIN)/python benchmarks/serve.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
