@@ -11,7 +11,8 @@ Input rows (JSONL or Parquet) are chat rows or prompt rows, each with an optiona
 
 A final assistant turn in `messages` is the reference, not part of the prompt. `normalize_row`
 turns either form into one layout (`id`, `messages` = prompt turns, `prompt`, `reference`) or a
-reject reason; every input line ends in exactly one of the two.
+reject with a reason code (`REJECT_REASONS`); every non-blank input line ends in exactly one of
+the two. Paths may be local or any URI pyarrow or fsspec opens (s3://, gs://, memory://, ...).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -47,13 +48,19 @@ __all__ = [
     "TEACHER_DATA_SCHEMA",
     "REJECT_SCHEMA",
     "ROLES",
+    "REJECT_REASONS",
+    "INPUT_SUFFIXES",
     "Reject",
+    "InputCheck",
     "content_hash",
     "input_id",
     "normalize_row",
     "parse_jsonl_line",
     "iter_input_file",
     "iter_input_rows",
+    "check_input",
+    "write_jsonl",
+    "write_rejects",
     "filesystem_for",
     "list_files",
     "write_text",
@@ -78,6 +85,21 @@ TEACHER = "teacher"
 SAMPLE_INDEX = "sample_index"
 
 ROLES = ("system", "user", "assistant")
+
+#: Reason codes a reject carries (the text before the first ":" of its `reason` column).
+REJECT_REASONS = (
+    "invalid_utf8",  # bytes that are not UTF-8, or a JSON \\u escape that is a lone surrogate
+    "invalid_json",  # the line does not parse as JSON
+    "not_an_object",  # valid JSON, but not a {...} row
+    "missing_prompt",  # neither `messages` nor `prompt`
+    "empty_prompt",  # empty `prompt`, empty `messages`, or no non-empty user turn
+    "bad_message",  # a `messages` entry that is not an object
+    "bad_role",  # a role outside system/user/assistant
+    "non_string_content",  # content or prompt that is not a string
+    "bad_reference",  # `reference` that is not a string or number
+    "bad_id",  # `id` that is not a non-empty string or an integer
+    "duplicate_id",  # an id seen earlier in the same input
+)
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -117,7 +139,11 @@ REJECT_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Reject:
-    """One rejected row: the stage that rejected it, a short reason code and a detail."""
+    """One rejected row: the stage that rejected it, a reason code and a detail.
+
+    `reason` is one of `REJECT_REASONS` (other stages add their own codes, e.g. generate's
+    filters); `detail` says what was wrong in words, naming the field and the value.
+    """
 
     stage: str
     reason: str
@@ -129,7 +155,7 @@ class Reject:
     id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The row as written to the rejects file (REJECT_SCHEMA, plus `detail`)."""
+        """The row as written to the rejects file (REJECT_SCHEMA; `reason` is `code: detail`)."""
         return {
             ID: self.id,
             INPUT_ID: self.input_id,
@@ -142,9 +168,13 @@ class Reject:
 
 
 def content_hash(*parts: Any) -> str:
-    """A stable 16-byte hex hash of JSON-serialisable parts (sorted keys, no whitespace)."""
+    """A stable hash (32 hex chars, 128 bits) of JSON-serialisable parts (sorted keys, no spaces).
+
+    Stable across processes, machines and Python versions, so it can key caches and ids.
+    """
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+    # surrogatepass: a lone surrogate must hash, not crash (rows carrying one are rejected anyway).
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def input_id(messages: list[dict[str, str]], prompt: str | None) -> str:
@@ -152,11 +182,27 @@ def input_id(messages: list[dict[str, str]], prompt: str | None) -> str:
     return content_hash("input", messages, prompt)
 
 
-def _row_text(raw: Any) -> str:
+def _encodable(text: str) -> bool:
+    # json.loads turns "\ud800" into a lone surrogate, which no UTF-8 writer (Parquet, JSONL)
+    # accepts; such a row must be rejected here rather than crash a writer later.
     try:
-        return json.dumps(raw, ensure_ascii=False, default=str)[:10_000]
-    except Exception:  # noqa: BLE001 - a reject must never fail to be written
-        return repr(raw)[:10_000]
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _row_text(raw: Any) -> str:
+    """The row as JSON text for a reject record: always writable as UTF-8, at most 10k chars."""
+    try:
+        text = json.dumps(raw, ensure_ascii=False, default=str)
+        if not _encodable(text):
+            text = json.dumps(raw, ensure_ascii=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(raw)
+        if not _encodable(text):
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:10_000]
 
 
 def normalize_row(
@@ -170,8 +216,8 @@ def normalize_row(
     """Validate one decoded input row and bring it into the common layout.
 
     Args:
-        raw: the decoded row (anything JSON can produce).
-        line: 1-based line number, for the reject record.
+        raw: the decoded row (anything JSON or Parquet can produce).
+        line: 1-based line (JSONL) or row (Parquet, JSON array) number, for the reject record.
         source: file the row came from.
         system_prompt: added as the first turn when the row has no system turn.
         prompt_template: applied to `prompt`-form rows (`{prompt}` is the text).
@@ -185,35 +231,45 @@ def normalize_row(
 
     if not isinstance(raw, dict):
         return bad("not_an_object", f"row is a {type(raw).__name__}, expected a JSON object")
-    has_messages = "messages" in raw and raw["messages"] is not None
-    has_prompt = "prompt" in raw and raw["prompt"] is not None
+    has_messages = raw.get(MESSAGES) is not None
+    has_prompt = raw.get(PROMPT) is not None
     if not has_messages and not has_prompt:
+        keys = sorted(str(k) for k in raw)[:20]
         return bad(
             "missing_prompt",
-            f"row has neither `messages` nor `prompt` (keys present: {sorted(raw)})",
+            f"row has neither `messages` nor `prompt` (keys present: {keys})",
         )
-    reference = raw.get("reference")
-    if reference is not None and not isinstance(reference, (str, int, float)):
+    reference = raw.get(REFERENCE)
+    if isinstance(reference, bool):
+        reference = "true" if reference else "false"
+    elif reference is not None and not isinstance(reference, (str, int, float)):
         return bad("bad_reference", f"`reference` must be a string, got {type(reference).__name__}")
     reference = None if reference is None else str(reference)
     prompt: str | None = None
     if has_messages:
-        msgs = raw["messages"]
+        msgs = raw[MESSAGES]
         if not isinstance(msgs, list) or not msgs:
             return bad("empty_prompt", "`messages` must be a non-empty list of {role, content}")
         turns: list[dict[str, str]] = []
         for i, m in enumerate(msgs):
             if not isinstance(m, dict):
-                return bad("bad_message", f"messages[{i}] is a {type(m).__name__}, expected an object")
+                return bad(
+                    "bad_message", f"messages[{i}] is a {type(m).__name__}, expected an object"
+                )
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                return bad("bad_role", f"messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}")
+                shown = (
+                    role if isinstance(role, (str, int, float, type(None))) else type(role).__name__
+                )
+                return bad(
+                    "bad_role", f"messages[{i}].role is {shown!r}; allowed: {', '.join(ROLES)}"
+                )
             if not isinstance(content, str):
                 return bad(
                     "non_string_content",
                     f"messages[{i}].content is {type(content).__name__}, expected a string",
                 )
-            turns.append({"role": role, "content": content})
+            turns.append({"role": str(role), "content": content})
         if turns[-1]["role"] == "assistant":
             if reference is None:
                 reference = turns[-1]["content"]
@@ -221,7 +277,7 @@ def normalize_row(
         if not any(t["role"] == "user" and t["content"].strip() for t in turns):
             return bad("empty_prompt", "`messages` has no non-empty user turn before the answer")
     else:
-        p = raw["prompt"]
+        p = raw[PROMPT]
         if not isinstance(p, str):
             return bad("non_string_content", f"`prompt` is {type(p).__name__}, expected a string")
         if not p.strip():
@@ -230,9 +286,17 @@ def normalize_row(
         turns = [{"role": "user", "content": prompt_template.replace("{prompt}", p)}]
     if system_prompt and turns[0]["role"] != "system":
         turns = [{"role": "system", "content": system_prompt}, *turns]
-    rid = raw.get("id")
-    if rid is not None and not isinstance(rid, (str, int)):
-        return bad("bad_id", f"`id` must be a string or integer, got {type(rid).__name__}")
+    rid = raw.get(ID)
+    if rid is not None and (
+        isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip()
+    ):
+        got = repr(rid) if isinstance(rid, (str, bool)) else type(rid).__name__
+        return bad("bad_id", f"`id` must be a non-empty string or an integer, got {got}")
+    texts = [t["content"] for t in turns] + [
+        s for s in (prompt, reference, rid) if isinstance(s, str)
+    ]
+    if not all(_encodable(t) for t in texts):
+        return bad("invalid_utf8", "a string holds a lone surrogate escape (\\ud800-\\udfff)")
     row_id = str(rid) if rid is not None else input_id(turns, prompt)
     return {ID: row_id, MESSAGES: turns, PROMPT: prompt, REFERENCE: reference}, None
 
@@ -248,12 +312,18 @@ def parse_jsonl_line(
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, Reject(
-            "read", "invalid_utf8", f"byte {e.start} is not UTF-8", data[:2000].decode("utf-8", "replace"), line, source
+            "read",
+            "invalid_utf8",
+            f"byte {e.start} (0x{data[e.start]:02x}) is not UTF-8; re-encode the file as UTF-8",
+            data[:2000].decode("utf-8", "replace"),
+            line,
+            source,
         )
     try:
         raw = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
-        return None, Reject("read", "invalid_json", str(e)[:200], text[:2000], line, source)
+        detail = str(e)[:200] if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        return None, Reject("read", "invalid_json", detail, text[:2000], line, source)
     return normalize_row(raw, line=line, source=source, **kwargs)
 
 
@@ -261,28 +331,48 @@ def parse_jsonl_line(
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for local paths and URIs (s3://, gs://, ...)."""
+    """A pyarrow filesystem and the path inside it, for local paths and URIs (s3://, gs://, ...).
+
+    pyarrow's own filesystems come first; schemes it lacks (memory://, hf://, az://, ...) go
+    through fsspec when that is installed.
+
+    Raises:
+        DataError: the scheme is known to neither pyarrow nor fsspec.
+    """
     if "://" not in path:
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     try:
         return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        import fsspec  # noqa: PLC0415 - only for schemes pyarrow lacks
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        try:
+            import fsspec  # only for schemes pyarrow lacks
 
-        fs, inner = fsspec.core.url_to_fs(path)
+            fs, inner = fsspec.core.url_to_fs(path)
+        except (ImportError, ValueError) as e:
+            raise DataError(
+                f"cannot open `{path}`: neither pyarrow nor fsspec knows its scheme ({e}); "
+                "use a local path or s3://, gs://, hdfs://, or install the fsspec package for it"
+            ) from e
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
 
 def exists(path: str) -> bool:
     """True when the file or folder exists."""
     fs, p = filesystem_for(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return bool(fs.get_file_info(p).type != pafs.FileType.NotFound)
 
 
 def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     """Files under `path` (a file or a folder, recursively) with one of `suffixes`, sorted.
 
-    Returns paths in the filesystem's own form (no scheme for cloud URIs; absolute locally).
+    A single file is returned whatever its suffix. Hidden files and `_`-prefixed files
+    (`_SUCCESS`, `_metadata`) in folders are skipped.
+
+    Returns:
+        Paths in the filesystem's own form (no scheme for cloud URIs; absolute locally).
+
+    Raises:
+        DataError: `path` does not exist.
     """
     fs, p = filesystem_for(path)
     info = fs.get_file_info(p)
@@ -300,85 +390,265 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     )
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a text file atomically (temp name, then rename) on any filesystem."""
+def _write_bytes_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    # Readers never see a half-written file: write a temp name, then rename (a copy on S3).
     fs, p = filesystem_for(path)
     parent = os.path.dirname(p)
     if parent:
         fs.create_dir(parent, recursive=True)
     tmp = f"{p}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode("utf-8"))
-    fs.move(tmp, p)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            for chunk in chunks:
+                f.write(chunk)
+        fs.move(tmp, p)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically (temp name, then rename) on any filesystem."""
+    _write_bytes_atomic(path, [text.encode("utf-8")])
 
 
 def read_text(path: str) -> str:
     """Read a whole text file from any filesystem."""
     fs, p = filesystem_for(path)
     with fs.open_input_stream(p) as f:
-        return f.read().decode("utf-8")
+        data: bytes = f.read()
+    return data.decode("utf-8")
+
+
+def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSONL (UTF-8, one object per line) atomically; returns the row count."""
+    n = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal n
+        for row in rows:
+            n += 1
+            yield (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode(
+                "utf-8", "backslashreplace"
+            )
+
+    _write_bytes_atomic(path, lines())
+    return n
+
+
+def write_rejects(path: str, rejects: Iterable[Reject]) -> int:
+    """Write rejects to `path`: Parquet (REJECT_SCHEMA) when it ends in .parquet, else JSONL.
+
+    Returns:
+        The number of rejects written.
+    """
+    rows = [r.to_dict() for r in rejects]
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, p = filesystem_for(path)
+        parent = os.path.dirname(p)
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), p, filesystem=fs)
+        return len(rows)
+    return write_jsonl(path, rows)
 
 
 # ---- reading inputs -------------------------------------------------------------------------
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+_BOM = b"\xef\xbb\xbf"
+_READ_CHUNK_BYTES = 1 << 20
 
-def iter_input_file(
-    path: str, fs: pafs.FileSystem | None = None, **kwargs: Any
-) -> Iterator[tuple[dict[str, Any] | None, Reject | None]]:
-    """Yield `(row, None)` or `(None, reject)` for every line/row of one JSONL or Parquet file.
+Result = tuple[dict[str, Any] | None, Reject | None]
 
-    Streams: JSONL line by line, Parquet batch by batch. Blank JSONL lines are skipped (they are
-    not rows). `kwargs` go to `normalize_row`.
+
+def _jsonl_lines(stream: IO[bytes] | Any) -> Iterator[tuple[int, bytes]]:
+    """`(line_number, bytes)` for every non-blank line of a binary stream, `\\r\\n` or `\\n`.
+
+    Reads fixed-size chunks, so a file is never held whole; a UTF-8 byte-order mark on the
+    first line is dropped (editors on Windows write one).
     """
-    if fs is None:
-        fs, path = filesystem_for(path)
+    pending: list[bytes] = []
+    n = 0
+    first = True
+    while True:
+        chunk = stream.read(_READ_CHUNK_BYTES)
+        if not chunk:
+            break
+        chunk = bytes(chunk)
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            pending.append(chunk)
+            continue
+        block = b"".join([*pending, chunk[:cut]])
+        pending = [chunk[cut + 1 :]]
+        for ln in block.split(b"\n"):
+            n += 1
+            if first:
+                ln, first = ln.removeprefix(_BOM), False
+            if ln.strip():
+                yield n, ln.rstrip(b"\r")
+    tail = b"".join(pending)
+    if first:
+        tail = tail.removeprefix(_BOM)
+    if tail.strip():
+        yield n + 1, tail.rstrip(b"\r")
+
+
+def _iter_file(path: str, fs: pafs.FileSystem, **kwargs: Any) -> Iterator[tuple[int, Result]]:
+    """`(line_or_row_number, (row, reject))` for every non-blank line or row of one file."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        with fs.open_input_file(path) as f:
-            n = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                for raw in batch.to_pylist():
-                    n += 1
-                    yield normalize_row(raw, line=n, source=path, **kwargs)
+        try:
+            with fs.open_input_file(path) as f:
+                n = 0
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                    for raw in batch.to_pylist():
+                        n += 1
+                        yield n, normalize_row(raw, line=n, source=path, **kwargs)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"cannot read Parquet file `{path}`: {e}") from e
+        return
+    if path.endswith(".json"):
+        # A .json file may be one JSON array (or object) rather than JSONL; try that first.
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+        try:
+            whole = json.loads(data.removeprefix(_BOM).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            whole = None
+        if isinstance(whole, list):
+            for i, raw in enumerate(whole, start=1):
+                yield i, normalize_row(raw, line=i, source=path, **kwargs)
+            return
+        if isinstance(whole, dict):
+            yield 1, normalize_row(whole, line=1, source=path, **kwargs)
+            return
+        import io
+
+        for n, ln in _jsonl_lines(io.BytesIO(data)):
+            yield n, parse_jsonl_line(ln, line=n, source=path, **kwargs)
         return
     with fs.open_input_stream(path) as f:
-        buf = b""
-        n = 0
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                n += 1
-                if ln.strip():
-                    yield parse_jsonl_line(ln.rstrip(b"\r"), line=n, source=path, **kwargs)
-        if buf.strip():
-            n += 1
-            yield parse_jsonl_line(buf.rstrip(b"\r"), line=n, source=path, **kwargs)
+        for n, ln in _jsonl_lines(f):
+            yield n, parse_jsonl_line(ln, line=n, source=path, **kwargs)
 
 
-def iter_input_rows(
-    path: str, **kwargs: Any
-) -> Iterator[tuple[dict[str, Any] | None, Reject | None]]:
+def iter_input_file(
+    path: str, fs: pafs.FileSystem | None = None, **kwargs: Any
+) -> Iterator[Result]:
+    """Yield `(row, None)` or `(None, reject)` for every line/row of one JSONL, JSON or Parquet file.
+
+    Streams: JSONL line by line, Parquet batch by batch (a `.json` file holding one array is read
+    whole). Blank JSONL lines are skipped: they are not rows. `kwargs` go to `normalize_row`.
+
+    Raises:
+        DataError: the file cannot be opened or is not Parquet although named so.
+    """
+    if fs is None:
+        fs, path = filesystem_for(path)
+    try:
+        for _, result in _iter_file(path, fs, **kwargs):
+            yield result
+    except FileNotFoundError as e:
+        raise DataError(f"input `{path}` does not exist") from e
+
+
+def iter_input_rows(path: str, **kwargs: Any) -> Iterator[Result]:
     """Like `iter_input_file` over a file or a folder of them, rejecting duplicate ids.
 
     The duplicate check keeps a set of ids seen; for a data set too big for that, the Ray Data
     path in `distray.teacher` deduplicates per shard by id instead.
+
+    Raises:
+        DataError: `path` does not exist, or a folder holds no input files.
     """
     seen: set[str] = set()
     fs, _ = filesystem_for(path)
-    for f in list_files(path, INPUT_SUFFIXES):
-        for row, rej in iter_input_file(f, fs=fs, **kwargs):
+    files = list_files(path, INPUT_SUFFIXES)
+    if not files:
+        raise DataError(f"input folder `{path}` holds no {', '.join(INPUT_SUFFIXES)} files")
+    for f in files:
+        for n, (row, rej) in _iter_file(f, fs, **kwargs):
             if row is not None:
                 if row[ID] in seen:
-                    yield None, Reject(
-                        "validate", "duplicate_id", f"id {row[ID]!r} appeared earlier", _row_text(row), None, f
+                    yield (
+                        None,
+                        Reject(
+                            "validate",
+                            "duplicate_id",
+                            f"id {row[ID]!r} appeared earlier; give each row a distinct id",
+                            _row_text(row),
+                            n,
+                            f,
+                        ),
                     )
                     continue
                 seen.add(row[ID])
             yield row, rej
+
+
+@dataclass
+class InputCheck:
+    """What `check_input` found: valid and rejected counts, by reason code."""
+
+    path: str
+    valid: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    rejects_path: str | None = None
+
+    @property
+    def total(self) -> int:
+        """Rows read (valid + rejected)."""
+        return self.valid + self.rejected
+
+    def summary(self) -> str:
+        """Human-readable lines: totals, then one line per reason with a first example."""
+        lines = [f"{self.path}: {self.valid} valid, {self.rejected} rejected ({self.total} rows)"]
+        for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {reason:<20} {count:>8}   e.g. {self.examples[reason]}")
+        if self.rejects_path:
+            lines.append(f"rejects written to {self.rejects_path}")
+        return "\n".join(lines)
+
+
+def check_input(path: str, rejects_path: str | None = None, **kwargs: Any) -> InputCheck:
+    """Validate every row of an input file or folder without keeping the rows.
+
+    Args:
+        path: JSONL/JSON/Parquet file or folder, local or a URI.
+        rejects_path: where to write the rejects (JSONL, or Parquet if it ends in .parquet).
+        **kwargs: passed to `normalize_row` (system_prompt, prompt_template).
+
+    Returns:
+        Counts of valid and rejected rows by reason code, with the first example of each reason.
+
+    Raises:
+        DataError: the input does not exist or cannot be read.
+    """
+    check = InputCheck(path=path)
+    rejects: list[Reject] = []
+    for _row, rej in iter_input_rows(path, **kwargs):
+        if rej is None:
+            check.valid += 1
+            continue
+        check.rejected += 1
+        check.reasons[rej.reason] = check.reasons.get(rej.reason, 0) + 1
+        if rej.reason not in check.examples:
+            where = f"line {rej.line}" if rej.line is not None else "row"
+            check.examples[rej.reason] = f"{where}: {rej.detail}"[:160]
+        if rejects_path is not None:
+            rejects.append(rej)
+    if rejects_path is not None:
+        write_rejects(rejects_path, rejects)
+        check.rejects_path = rejects_path
+    return check

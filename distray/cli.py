@@ -1,0 +1,413 @@
+"""The `distray` command: one subcommand per stage, plus config, data and tiny-model helpers.
+
+    distray run jobs/configs/quickstart.yaml train.lr=3e-5
+    distray train --config jobs/configs/quickstart.yaml train.max_steps=20
+    distray config show jobs/configs/quickstart.yaml train.lr=3e-5
+    distray data check prompts.jsonl --rejects rejects.jsonl
+
+The CLI only builds the config and calls each stage's `run(cfg)`; stage modules are imported
+when their command runs, so `distray --help` stays fast and a stage that is missing does not
+break the others. Exit codes: 0 success, 2 usage or config error, 1 run failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from distray.errors import ConfigError, DistrayError, UsageError
+
+__all__ = ["main", "build_parser", "STAGES", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+
+logger = logging.getLogger("distray.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+#: Stage command → (module, function) it calls with the loaded config.
+STAGES: dict[str, tuple[str, str]] = {
+    "generate": ("distray.teacher.generate", "run"),
+    "train": ("distray.train.trainer", "run"),
+    "evaluate": ("distray.evaluate.runner", "run"),
+    "serve": ("distray.serve", "run"),
+    "bench": ("distray.bench", "run"),
+}
+
+_STAGE_HELP = {
+    "generate": "label prompts with the teacher (Ray Data + vLLM) into Parquet teacher data",
+    "train": "distil the student on the teacher data (Ray Train + DeepSpeed ZeRO)",
+    "evaluate": "score teacher, student and baseline on the test set",
+    "serve": "serve the student behind an OpenAI-compatible endpoint (Ray Serve)",
+    "bench": "load-test served endpoints: TTFT, TPOT, ITL, latency percentiles, throughput",
+}
+
+_LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s | %(message)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors raised as `UsageError` so `main` owns the exit code."""
+
+    def error(self, message: str) -> Any:  # argparse's own type is NoReturn
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Only the CLI and jobs/ configure handlers; library modules just log. Third-party INFO
+    # chatter (httpx per request, filelock, ...) stays at WARNING unless --verbose.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_distray", False):
+            root.removeHandler(h)
+    handler._distray = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("distray").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _load(config: str | None, overrides: Sequence[str]) -> Any:
+    from distray.config import load_config
+
+    return load_config(config, list(overrides))
+
+
+def _import_stage(command: str, module_name: str, attr: str) -> Callable[..., Any]:
+    """The stage function, or `StageNotBuilt` when its module does not exist yet.
+
+    Only a missing stage module (or a missing parent package of it) counts as "not built";
+    an ImportError raised inside an existing module is a real bug and propagates.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise StageNotBuilt(
+                f"`distray {command}` is not built yet: module {module_name} does not exist"
+            ) from e
+        raise
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise StageNotBuilt(
+            f"`distray {command}` is not built yet: {module_name}.{attr}() is missing"
+        )
+    return fn  # type: ignore[no-any-return]
+
+
+class StageNotBuilt(DistrayError):
+    """A CLI command whose implementing module is not written yet (exit code 1)."""
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        text = ", ".join(f"{k}={_fmt_value(x)}" for k, x in v.items())
+        return "{" + (text if len(text) <= 80 else text[:77] + "...") + "}"
+    if isinstance(v, (list, tuple)):
+        text = ", ".join(_fmt_value(x) for x in v)
+        return "[" + (text if len(text) <= 80 else text[:77] + "...") + "]"
+    return str(v)
+
+
+def format_result(command: str, result: Any, elapsed_s: float) -> str:
+    """One summary line for a stage result.
+
+    Uses `result.summary()` when the result has one, else the dataclass fields.
+    """
+    summary = getattr(result, "summary", None)
+    if callable(summary):
+        body = str(summary())
+    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
+        body = " | ".join(
+            f"{f.name} {_fmt_value(getattr(result, f.name))}"
+            for f in dataclasses.fields(result)
+            if getattr(result, f.name) is not None
+        )
+    elif result is None:
+        body = "done"
+    else:
+        body = _fmt_value(result)
+    return f"{command} ok in {elapsed_s:.1f} s | {body}"
+
+
+def _print_result(command: str, result: Any, t0: float) -> None:
+    print(format_result(command, result, time.perf_counter() - t0), flush=True)
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    module_name, attr = STAGES[args.command]
+    cfg = _load(args.config, args.overrides)
+    fn = _import_stage(args.command, module_name, attr)
+    t0 = time.perf_counter()
+    result = fn(cfg)
+    _print_result(args.command, result, t0)
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    stages = None
+    if args.stages:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    cfg = _load(args.config, args.overrides)
+    fn = _import_stage("run", "distray.pipeline", "run")
+    if stages:
+        # The pipeline names its own stages when it says so; else the stage commands + report.
+        known = getattr(sys.modules["distray.pipeline"], "STAGES", None) or [*STAGES, "report"]
+        unknown = [s for s in stages if s not in known]
+        if unknown:
+            raise UsageError(
+                f"--stages has unknown stage(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(known)}"
+            )
+    t0 = time.perf_counter()
+    result = fn(cfg, stages=stages, force=args.force)
+    _print_result("run", result, t0)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    fn = _import_stage("report", "distray.report", "build_report")
+    t0 = time.perf_counter()
+    result = fn(args.run_dir)
+    _print_result("report", result, t0)
+    return EXIT_OK
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from distray.config import dump_config
+
+    cfg = _load(args.config, args.overrides)
+    sys.stdout.write(dump_config(cfg))
+    return EXIT_OK
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from distray.formats import check_input
+
+    kwargs: dict[str, Any] = {}
+    if args.config is not None:
+        # Rows are checked as the generate stage would see them (system prompt, template).
+        cfg = _load(args.config, [])
+        kwargs = {
+            "system_prompt": cfg.task.system_prompt,
+            "prompt_template": cfg.task.prompt_template,
+        }
+    check = check_input(args.input, rejects_path=args.rejects, **kwargs)
+    print(check.summary(), flush=True)
+    return EXIT_OK
+
+
+def _cmd_data_make_task(args: argparse.Namespace) -> int:
+    fn = _import_stage("data make-task", "distray.tasks", "make_task")
+    t0 = time.perf_counter()
+    result = fn(args.name, args.out, args.n, args.seed)
+    _print_result("make-task", result if result is not None else args.out, t0)
+    return EXIT_OK
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    fn = _import_stage("make-tiny", "distray.tiny", "make_tiny")
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads}
+    if args.vocab is not None:
+        kwargs["vocab_size"] = args.vocab
+    result = fn(args.out, **kwargs)
+    _print_result("make-tiny", result, t0)
+    return EXIT_OK
+
+
+# ---- parser ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `distray` argument parser (all subcommands)."""
+    # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging and full tracebacks on failure",
+    )
+    parser = _Parser(
+        prog="distray",
+        description="LLM knowledge distillation on Ray: generate → train → evaluate/serve/bench.",
+        epilog="Exit codes: 0 success, 1 run failure, 2 usage or config error.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=False, help=argparse.SUPPRESS
+    )
+    parser.add_argument("--version", action="version", version=f"distray {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
+        )
+
+    for name, help_text in _STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[verbose])
+        p.add_argument("--config", "-c", required=True, metavar="CONFIG", help="YAML config file")
+        overrides(p)
+        p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline (generate, train, evaluate, serve, bench, report)",
+        description="Run the pipeline; stages whose outputs exist are skipped unless --force.",
+        parents=[verbose],
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    overrides(p)
+    p.add_argument("--stages", metavar="a,b", help=f"only these stages, from {','.join(STAGES)}")
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "report", help="write report.md and plots for a run folder", parents=[verbose]
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (<output_dir>/<run.name>)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("config", help="inspect configs", parents=[verbose])
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    c = config_sub.add_parser(
+        "show", help="print the resolved config as YAML (defaults filled in)", parents=[verbose]
+    )
+    c.add_argument("config", metavar="CONFIG", help="YAML config file")
+    overrides(c)
+    c.set_defaults(func=_cmd_config_show)
+    p.set_defaults(func=_needs_action(p))
+
+    p = sub.add_parser("data", help="check input data, write built-in tasks", parents=[verbose])
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    c = data_sub.add_parser(
+        "check",
+        help="validate an input file or folder: valid and rejected counts by reason",
+        parents=[verbose],
+    )
+    c.add_argument("input", metavar="INPUT", help="JSONL/JSON/Parquet file or folder, or a URI")
+    c.add_argument("--rejects", metavar="PATH", help="write rejects here (.jsonl or .parquet)")
+    c.add_argument(
+        "--config", "-c", metavar="CONFIG", help="apply this config's task.system_prompt/template"
+    )
+    c.set_defaults(func=_cmd_data_check)
+    c = data_sub.add_parser(
+        "make-task",
+        help="write a built-in synthetic task (train/validation/test)",
+        parents=[verbose],
+    )
+    c.add_argument("name", metavar="NAME", help="task name, e.g. reverse, date, sentiment")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    c.add_argument("--n", required=True, type=_positive_int, metavar="N", help="rows to write")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="generator seed (default 0)")
+    c.set_defaults(func=_cmd_data_make_task)
+    p.set_defaults(func=_needs_action(p))
+
+    p = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random Llama + byte-level tokenizer (HF folder) for tests and demos",
+        parents=[verbose],
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--layers", type=_positive_int, default=2, metavar="N", help="default 2")
+    p.add_argument("--hidden", type=_positive_int, default=128, metavar="N", help="default 128")
+    p.add_argument("--heads", type=_positive_int, default=4, metavar="N", help="default 4")
+    p.add_argument(
+        "--vocab", type=_positive_int, default=None, metavar="N", help="tokenizer vocabulary size"
+    )
+    p.set_defaults(func=_cmd_make_tiny)
+    return parser
+
+
+def _needs_action(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def missing(_: argparse.Namespace) -> int:
+        raise UsageError(f"choose an action\n{p.format_usage().strip()}")
+
+    return missing
+
+
+def _version() -> str:
+    from distray import __version__
+
+    return __version__
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return the exit code (0 ok, 1 run failure, 2 usage or config error)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        try:
+            args, extras = parser.parse_known_args(argv)
+        except SystemExit as e:  # --help and --version exit 0 through argparse
+            return int(e.code or 0)
+        # argparse ends a `nargs="*"` positional at the first option, so overrides written after
+        # an option (`run CONFIG --force a=b`) come back as extras; they are overrides all the same.
+        if extras:
+            if hasattr(args, "overrides") and all(
+                "=" in x and not x.startswith("-") for x in extras
+            ):
+                args.overrides = [*args.overrides, *extras]
+            else:
+                raise UsageError(
+                    f"unrecognized arguments: {' '.join(extras)}\n{parser.format_usage().strip()}"
+                )
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        verbose = bool(getattr(args, "verbose", False))
+        _setup_logging(verbose)
+        return int(args.func(args))
+    except (ConfigError, UsageError) as e:
+        _report_error(e, verbose=False)  # the message is the whole story; no traceback
+        return EXIT_USAGE
+    except DistrayError as e:
+        _report_error(e, verbose)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("distray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report_error(e: BaseException, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    message = str(e) or type(e).__name__
+    print(f"distray: error: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
