@@ -1,0 +1,387 @@
+"""Efficiency figures of one model, measured the same way for every model on the same machine.
+
+    python -m distray.evaluate.efficiency MODEL_DIR --backend hf --prompt "rev abcde="
+
+Figures (field names carry their units):
+- `parameters`, `weights_mb`: unique parameter count, and parameter + buffer bytes, of the model
+  built by transformers on the meta device in its stored dtype (no memory is allocated, so this is
+  exact and free). This is the `memory` figure that reductions are computed from: engine memory
+  is dominated by the KV cache the engine preallocates (VLLM_CPU_KVCACHE_SPACE on CPU,
+  gpu_memory_utilization on GPU), which is a setting, not a property of the model.
+- `peak_rss_mb`: peak resident memory of a fresh process (a Ray task that runs once, then exits)
+  while it loads the model in the evaluate backend and runs the latency and throughput
+  requests, minus the process's resident memory just before loading. It includes the engine's
+  preallocations. `peak_gpu_mb` is torch's peak allocated CUDA memory in that process (GPU only).
+- `latency_ms` / `latency_p90_ms`: single-request end-to-end latency, median / p90 of N greedy
+  requests sent one at a time (one warm-up request first, not counted).
+- `throughput_rows_per_s`, `output_tokens_per_s`: one batch over the test prompts, timed from
+  submit to the last answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Efficiency",
+    "count_parameters",
+    "measure_local",
+    "measure_local_remote",
+    "measure_api",
+    "percentile",
+]
+
+
+@dataclass
+class Efficiency:
+    """Efficiency figures of one model (None where a figure does not apply, e.g. API models)."""
+
+    parameters: int | None = None
+    weights_mb: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    load_s: float | None = None
+    latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_samples: int = 0
+    throughput_rows_per_s: float | None = None
+    output_tokens_per_s: float | None = None
+    throughput_rows: int = 0
+    backend: str | None = None
+    method: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def count_parameters(model_dir: str, trust_remote_code: bool = False) -> tuple[int, float]:
+    """Unique parameters and parameter + buffer MiB of a HF model folder, without loading it.
+
+    The model is built on the meta device in its stored dtype (config `dtype`/`torch_dtype`,
+    float32 when unset), so tied weights are counted once and nothing is allocated.
+
+    Returns:
+        `(parameters, weights_mb)`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    n_params = sum(p.numel() for p in params.values())
+    n_bytes = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
+    return int(n_params), n_bytes / 2**20
+
+
+def _status_kb(key: str) -> int | None:
+    """A `/proc/self/status` figure in kB (VmRSS, VmHWM); None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux ≥ 4.0), so the peak counts from here.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], use_chat_template: bool) -> str:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return "\n".join(m["content"] for m in messages)
+
+
+def measure_local(
+    model_dir: str,
+    prompts: list[list[dict[str, str]]],
+    *,
+    backend: str = "hf",
+    max_tokens: int = 32,
+    latency_samples: int = 5,
+    throughput_rows: int | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    use_chat_template: bool = True,
+    trust_remote_code: bool = False,
+) -> Efficiency:
+    """Load a local model in this process and measure memory, latency and throughput.
+
+    Meant to run in a fresh process (see `measure_local_remote`), so the peak resident memory
+    is this model's alone.
+
+    Args:
+        model_dir: a HF model folder.
+        prompts: chat prompts (lists of {role, content}); latency cycles through them, the batch
+            uses the first `throughput_rows` (all by default).
+        backend: `vllm` (an in-process `vllm.LLM`) or `hf` (transformers generate).
+        max_tokens: greedy tokens per answer.
+        latency_samples: single requests timed (after one warm-up).
+        throughput_rows: rows in the timed batch.
+        engine_kwargs: vLLM settings (enforce_eager, max_model_len, ...).
+        batch_size: rows per transformers generate call (hf).
+        use_chat_template: render prompts with the tokenizer's chat template.
+        trust_remote_code: allow model code from the folder.
+    """
+    if not prompts:
+        raise ValueError("measure_local needs at least one prompt")
+    eff = Efficiency(backend=backend)
+    eff.parameters, eff.weights_mb = count_parameters(model_dir, trust_remote_code)
+    batch_prompts = prompts[: throughput_rows or len(prompts)]
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _status_kb("VmRSS")
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    if backend == "vllm":
+        one, batch = _vllm_engine(model_dir, max_tokens, engine_kwargs or {}, use_chat_template, trust_remote_code)
+    elif backend == "hf":
+        one, batch = _hf_engine(model_dir, max_tokens, batch_size, use_chat_template, trust_remote_code)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; use vllm or hf")
+    eff.load_s = time.perf_counter() - t0
+
+    one(prompts[0])  # warm-up: first-call compilation and allocations are not latency
+    lat: list[float] = []
+    for i in range(latency_samples):
+        t = time.perf_counter()
+        one(prompts[i % len(prompts)])
+        lat.append((time.perf_counter() - t) * 1000.0)
+    eff.latency_ms = statistics.median(lat)
+    eff.latency_p90_ms = percentile(lat, 90)
+    eff.latency_samples = len(lat)
+
+    t = time.perf_counter()
+    out_tokens = batch(batch_prompts)
+    wall = time.perf_counter() - t
+    eff.throughput_rows = len(batch_prompts)
+    eff.throughput_rows_per_s = len(batch_prompts) / wall
+    eff.output_tokens_per_s = out_tokens / wall
+
+    hwm = _status_kb("VmHWM")
+    if rss0 is not None and hwm is not None:
+        eff.peak_rss_mb = max(0, hwm - rss0) / 1024.0
+    if gpu:
+        eff.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    eff.method = {
+        "weights_mb": "parameter + buffer bytes of the model built on the meta device (stored dtype)",
+        "peak_rss_mb": f"peak RSS of a fresh process during load + requests ({backend}), "
+        "minus RSS before load; includes engine preallocation",
+        "latency_ms": f"median of {len(lat)} single greedy requests, max_tokens={max_tokens}",
+        "throughput": f"one batch of {len(batch_prompts)} rows, wall time submit to last answer",
+    }
+    return eff
+
+
+def _vllm_engine(
+    model_dir: str,
+    max_tokens: int,
+    engine_kwargs: dict[str, Any],
+    use_chat_template: bool,
+    trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as e:
+        raise ImportError(
+            "evaluate.backend is `vllm` but vllm is not installed; pip install 'distray[cpu]' "
+            "(or [gpu]), or set evaluate.backend: hf"
+        ) from e
+    import torch
+
+    kwargs = {"enforce_eager": not torch.cuda.is_available(), **engine_kwargs}
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    llm = LLM(model=model_dir, **kwargs)
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    def _texts(msgs: list[list[dict[str, str]]]) -> list[str]:
+        return [_render(tok, m, use_chat_template) for m in msgs]
+
+    def one(messages: list[dict[str, str]]) -> int:
+        out = llm.generate(_texts([messages]), sp, use_tqdm=False)
+        return len(out[0].outputs[0].token_ids)
+
+    def batch(msgs: list[list[dict[str, str]]]) -> int:
+        outs = llm.generate(_texts(msgs), sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return one, batch
+
+
+def _hf_engine(
+    model_dir: str,
+    max_tokens: int,
+    batch_size: int,
+    use_chat_template: bool,
+    trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"  # decoder-only batches pad on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code
+    ).to(device)
+    model.eval()
+
+    def _gen(msgs: list[list[dict[str, str]]]) -> int:
+        texts = [_render(tok, m, use_chat_template) for m in msgs]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1]:]
+        # Count generated tokens up to and including the first eos (the rest is padding).
+        n = 0
+        for row in new.tolist():
+            for t in row:
+                n += 1
+                if t == tok.eos_token_id:
+                    break
+        return n
+
+    def one(messages: list[dict[str, str]]) -> int:
+        return _gen([messages])
+
+    def batch(msgs: list[list[dict[str, str]]]) -> int:
+        return sum(_gen(msgs[i : i + batch_size]) for i in range(0, len(msgs), batch_size))
+
+    return one, batch
+
+
+def measure_local_remote(
+    model_dir: str,
+    prompts: list[list[dict[str, str]]],
+    *,
+    num_gpus: float = 0.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Efficiency:
+    """`measure_local` in a fresh Ray worker process that exits afterwards (`max_calls=1`).
+
+    The vLLM engine runs inside that process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so its memory
+    is the process's memory.
+    """
+    import ray
+
+    env_vars = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+
+    @ray.remote(num_cpus=1, num_gpus=num_gpus, max_calls=1)
+    def _measure(model_dir: str, prompts: list[list[dict[str, str]]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return measure_local(model_dir, prompts, **kwargs).to_dict()
+
+    ref = _measure.options(runtime_env={"env_vars": env_vars}).remote(model_dir, prompts, kwargs)
+    return Efficiency(**ray.get(ref))
+
+
+def measure_api(
+    base_url: str,
+    model: str,
+    prompts: list[list[dict[str, str]]],
+    *,
+    api_key: str | None = None,
+    max_tokens: int = 32,
+    latency_samples: int = 5,
+    timeout_s: float = 60.0,
+) -> Efficiency:
+    """Single-request latency of an OpenAI-compatible endpoint (parameters and memory unknown).
+
+    Throughput is left to the caller: for an API model it is the prediction run's rows/s.
+    """
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/chat/completions"
+    lat: list[float] = []
+    with httpx.Client(timeout=timeout_s, headers=headers) as client:
+        for i in range(latency_samples + 1):
+            body = {
+                "model": model,
+                "messages": prompts[i % len(prompts)],
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+            }
+            t = time.perf_counter()
+            r = client.post(url, json=body)
+            r.raise_for_status()
+            if i:  # the first request warms connections up
+                lat.append((time.perf_counter() - t) * 1000.0)
+    return Efficiency(
+        latency_ms=statistics.median(lat),
+        latency_p90_ms=percentile(lat, 90),
+        latency_samples=len(lat),
+        backend="openai",
+        method={"latency_ms": f"median of {len(lat)} sequential chat requests to {url}"},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure one local model from the command line and print the figures as JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model_dir")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="hf")
+    p.add_argument("--prompt", action="append", default=None, help="a user prompt (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--latency-samples", type=int, default=5)
+    args = p.parse_args(argv)
+    prompts = [[{"role": "user", "content": t}] for t in (args.prompt or ["Hello"])]
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    eff = measure_local(
+        args.model_dir,
+        prompts,
+        backend=args.backend,
+        max_tokens=args.max_tokens,
+        latency_samples=args.latency_samples,
+    )
+    print(json.dumps(eff.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

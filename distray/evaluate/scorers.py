@@ -1,0 +1,217 @@
+"""Task scorers: one number per model and scorer, plus per-row scores where a row has one.
+
+    python -c "from distray.evaluate.scorers import score; print(score('numeric', ['The answer is 42.'], ['42']))"
+
+Every scorer returns a percentage (0-100): accuracy for exact_match/numeric/choice/regex/f1,
+and BLEU / ROUGE-L F-measure × 100 as papers quote them. Rows without a reference are skipped
+by the reference-based scorers (`n` says how many were scored); a scorer with nothing to score
+returns None rather than 0.
+
+| scorer | compares | per row |
+|---|---|---|
+| exact_match | normalize_answer(pred) == normalize_answer(ref) | 0/1 |
+| numeric | final number of pred == final number of ref | 0/1 |
+| choice | extract_choice(pred, labels) == choice of ref | 0/1 |
+| regex | group 1 of the pattern == ref (pattern with a group), else "pred matches" | 0/1 |
+| bleu | sacrebleu corpus BLEU of preds against refs | sentence BLEU |
+| rouge_l | rouge-score ROUGE-L F-measure, mean | F-measure |
+| f1 | SQuAD token F1, mean | F1 |
+| teacher_agreement | normalize_answer(pred) == teacher's (and BLEU vs the teacher) | 0/1 |
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from distray.answers import (
+    extract_choice,
+    extract_final_number,
+    normalize_answer,
+    normalize_number,
+    numbers_equal,
+    token_f1,
+)
+from distray.errors import ConfigError
+
+__all__ = ["ScoreResult", "SCORERS", "score", "score_all"]
+
+SCORERS = (
+    "exact_match",
+    "numeric",
+    "choice",
+    "regex",
+    "bleu",
+    "rouge_l",
+    "f1",
+    "teacher_agreement",
+)
+
+
+@dataclass
+class ScoreResult:
+    """One scorer's result for one model.
+
+    Attributes:
+        value: the score in % (0-100), or None when no row could be scored.
+        n: rows scored.
+        per_row: one score per input row (None where the row was not scored, or the scorer is
+            corpus-level only).
+        extra: further figures of the scorer (teacher_agreement adds `teacher_bleu`).
+    """
+
+    value: float | None
+    n: int
+    per_row: list[float | None] = field(default_factory=list)
+    extra: dict[str, float | None] = field(default_factory=dict)
+
+
+def _mean_pct(per_row: list[float | None]) -> tuple[float | None, int]:
+    vals = [v for v in per_row if v is not None]
+    if not vals:
+        return None, 0
+    return 100.0 * sum(vals) / len(vals), len(vals)
+
+
+def _pairwise(
+    preds: Sequence[str | None], refs: Sequence[str | None], fn: Any
+) -> ScoreResult:
+    per_row: list[float | None] = [
+        None if r is None else float(fn(p or "", r)) for p, r in zip(preds, refs)
+    ]
+    value, n = _mean_pct(per_row)
+    return ScoreResult(value, n, per_row)
+
+
+def _exact(p: str, r: str) -> bool:
+    return normalize_answer(p) == normalize_answer(r)
+
+
+def _numeric(p: str, r: str) -> bool:
+    # A reference is usually a bare number; a worked solution ("... #### 72") also works.
+    ref = normalize_number(r) or extract_final_number(r)
+    return numbers_equal(extract_final_number(p), ref)
+
+
+def _bleu(preds: list[str], refs: list[str]) -> tuple[float | None, list[float | None]]:
+    import sacrebleu
+
+    if not preds:
+        return None, []
+    corpus = sacrebleu.corpus_bleu(preds, [refs]).score
+    bleu = sacrebleu.BLEU(effective_order=True)
+    per_row: list[float | None] = [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)]
+    return float(corpus), per_row
+
+
+def _refs_only(
+    preds: Sequence[str | None], refs: Sequence[str | None]
+) -> tuple[list[int], list[str], list[str]]:
+    idx = [i for i, r in enumerate(refs) if r is not None]
+    return idx, [preds[i] or "" for i in idx], [str(refs[i]) for i in idx]
+
+
+def _scatter(n: int, idx: list[int], vals: list[float | None]) -> list[float | None]:
+    out: list[float | None] = [None] * n
+    for i, v in zip(idx, vals):
+        out[i] = v
+    return out
+
+
+def score(
+    name: str,
+    preds: Sequence[str | None],
+    refs: Sequence[str | None],
+    *,
+    teacher_preds: Sequence[str | None] | None = None,
+    labels: Sequence[str] | None = None,
+    regex: str | None = None,
+) -> ScoreResult:
+    """Score one model's predictions with one scorer.
+
+    Args:
+        name: one of `SCORERS`.
+        preds: the model's answers, one per test row (None counts as an empty answer).
+        refs: references, one per row (None: the row has no reference).
+        teacher_preds: the teacher's answers on the same rows (for teacher_agreement).
+        labels: allowed answers for `choice`; without them letters A-E are compared.
+        regex: the pattern of the `regex` scorer.
+
+    Returns:
+        A `ScoreResult` (value in %, or None when nothing could be scored).
+
+    Raises:
+        ConfigError: an unknown scorer, or `regex` without a pattern.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    if name == "exact_match":
+        return _pairwise(preds, refs, _exact)
+    if name == "numeric":
+        return _pairwise(preds, refs, _numeric)
+    if name == "choice":
+
+        def _choice(p: str, r: str) -> bool:
+            ref_choice = extract_choice(r, labels) or normalize_answer(r)
+            return extract_choice(p, labels) == ref_choice
+
+        return _pairwise(preds, refs, _choice)
+    if name == "regex":
+        if not regex:
+            raise ConfigError("the `regex` scorer needs a pattern; set evaluate.regex")
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            raise ConfigError(f"`evaluate.regex` ({regex!r}) is not a valid regex: {e}") from e
+        if pattern.groups:
+
+            def _grp(p: str, r: str) -> bool:
+                m = pattern.search(p)
+                if not m:
+                    return False
+                mr = pattern.search(r)
+                ref = mr.group(1) if mr else r
+                return normalize_answer(m.group(1)) == normalize_answer(ref)
+
+            return _pairwise(preds, refs, _grp)
+        # Without a group the pattern is a format check, so rows need no reference.
+        per_row: list[float | None] = [float(bool(pattern.search(p or ""))) for p in preds]
+        value, n = _mean_pct(per_row)
+        return ScoreResult(value, n, per_row)
+    if name == "bleu":
+        idx, p, r = _refs_only(preds, refs)
+        corpus, rows = _bleu(p, r)
+        return ScoreResult(corpus, len(idx), _scatter(len(preds), idx, rows))
+    if name == "rouge_l":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+        def _rl(p: str, r: str) -> float:
+            return scorer.score(r, p)["rougeL"].fmeasure
+
+        return _pairwise(preds, refs, _rl)
+    if name == "f1":
+        return _pairwise(preds, refs, token_f1)
+    if name == "teacher_agreement":
+        if teacher_preds is None:
+            return ScoreResult(None, 0, [None] * len(preds), {"teacher_bleu": None})
+        if len(teacher_preds) != len(preds):
+            raise ValueError(f"{len(preds)} predictions but {len(teacher_preds)} teacher answers")
+        res = _pairwise(preds, teacher_preds, _exact)
+        idx, p, t = _refs_only(preds, teacher_preds)
+        res.extra["teacher_bleu"] = _bleu(p, t)[0]
+        return res
+    raise ConfigError(f"unknown scorer `{name}`; choose from: {', '.join(SCORERS)}")
+
+
+def score_all(
+    names: Sequence[str],
+    preds: Sequence[str | None],
+    refs: Sequence[str | None],
+    **kwargs: Any,
+) -> dict[str, ScoreResult]:
+    """Run several scorers on one model's predictions (`kwargs` go to `score`)."""
+    return {n: score(n, preds, refs, **kwargs) for n in names}
