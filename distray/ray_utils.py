@@ -1,0 +1,95 @@
+"""Connecting to Ray: a cluster when one is named, else an embedded local Ray.
+
+Every stage calls `init_ray(cfg)` first. On a laptop it starts a local Ray with enough logical
+CPUs for engines plus Serve; under `ray job submit` it joins the job's cluster (RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from distray.config import DistrayConfig
+
+__all__ = ["default_env", "init_ray", "cluster_has_gpu", "cpu_placement", "worker_env"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_env() -> dict[str, str]:
+    """Environment every distray process should see, unless the user set it already.
+
+    - TORCH_EXTENSIONS_DIR: DeepSpeed compiles an op with g++ on first use; a fixed cache folder
+      makes that a one-time cost.
+    - VLLM_CPU_KVCACHE_SPACE: vLLM's CPU backend otherwise reserves a large KV cache.
+    """
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/distray/torch_extensions"),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def worker_env(cfg: DistrayConfig | None = None) -> dict[str, str]:
+    """Env vars for Ray workers: defaults, pass-through of HF_* offline settings, then the config."""
+    env = default_env()
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_OMP_THREADS_BIND"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    if cfg is not None:
+        env.update(cfg.resources.env)
+    return env
+
+
+def init_ray(cfg: DistrayConfig | None = None, **kwargs: Any) -> None:
+    """Join the configured Ray cluster, or start a local one; a no-op when Ray is up.
+
+    Args:
+        cfg: the run config (resources.ray_address, resources.num_cpus, resources.env).
+        **kwargs: extra `ray.init` arguments.
+    """
+    import ray
+
+    env = worker_env(cfg)
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    address = (cfg.resources.ray_address if cfg else None) or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        logger.info("joined Ray cluster at %s", address)
+        return
+    num_cpus = (cfg.resources.num_cpus if cfg else None) or max(4, os.cpu_count() or 1)
+    # Logical CPUs above the physical count on purpose: Serve's proxy and controller and the
+    # engine actors each hold a CPU slot while mostly idle.
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        **kwargs,
+    )
+    logger.info("started a local Ray (%d logical CPUs)", num_cpus)
+
+
+def cluster_has_gpu() -> bool:
+    """True when the Ray cluster (or, without Ray, this machine) has a GPU."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return float(ray.cluster_resources().get("GPU", 0)) > 0
+    except ImportError:
+        pass
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def cpu_placement() -> dict[str, Any]:
+    """The placement group one CPU engine replica needs (ray.data.llm / ray.serve.llm on CPU)."""
+    return {"bundles": [{"CPU": 1}]}

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny local models and one local Ray cluster per test session.
+
+    make test            # everything
+    pytest tests/unit    # no Ray, fast
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before anything imports vllm / deepspeed / ray.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distray/torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, hidden-128 Llama with a byte-level tokenizer (≈0.47M params)."""
+    from distray.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-student"), layers=2, hidden=128, heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> str:
+    """A bigger Llama (4 layers, hidden 256) sharing `tiny_model`'s tokenizer and vocabulary."""
+    from distray.tiny import make_tiny
+
+    return make_tiny(
+        tmp_path_factory.mktemp("tiny-teacher"),
+        layers=4,
+        hidden=256,
+        heads=8,
+        seed=1,
+        tokenizer_dir=tiny_model,
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (4 logical CPUs: engines plus Serve fit)."""
+    import ray
+
+    from distray.ray_utils import init_ray
+
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        from distray.config import DistrayConfig
+
+        cfg = DistrayConfig.model_validate({"resources": {"num_cpus": 4}})
+        init_ray(cfg)
+    yield ray
+    ray.shutdown()
