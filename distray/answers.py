@@ -14,6 +14,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "extract_final_number",
@@ -22,6 +23,7 @@ __all__ = [
     "extract_choice",
     "token_f1",
     "numbers_equal",
+    "verify_answer",
 ]
 
 # A number as people write it: optional sign, thousands separators, decimals, a trailing %.
@@ -208,3 +210,72 @@ def token_f1(pred: str | None, ref: str | None) -> float:
     precision = same / len(p)
     recall = same / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def verify_answer(
+    response: str | None,
+    reference: str | None,
+    filters: Any,
+    *,
+    labels: Sequence[str] | None = None,
+) -> str | None:
+    """Check a teacher answer the way `generate.filters` asks; the reject reason, or None.
+
+    Only the answer checks live here (emptiness and `verifier`); length, regex, JSON and
+    truncation are the generate stage's own filters.
+
+    Args:
+        response: the teacher's answer.
+        reference: the row's ground truth, or None.
+        filters: a `FilterConfig` (reads drop_empty, verifier, min_f1), or a verifier name.
+        labels: `task.labels`, for the `label` verifier.
+
+    Returns:
+        None when the answer passes; else a reason code: `empty`, `no_answer` (numeric: no
+        number found), `not_a_label`, `wrong_answer` (differs from the reference).
+
+    Verifiers (a check against the reference is skipped when the row has none):
+        numeric: the final number must exist and equal the reference's.
+        exact: normalize_answer(response) == normalize_answer(reference).
+        label: the answer names one of `labels`, the reference's label when there is one.
+        contains: the normalised reference appears in the normalised response.
+        f1: token F1 against the reference ≥ filters.min_f1 (default 0.5).
+    """
+    if isinstance(filters, str):
+        verifier, drop_empty, min_f1 = filters, True, 0.5
+    else:
+        verifier = getattr(filters, "verifier", "none")
+        drop_empty = getattr(filters, "drop_empty", True)
+        min_f1 = getattr(filters, "min_f1", None)
+        min_f1 = 0.5 if min_f1 is None else min_f1
+    text = response or ""
+    if drop_empty and not text.strip():
+        return "empty"
+    if verifier in ("none", None):
+        return None
+    if verifier == "numeric":
+        got = extract_final_number(text)
+        if got is None:
+            return "no_answer"
+        if reference is None:
+            return None
+        ref = normalize_number(reference) or extract_final_number(reference)
+        return None if numbers_equal(got, ref) else "wrong_answer"
+    if verifier == "label":
+        choice = extract_choice(text, labels)
+        if choice is None or (labels and choice not in labels):
+            return "not_a_label"
+        if reference is None:
+            return None
+        ref_choice = extract_choice(reference, labels) or reference
+        return None if choice == ref_choice else "wrong_answer"
+    if reference is None:
+        return None
+    if verifier == "exact":
+        return None if normalize_answer(text) == normalize_answer(reference) else "wrong_answer"
+    if verifier == "contains":
+        ref_n = normalize_answer(reference)
+        return None if ref_n and f" {ref_n} " in f" {normalize_answer(text)} " else "wrong_answer"
+    if verifier == "f1":
+        return None if token_f1(text, reference) >= min_f1 else "wrong_answer"
+    raise ValueError(f"unknown verifier {verifier!r}; use none, numeric, exact, label, contains, f1")

@@ -121,22 +121,14 @@ class DataConfig(Section):
     test: str | None = Field(None, description="Held-out test prompts for evaluate and bench.")
     builtin: BuiltinTaskData | None = Field(
         None,
-        description="Generate a built-in synthetic task into <run>/data/ instead of reading "
-        "train/validation/test files.",
+        description="Generate a built-in synthetic task into <run>/data/; train/validation/test "
+        "then point at the generated files (set by `distray.pipeline.resolve`).",
     )
     max_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     rejects_format: Literal["parquet", "jsonl"] = Field(
         "jsonl", description="File format of rejected rows."
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> DataConfig:
-        if self.builtin is not None and self.train is not None:
-            raise ValueError(
-                "set either `data.builtin` (a generated task) or `data.train` (your own file), "
-                "not both"
-            )
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +223,7 @@ class SamplingConfig(Section):
     stop: list[str] | None = Field(None, description="Stop strings.")
 
 
-Verifier = Literal["none", "numeric", "exact", "label", "contains"]
+Verifier = Literal["none", "numeric", "exact", "label", "contains", "f1"]
 
 
 class FilterConfig(Section):
@@ -249,7 +241,11 @@ class FilterConfig(Section):
     verifier: Verifier = Field(
         "none",
         description="Check against `reference`: numeric (final number), exact, label (one of "
-        "task.labels, and equal to the reference when present), contains.",
+        "task.labels, and equal to the reference when present), contains, f1 (token F1 ≥ "
+        "min_f1). Checks against the reference are skipped for rows without one.",
+    )
+    min_f1: float = Field(
+        0.5, ge=0, le=1, description="Least token F1 against the reference for verifier `f1` (QA)."
     )
 
 
@@ -473,6 +469,9 @@ class DemoConfig(Section):
     student_heads: int = Field(4, ge=1, description="Student attention heads.")
     baseline_labels: int = Field(
         200, ge=1, description="Ground-truth labels the baseline student is trained on."
+    )
+    baseline_epochs: int = Field(
+        40, ge=1, description="Epochs over the baseline's few labels (it sees them many times)."
     )
 
 

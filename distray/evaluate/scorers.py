@@ -13,7 +13,7 @@ returns None rather than 0.
 | numeric | final number of pred == final number of ref | 0/1 |
 | choice | extract_choice(pred, labels) == choice of ref | 0/1 |
 | regex | group 1 of the pattern == ref (pattern with a group), else "pred matches" | 0/1 |
-| bleu | sacrebleu corpus BLEU of preds against refs | sentence BLEU |
+| bleu | sacrebleu corpus BLEU (effective order) of preds against refs | sentence BLEU |
 | rouge_l | rouge-score ROUGE-L F-measure, mean | F-measure |
 | f1 | SQuAD token F1, mean | F1 |
 | teacher_agreement | normalize_answer(pred) == teacher's (and BLEU vs the teacher) | 0/1 |
@@ -100,8 +100,10 @@ def _bleu(preds: list[str], refs: list[str]) -> tuple[float | None, list[float |
 
     if not preds:
         return None, []
-    corpus = sacrebleu.corpus_bleu(preds, [refs]).score
+    # effective_order: answers shorter than 4 tokens would otherwise score 0 even when exact
+    # (plain corpus BLEU has no 4-grams to match); on longer text it changes nothing.
     bleu = sacrebleu.BLEU(effective_order=True)
+    corpus = bleu.corpus_score(preds, [refs]).score
     per_row: list[float | None] = [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)]
     return float(corpus), per_row
 
@@ -155,7 +157,11 @@ def score(
 
         def _choice(p: str, r: str) -> bool:
             ref_choice = extract_choice(r, labels) or normalize_answer(r)
-            return extract_choice(p, labels) == ref_choice
+            got = extract_choice(p, labels)
+            if got is None and not labels:
+                # No labels and no letter: a free-form class name, compared as text.
+                got = normalize_answer(p)
+            return got == ref_choice
 
         return _pairwise(preds, refs, _choice)
     if name == "regex":
