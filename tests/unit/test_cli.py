@@ -1,0 +1,328 @@
+"""The `distray` command: subcommands, exit codes, error messages, stage dispatch.
+
+    pytest tests/unit/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import distray
+from distray import cli
+
+COMMANDS = ["generate", "train", "evaluate", "serve", "bench", "run", "report", "config", "data", "make-tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Any:
+    """cli.main installs a log handler on the root logger; keep it out of other tests."""
+    import logging
+
+    root, pkg = logging.getLogger(), logging.getLogger("distray")
+    handlers, root_level, pkg_level = list(root.handlers), root.level, pkg.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    pkg.setLevel(pkg_level)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "quick.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "cli-test", "output_dir": str(tmp_path / "runs")},
+                "teacher": {"kind": "vllm", "model": "/models/teacher"},
+                "train": {"lr": 1e-4},
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A package `fake_distray_stages` on sys.path with stage modules the tests control."""
+    pkg = tmp_path / "fake_distray_stages"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ok.py").write_text(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass
+
+            CALLS = []
+
+            @dataclass
+            class GenerateResult:
+                data_dir: str
+                rows: int
+                rows_per_s: float
+                rejects_dir: str | None = None
+
+            def run(cfg):
+                CALLS.append(cfg)
+                return GenerateResult(data_dir=cfg.run_dir + "/generate/data", rows=97, rows_per_s=12.3456)
+            """
+        )
+    )
+    (pkg / "fails.py").write_text(
+        textwrap.dedent(
+            """
+            from distray.errors import StageError
+
+            def run(cfg):
+                raise StageError("teacher engine died: 3 of 4 replicas failed; check GPU memory")
+            """
+        )
+    )
+    (pkg / "broken_import.py").write_text("import distray_missing_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in list(sys.modules):
+        if name.startswith("fake_distray_stages"):
+            monkeypatch.delitem(sys.modules, name)
+    return pkg
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---- help and parsing ----------------------------------------------------------------------
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for command in COMMANDS:
+        assert f"    {command}" in out
+
+
+def test_no_command_and_unknown_command_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, )[0] == 2
+    code, _, err = run_cli(capsys, "distil")
+    assert code == 2 and "invalid choice: 'distil'" in err
+    assert run_cli(capsys, "config")[0] == 2
+    assert run_cli(capsys, "data")[0] == 2
+    code, _, err = run_cli(capsys, "train")
+    assert code == 2 and "--config" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"distray {distray.__version__}"
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "distray", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0 and "make-tiny" in proc.stdout
+
+
+# ---- config show ---------------------------------------------------------------------------
+
+
+def test_config_show_prints_resolved_yaml_with_overrides(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    code, out, _ = run_cli(capsys, "config", "show", str(config_file), "train.lr=3e-5")
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["train"]["lr"] == pytest.approx(3e-5)
+    assert resolved["teacher"]["kind"] == "vllm"
+    assert resolved["serve"]["port"] == 8000  # defaults are filled in
+
+
+def test_misspelled_key_exits_2_with_a_suggestion(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    code, out, err = run_cli(capsys, "config", "show", str(config_file), "train.lr_rate=3e-5")
+    assert code == 2
+    assert out == ""
+    assert "`train.lr_rate` is not a setting; did you mean `train.lr`" in err
+    assert "Traceback" not in err
+
+
+def test_config_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "config", "show", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(capsys, "generate", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_overrides_after_an_option_still_count(
+    capsys: pytest.CaptureFixture[str], config_file: Path
+) -> None:
+    code, out, _ = run_cli(capsys, "config", "show", "-v", str(config_file), "run.name=late")
+    assert code == 0 and yaml.safe_load(out)["run"]["name"] == "late"
+    code, _, err = run_cli(capsys, "config", "show", str(config_file), "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+# ---- data check / make-task / make-tiny ------------------------------------------------------
+
+
+def test_data_check_100_lines_3_corrupt(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    lines = [json.dumps({"prompt": f"question {i}"}) for i in range(100)]
+    lines[3] = "{not json"
+    lines[50] = json.dumps({"messages": [{"role": "user", "content": 7}]})
+    lines[99] = json.dumps({"prompt": ""})
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+
+    code, out, _ = run_cli(capsys, "data", "check", str(data), "--rejects", str(rejects))
+
+    assert code == 0
+    assert "97 valid, 3 rejected" in out
+    for reason in ("invalid_json", "non_string_content", "empty_prompt"):
+        assert reason in out
+    assert len(rejects.read_text().splitlines()) == 3
+
+
+def test_data_check_missing_input_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "data", "check", str(tmp_path / "none.jsonl"))
+    assert code == 1 and "does not exist" in err and "Traceback" not in err
+
+
+def test_make_task_and_make_tiny_call_their_functions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import distray.tasks
+    import distray.tiny
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(
+        distray.tasks, "make_task", lambda *a: calls.append(("task", *a)) or {"train": "x"}, raising=False
+    )
+    monkeypatch.setattr(
+        distray.tiny, "make_tiny", lambda out, **kw: calls.append(("tiny", out, kw)) or out
+    )
+    code, out, _ = run_cli(capsys, "data", "make-task", "reverse", "--out", "d", "--n", "40", "--seed", "3")
+    assert code == 0 and "make-task ok" in out
+    code, out, _ = run_cli(capsys, "make-tiny", "--out", "m", "--layers", "3", "--vocab", "600")
+    assert code == 0 and "make-tiny ok" in out
+    assert calls == [
+        ("task", "reverse", "d", 40, 3),
+        ("tiny", "m", {"layers": 3, "hidden": 128, "heads": 4, "vocab_size": 600}),
+    ]
+    code, _, err = run_cli(capsys, "make-tiny", "--out", "m", "--layers", "0")
+    assert code == 2 and "must be ≥ 1" in err
+
+
+# ---- stage dispatch ------------------------------------------------------------------------
+
+
+def test_stage_runs_and_prints_one_summary_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    fake_stages: Path,
+) -> None:
+    monkeypatch.setitem(cli.STAGES, "generate", ("fake_distray_stages.ok", "run"))
+    code, out, _ = run_cli(capsys, "generate", "--config", str(config_file), "run.name=r2")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("generate ok in ")
+    assert "rows 97" in lines[0] and "rows_per_s 12.35" in lines[0]
+    assert "/runs/r2/generate/data" in lines[0]
+    assert "rejects_dir" not in lines[0]  # None fields are left out
+    import fake_distray_stages.ok as ok  # type: ignore[import-not-found]
+
+    assert ok.CALLS[0].run.name == "r2"
+
+
+def test_stage_not_built_exits_1_and_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, config_file: Path
+) -> None:
+    monkeypatch.setitem(cli.STAGES, "serve", ("distray.not_written_yet", "run"))
+    code, _, err = run_cli(capsys, "serve", "--config", str(config_file))
+    assert code == 1
+    assert "`distray serve` is not built yet" in err
+
+
+def test_import_error_inside_a_stage_is_not_swallowed(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    fake_stages: Path,
+) -> None:
+    monkeypatch.setitem(cli.STAGES, "train", ("fake_distray_stages.broken_import", "run"))
+    with pytest.raises(ModuleNotFoundError, match="distray_missing_dependency_xyz"):
+        cli.main(["train", "--config", str(config_file)])
+
+
+def test_stage_failure_exits_1_one_line_traceback_only_verbose(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    fake_stages: Path,
+) -> None:
+    monkeypatch.setitem(cli.STAGES, "bench", ("fake_distray_stages.fails", "run"))
+    code, _, err = run_cli(capsys, "bench", "--config", str(config_file))
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "distray: error: teacher engine died: 3 of 4 replicas failed; check GPU memory"
+    ]
+    code, _, err = run_cli(capsys, "bench", "-v", "--config", str(config_file))
+    assert code == 1 and "Traceback" in err and "StageError" in err
+
+
+def test_run_passes_stages_and_force(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+) -> None:
+    import types
+
+    calls: list[Any] = []
+
+    @dataclass
+    class PipelineResult:
+        run_dir: str
+
+        def summary(self) -> str:
+            return f"run folder {self.run_dir}"
+
+    fake = types.ModuleType("distray.pipeline")
+    fake.run = lambda cfg, stages, force: calls.append((stages, force)) or PipelineResult(cfg.run_dir)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "distray.pipeline", fake)
+    code, out, _ = run_cli(capsys, "run", str(config_file), "--stages", "generate,train", "--force", "train.lr=1e-5")
+    assert code == 0
+    assert calls == [(["generate", "train"], True)]
+    assert out.strip().startswith("run ok in ") and "run folder" in out
+    code, _, err = run_cli(capsys, "run", str(config_file), "--stages", "generate,distil")
+    assert code == 2 and "distil" in err
+
+
+# ---- the public API ------------------------------------------------------------------------
+
+
+def test_public_api_is_small_and_lazy() -> None:
+    # Pinned on purpose: adding a public name is a decision, not an accident.
+    assert set(distray.__all__) == {"__version__", "DistrayConfig", "load_config", "DistrayError"}
+    for name in distray.__all__:
+        assert getattr(distray, name) is not None
+    with pytest.raises(AttributeError):
+        distray.not_a_name  # noqa: B018
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, distray; print('pyarrow' in sys.modules, 'ray' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stdout.split() == ["False", "False"]  # importing distray stays cheap

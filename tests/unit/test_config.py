@@ -1,0 +1,223 @@
+"""The config contract: YAML + dotted overrides, helpful errors, cross-field checks at load.
+
+    pytest tests/unit/test_config.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from distray.config import (
+    DistrayConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    write_resolved,
+)
+from distray.errors import ConfigError
+
+
+def _write(tmp_path: Path, data: dict[str, Any], name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _error(data: dict[str, Any], overrides: list[str] | None = None) -> str:
+    from distray.config import apply_overrides
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(apply_overrides(data, overrides or []))
+    return str(info.value)
+
+
+VLLM_TEACHER = {"kind": "vllm", "model": "/models/teacher"}
+
+
+# ---- loading and overrides ---------------------------------------------------------------
+
+
+def test_defaults_load_and_run_dir() -> None:
+    cfg = load_config(None)
+    assert isinstance(cfg, DistrayConfig)
+    assert cfg.run_dir == "runs/distray-run"
+    assert cfg.teacher is None and cfg.all_teachers == []
+
+
+def test_yaml_with_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"run": {"name": "demo"}, "teacher": VLLM_TEACHER, "train": {"lr": 1e-4}})
+    cfg = load_config(path, ["train.lr=3e-5", "run.output_dir=/tmp/out", "teacher.batch_size=8"])
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.run_dir == "/tmp/out/demo"
+    assert cfg.teacher is not None and cfg.teacher.kind == "vllm"
+    assert cfg.teacher.batch_size == 8
+    assert cfg.teacher.label == "teacher"
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("train.lr=1e-5", 1e-5),
+        ("train.lr=3E-4", 3e-4),
+        ("train.epochs=3", 3),
+        ("train.packing=true", True),
+        ("train.max_steps=null", None),
+        ("bench.concurrency=[1,4]", [1, 4]),
+        ("run.name=my-run", "my-run"),
+        ("task.system_prompt=", ""),
+    ],
+)
+def test_override_values_are_typed(item: str, expected: Any) -> None:
+    key, _ = item.split("=", 1)
+    node: Any = parse_overrides([item])
+    for part in key.split("."):
+        node = node[part]
+    assert node == expected
+    assert type(node) is type(expected)
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=1"])
+def test_bad_override_syntax(item: str) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        parse_overrides([item])
+
+
+def test_override_into_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="not a section"):
+        parse_overrides(["train.lr=1e-5", "train.lr.x=1"])
+
+
+def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["teacher.kind=openai", "teacher.model=gpt-x", "train.lr=3e-5"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r1"])
+    path = write_resolved(cfg)
+    assert path == f"{tmp_path}/r1/config.resolved.yaml"
+    assert load_config(path) == cfg
+
+
+def test_task_preset_fills_defaults_but_user_wins() -> None:
+    cfg = load_config(None, ["task.type=nli"])
+    assert cfg.task.labels == ["entailment", "neutral", "contradiction"]
+    assert cfg.generate.filters.verifier == "label"
+    cfg = load_config(None, ["task.type=nli", "generate.filters.verifier=none"])
+    assert cfg.generate.filters.verifier == "none"
+
+
+# ---- errors a user sees --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.lr_rate=1e-5"], "`train.lr_rate` is not a setting; did you mean `train.lr`"),
+        (["generate.sampling.temprature=1"], "did you mean `generate.sampling.temperature`"),
+        (["trian.lr=1"], "did you mean `train`"),
+    ],
+)
+def test_unknown_key_names_path_and_suggestion(overrides: list[str], expected: str) -> None:
+    assert expected in _error({}, overrides)
+
+
+def test_unknown_key_inside_a_teacher_kind() -> None:
+    msg = _error({"teacher": {**VLLM_TEACHER, "engine_kwarg": {}}})
+    assert "`teacher.engine_kwarg` is not a setting; did you mean `teacher.engine_kwargs`?" in msg
+    msg = _error({"teachers": [{"kind": "hf", "model": "m", "batch_sise": 2}]})
+    assert "did you mean `teachers.0.batch_size`" in msg
+
+
+def test_wrong_type_and_range_show_the_value() -> None:
+    assert "`train.lr` (2)" in _error({}, ["train.lr=2"])
+    assert "less than 1" in _error({}, ["train.lr=2"])
+    assert "`train.epochs` ('many')" in _error({}, ["train.epochs=many"])
+    assert "'foo'" in _error({}, ["evaluate.scorers=[bleu,foo]"])
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "expected"),
+    [
+        ({}, ["train.global_batch_size=30"], "(30) must be divisible by micro_batch_size"),
+        ({}, ["train.loss=kd"], "`generate.logprobs` is not set"),
+        (
+            {"teacher": {"kind": "openai", "model": "gpt-x"}},
+            ["train.loss=kd", "generate.logprobs=10"],
+            "`generate.logprobs` (10) is above 5",
+        ),
+        ({}, ["train.offload_params=true"], "needs ZeRO stage 3"),
+        ({}, ["serve.min_replicas=3"], "`serve.min_replicas` (3) must be ≤"),
+        ({}, ["generate.filters.verifier=label"], "`task.labels` is empty"),
+        ({}, ["evaluate.scorers=[regex]"], "`evaluate.regex` is not set"),
+        (
+            {"teacher": VLLM_TEACHER, "teachers": [VLLM_TEACHER]},
+            [],
+            "not both",
+        ),
+        (
+            {"teachers": [{"kind": "hf", "model": "a/x"}, {"kind": "hf", "model": "b/x"}]},
+            [],
+            "labels must be unique",
+        ),
+        ({"teacher": {**VLLM_TEACHER, "concurrency": [3, 1]}}, [], "1 ≤ min ≤ max"),
+    ],
+)
+def test_cross_field_checks_fail_at_load(
+    data: dict[str, Any], overrides: list[str], expected: str
+) -> None:
+    assert expected in _error(data, overrides)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    msg = _error({}, ["train.lr_rate=1", "serve.prot=80"])
+    assert "train.lr_rate" in msg and "serve.prot" in msg
+
+
+def test_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == load_config(None)
+
+
+def _models_in(annotation: Any, seen: set[type[BaseModel]]) -> None:
+    """Every BaseModel class inside an annotation (unions, Annotated, lists), recursively."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation not in seen:
+            seen.add(annotation)
+            for field in annotation.model_fields.values():
+                _models_in(field.annotation, seen)
+        return
+    for arg in getattr(annotation, "__args__", ()) or ():
+        _models_in(arg, seen)
+    for meta in getattr(annotation, "__metadata__", ()) or ():
+        _models_in(meta, seen)
+
+
+def test_every_setting_has_a_description() -> None:
+    from distray.config import HFTeacher, OpenAITeacher, VLLMTeacher
+
+    seen: set[type[BaseModel]] = set()
+    _models_in(DistrayConfig, seen)
+    assert {VLLMTeacher, OpenAITeacher, HFTeacher} <= seen  # every union member was walked
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in seen
+        for name, f in m.model_fields.items()
+        if name != "kind" and not (f.description or "").strip()
+    ]
+    assert missing == []
