@@ -222,7 +222,8 @@ def verify_answer(
     """Check a teacher answer the way `generate.filters` asks; the reject reason, or None.
 
     Only the answer checks live here (emptiness and `verifier`); length, regex, JSON and
-    truncation are the generate stage's own filters.
+    truncation are the generate stage's own filters (`distray.teacher.filters`). Reason codes
+    match that module's.
 
     Args:
         response: the teacher's answer.
@@ -231,15 +232,17 @@ def verify_answer(
         labels: `task.labels`, for the `label` verifier.
 
     Returns:
-        None when the answer passes; else a reason code: `empty`, `no_answer` (numeric: no
-        number found), `not_a_label`, `wrong_answer` (differs from the reference).
+        None when the answer passes; else `empty`, `verifier_label` (names none of the labels),
+        `verifier_no_number` (numeric: no final number) or `verifier_mismatch` (differs from
+        the reference).
 
-    Verifiers (a check against the reference is skipped when the row has none):
+    Verifiers (rows without a reference pass every verifier except `label`, which still needs
+    one of the labels):
         numeric: the final number must exist and equal the reference's.
         exact: normalize_answer(response) == normalize_answer(reference).
         label: the answer names one of `labels`, the reference's label when there is one.
         contains: the normalised reference appears in the normalised response.
-        f1: token F1 against the reference ≥ filters.min_f1 (default 0.5).
+        f1: token F1 against the reference ≥ filters.min_f1 (0.5 when given a name).
     """
     if isinstance(filters, str):
         verifier, drop_empty, min_f1 = filters, True, 0.5
@@ -253,29 +256,29 @@ def verify_answer(
         return "empty"
     if verifier in ("none", None):
         return None
-    if verifier == "numeric":
-        got = extract_final_number(text)
-        if got is None:
-            return "no_answer"
-        if reference is None:
-            return None
-        ref = normalize_number(reference) or extract_final_number(reference)
-        return None if numbers_equal(got, ref) else "wrong_answer"
     if verifier == "label":
         choice = extract_choice(text, labels)
         if choice is None or (labels and choice not in labels):
-            return "not_a_label"
+            return "verifier_label"
         if reference is None:
             return None
         ref_choice = extract_choice(reference, labels) or reference
-        return None if choice == ref_choice else "wrong_answer"
+        return None if normalize_answer(choice) == normalize_answer(ref_choice) else "verifier_mismatch"
     if reference is None:
         return None
+    if verifier == "numeric":
+        got = extract_final_number(text)
+        if got is None:
+            return "verifier_no_number"
+        ref = normalize_number(reference) or extract_final_number(reference)
+        return None if numbers_equal(got, ref) else "verifier_mismatch"
     if verifier == "exact":
-        return None if normalize_answer(text) == normalize_answer(reference) else "wrong_answer"
+        same = normalize_answer(text) == normalize_answer(reference)
+        return None if same else "verifier_mismatch"
     if verifier == "contains":
         ref_n = normalize_answer(reference)
-        return None if ref_n and f" {ref_n} " in f" {normalize_answer(text)} " else "wrong_answer"
+        found = bool(ref_n) and f" {ref_n} " in f" {normalize_answer(text)} "
+        return None if found else "verifier_mismatch"
     if verifier == "f1":
-        return None if token_f1(text, reference) >= min_f1 else "wrong_answer"
+        return None if token_f1(text, reference) >= min_f1 else "verifier_mismatch"
     raise ValueError(f"unknown verifier {verifier!r}; use none, numeric, exact, label, contains, f1")

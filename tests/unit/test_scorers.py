@@ -113,8 +113,8 @@ def test_math_preset_numeric_verifier_and_scorer() -> None:
     f = cfg.generate.filters
     assert f.verifier == "numeric"
     assert verify_answer("Half of 48 is 24, so 48+24 = 72.\nThe answer is: 72", "72", f) is None
-    assert verify_answer("The answer is 70", "72", f) == "wrong_answer"
-    assert verify_answer("no number at all", "72", f) == "no_answer"
+    assert verify_answer("The answer is 70", "72", f) == "verifier_mismatch"
+    assert verify_answer("no number at all", "72", f) == "verifier_no_number"
     # no reference: any final number passes
     assert verify_answer("The answer is 70", None, f) is None
     r = score_all(cfg.evaluate.scorers, ["So the total is 72.", "#### 70"], ["72", "72"])
@@ -128,8 +128,8 @@ def test_nli_preset_label_verifier_and_choice_scorer() -> None:
     f, labels = cfg.generate.filters, cfg.task.labels
     assert labels == ["entailment", "neutral", "contradiction"]
     assert verify_answer("Entailment.", "entailment", f, labels=labels) is None
-    assert verify_answer("neutral", "entailment", f, labels=labels) == "wrong_answer"
-    assert verify_answer("maybe?", None, f, labels=labels) == "not_a_label"
+    assert verify_answer("neutral", "entailment", f, labels=labels) == "verifier_mismatch"
+    assert verify_answer("maybe?", None, f, labels=labels) == "verifier_label"
     assert verify_answer("contradiction", None, f, labels=labels) is None
     assert "choice" in cfg.evaluate.scorers
     r = score("choice", ["Label: contradiction", "(A)"], ["contradiction", "neutral"], labels=labels)
@@ -147,10 +147,10 @@ def test_qa_preset_non_empty_by_default_and_optional_exact_or_f1() -> None:
     cfg = _cfg("qa", generate={"filters": {"verifier": "f1", "min_f1": 0.5}})
     f = cfg.generate.filters
     assert verify_answer("the city of Paris", "Paris", f) is None  # F1 0.67
-    assert verify_answer("London", "Paris", f) == "wrong_answer"
+    assert verify_answer("London", "Paris", f) == "verifier_mismatch"
     cfg = _cfg("qa", generate={"filters": {"verifier": "exact"}})
     assert verify_answer("paris.", "Paris", cfg.generate.filters) is None
-    assert verify_answer("the city of Paris", "Paris", cfg.generate.filters) == "wrong_answer"
+    assert verify_answer("the city of Paris", "Paris", cfg.generate.filters) == "verifier_mismatch"
     r = score_all(["exact_match", "f1"], ["Paris", "the city of Paris"], ["Paris", "Paris"])
     assert r["exact_match"].value == 50.0
     assert r["f1"].value == pytest.approx(100 * (1 + 0.5) / 2)
@@ -169,3 +169,30 @@ def test_conversation_preset_scores_bleu_and_teacher_agreement() -> None:
     assert {"bleu", "teacher_agreement"} <= set(cfg.evaluate.scorers)
     r = score("teacher_agreement", ["Hello! How can I help?"], [None], teacher_preds=["hello how can i help"])
     assert r.value == 100.0
+
+
+@pytest.mark.parametrize(
+    ("task_type", "response", "reference"),
+    [
+        ("math", "The answer is: 72", "72"),
+        ("math", "The answer is 70", "72"),
+        ("math", "no number", "72"),
+        ("nli", "Neutral.", "neutral"),
+        ("nli", "entailment", "neutral"),
+        ("nli", "who knows", None),
+        ("qa", "", "Paris"),
+        ("qa", "London", "Paris"),
+    ],
+)
+def test_generate_filters_apply_the_presets_validation(
+    task_type: str, response: str, reference: str | None
+) -> None:
+    """The generate stage's filter gives the same verdict as `verify_answer` for each preset."""
+    from distray.answers import verify_answer
+    from distray.teacher.filters import check_response
+
+    cfg = _cfg(task_type)
+    row = {"response": response, "reference": reference, "finish_reason": "stop"}
+    got = check_response(row, cfg.generate.filters, cfg.task.labels)
+    want = verify_answer(response, reference, cfg.generate.filters, labels=cfg.task.labels)
+    assert (got.reason if got else None) == want
