@@ -1,0 +1,396 @@
+"""The run report: report.md with the teacher / student / baseline comparison and every figure.
+
+    distray report runs/quickstart
+
+`build_report(run_dir)` reads what the stages left in a run folder and writes
+`<run>/report.md`. Every section is optional: a run that only generated and trained gets those
+sections and no comparison. Plots are (re)drawn from the JSON, so the report can be rebuilt at
+any time:
+
+- evaluate/metrics.json → the comparison table, evaluate/accuracy.png, evaluate/latency.png
+- generate/stats.json → the generation summary
+- train/metrics.jsonl → train/loss.png (when the trainer did not draw it) and the last metrics
+- bench/summary.md, bench/results.json, bench/*.png → the load benchmark
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from typing import Any
+
+from distray.formats import exists, filesystem_for, list_files, read_text, write_text
+from distray.paths import RunPaths
+
+__all__ = ["build_report", "plot_accuracy", "plot_latency", "plot_loss", "comparison_table", "fmt_count"]
+
+logger = logging.getLogger(__name__)
+
+ROLE_TITLES = {"teacher": "Teacher", "student": "Student (distilled)", "baseline": "Baseline"}
+
+
+# ---- small formatting helpers --------------------------------------------------------------
+
+
+def fmt_count(n: float | None) -> str:
+    """1234567 → "1.23M", 4100 → "4.1k"; "–" for None."""
+    if n is None:
+        return "–"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _f(x: float | None, digits: int = 1, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:,.{digits}f}{suffix}"
+
+
+def _signed_pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.1f}%"
+
+
+def _read_json(path: str) -> Any | None:
+    if not exists(path):
+        return None
+    try:
+        return json.loads(read_text(path))
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("cannot read %s: %s", path, e)
+        return None
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    fs, p = filesystem_for(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def _save_fig(fig: Any, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _write_bytes(path, buf.getvalue())
+    return path
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---- plots --------------------------------------------------------------------------------
+
+
+def _ordered(models: dict[str, Any]) -> list[str]:
+    order = ["teacher", "student", "baseline"]
+    return [m for m in order if m in models] + [m for m in models if m not in order]
+
+
+def plot_accuracy(metrics: dict[str, Any], path: str) -> str | None:
+    """Grouped bars: each scorer's value (%) per model. Returns the path, or None with no scores."""
+    models = metrics.get("models", {})
+    names = _ordered(models)
+    scorers = [s for s in metrics.get("scorers", []) if any(
+        models[m].get("scores", {}).get(s) is not None for m in names
+    )]
+    if not names or not scorers:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(scorers) * len(names) / 2 + 2), 3.4))
+    width = 0.8 / len(names)
+    for i, m in enumerate(names):
+        vals = [models[m].get("scores", {}).get(s) for s in scorers]
+        xs = [j + i * width for j in range(len(scorers))]
+        bars = ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=ROLE_TITLES.get(m, m))
+        for b, v in zip(bars, vals):
+            ax.annotate(_f(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                        va="bottom", fontsize=8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(scorers))])
+    ax.set_xticklabels(scorers)
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title("Accuracy by model")
+    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.1),
+              frameon=False)
+    return _save_fig(fig, path)
+
+
+def plot_latency(metrics: dict[str, Any], path: str) -> str | None:
+    """Bars of single-request latency p50 with the p90 as a whisker, per model."""
+    models = metrics.get("models", {})
+    names = [m for m in _ordered(models) if models[m].get("latency_ms") is not None]
+    if not names:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 1.5), 3.2))
+    p50 = [models[m]["latency_ms"] for m in names]
+    p90 = [models[m].get("latency_p90_ms") or models[m]["latency_ms"] for m in names]
+    err = [[0] * len(names), [max(0.0, b - a) for a, b in zip(p50, p90)]]
+    bars = ax.bar(range(len(names)), p50, yerr=err, capsize=4,
+                  color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    for b, v in zip(bars, p50):
+        ax.annotate(f"{v:,.1f} ms", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
+                    ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([ROLE_TITLES.get(m, m) for m in names])
+    ax.set_ylabel("latency (ms), p50 with p90 whisker")
+    ax.set_title("Single-request latency by model")
+    return _save_fig(fig, path)
+
+
+def _load_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in read_text(path).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    return rows
+
+
+def plot_loss(records: list[dict[str, Any]], path: str) -> str | None:
+    """Loss curves (every numeric key with `loss` in its name) against the step."""
+    keys = sorted({k for r in records for k, v in r.items()
+                   if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not keys:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for k in keys:
+        pts = [(r.get("step", i), r[k]) for i, r in enumerate(records)
+               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.legend(fontsize=8)
+    return _save_fig(fig, path)
+
+
+# ---- tables -------------------------------------------------------------------------------
+
+
+def comparison_table(metrics: dict[str, Any]) -> str:
+    """The seed-style comparison: one row per figure, one column per model, then the
+    student-vs-teacher change."""
+    models = metrics.get("models", {})
+    names = _ordered(models)
+    vs = metrics.get("student_vs_teacher") or {}
+    has_change = "student" in models and "teacher" in models
+
+    def row(label: str, key: str, fmt: Any, change: str = "") -> str | None:
+        vals = [models[m].get(key) for m in names]
+        if all(v is None for v in vals):
+            return None
+        cells = [fmt(v) for v in vals]
+        return f"| {label} | " + " | ".join(cells) + (f" | {change} |" if has_change else " |")
+
+    def reduction(key: str) -> str:
+        v = vs.get(key)
+        return "–" if v is None else f"{-v:+.1f}%"
+
+    header = "| Metric | " + " | ".join(ROLE_TITLES.get(m, m) for m in names)
+    header += " | Student vs teacher |" if has_change else " |"
+    sep = "|---" * (len(names) + 1 + int(has_change)) + "|"
+    lines = [header, sep]
+    rows = [
+        row("Parameters", "parameters", fmt_count, reduction("parameter_reduction_pct")),
+        row("Memory, weights (MB)", "weights_mb", lambda v: _f(v, 1), reduction("memory_reduction_pct")),
+        row("Peak RSS of the loaded engine (MB)", "peak_rss_mb", lambda v: _f(v, 0),
+            reduction("peak_rss_reduction_pct")),
+        row("Peak GPU memory (MB)", "peak_gpu_mb", lambda v: _f(v, 0), ""),
+        row("Latency p50 (ms)", "latency_ms", lambda v: _f(v, 1), reduction("latency_reduction_pct")),
+        row("Latency p90 (ms)", "latency_p90_ms", lambda v: _f(v, 1), ""),
+        row("Throughput (rows/s)", "throughput_rows_per_s", lambda v: _f(v, 2),
+            "–" if vs.get("throughput_gain_x") is None else f"×{vs['throughput_gain_x']:.2f}"),
+        row("Output tokens/s", "output_tokens_per_s", lambda v: _f(v, 1), ""),
+    ]
+    lines += [r for r in rows if r is not None]
+    retention = vs.get("accuracy_retention_pct") or {}
+    for s in metrics.get("scorers", []):
+        vals = [models[m].get("scores", {}).get(s) for m in names]
+        if all(v is None for v in vals):
+            continue
+        change = "–" if retention.get(s) is None else f"{retention[s]:.1f}% retained"
+        cells = " | ".join(_f(v, 1) for v in vals)
+        lines.append(f"| {s} (%) | {cells}" + (f" | {change} |" if has_change else " |"))
+        if s == "teacher_agreement":
+            vals = [models[m].get("scores", {}).get("teacher_bleu") for m in names]
+            if any(v is not None for v in vals):
+                cells = " | ".join(_f(v, 1) for v in vals)
+                lines.append(f"| teacher_bleu | {cells}" + (" | |" if has_change else " |"))
+    return "\n".join(lines)
+
+
+def _headline(metrics: dict[str, Any]) -> str | None:
+    vs = metrics.get("student_vs_teacher") or {}
+    gain = metrics.get("student_vs_baseline") or {}
+    primary = metrics.get("primary_scorer")
+    ret = (vs.get("accuracy_retention_pct") or {}).get(primary) if primary else None
+    if ret is None:
+        return None
+    parts = [f"The distilled student keeps **{ret:.1f}%** of the teacher's {primary}"]
+    if vs.get("parameter_reduction_pct") is not None:
+        parts.append(f"with {vs['parameter_reduction_pct']:.0f}% fewer parameters")
+    if vs.get("latency_reduction_pct") is not None:
+        lr = vs["latency_reduction_pct"]
+        parts.append(f"and {abs(lr):.0f}% {'lower' if lr >= 0 else 'higher'} single-request latency")
+    text = " ".join(parts) + "."
+    g = (gain.get("accuracy_gain_pts") or {}).get(primary)
+    if g is not None:
+        text += f" Against the baseline it gains **{g:+.1f} points** of {primary}."
+    return text
+
+
+def _kv_table(d: dict[str, Any], keys: list[str] | None = None) -> str:
+    lines = ["| figure | value |", "|---|---|"]
+    for k in keys or list(d):
+        v = d.get(k)
+        if isinstance(v, (dict, list)) or v is None:
+            continue
+        lines.append(f"| {k} | {_f(v, 3) if isinstance(v, float) else v} |")
+    return "\n".join(lines)
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def build_report(run_dir: str) -> str:
+    """Write `<run_dir>/report.md` from the run folder's JSON and figures.
+
+    Args:
+        run_dir: a run folder (local or cloud URI).
+
+    Returns:
+        The path of report.md.
+    """
+    paths = RunPaths(run_dir)
+    out: list[str] = []
+    name = os.path.basename(run_dir.rstrip("/"))
+    out.append(f"# distray run report: {name}\n")
+
+    cfg = None
+    if exists(paths.resolved_config):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(read_text(paths.resolved_config))
+        except yaml.YAMLError:
+            cfg = None
+    if isinstance(cfg, dict):
+        teacher = cfg.get("teacher") or ((cfg.get("teachers") or [None])[0])
+        student = cfg.get("student") or {}
+        task = cfg.get("task") or {}
+        data = cfg.get("data") or {}
+        builtin = (data.get("builtin") or {}).get("name")
+        bits = [
+            f"- task: `{task.get('type', 'custom')}`" + (f" (built-in `{builtin}`)" if builtin else ""),
+            f"- teacher: `{teacher.get('model')}` ({teacher.get('kind')})" if isinstance(teacher, dict) else None,
+            f"- student: `{student.get('model')}`" if student else None,
+            f"- train loss: `{(cfg.get('train') or {}).get('loss')}`",
+            "- config: [config.resolved.yaml](config.resolved.yaml)",
+        ]
+        out.append("\n".join(b for b in bits if b) + "\n")
+
+    # evaluate
+    metrics = _read_json(paths.eval_metrics)
+    if isinstance(metrics, dict) and metrics.get("models"):
+        out.append("## Teacher vs student vs baseline\n")
+        head = _headline(metrics)
+        if head:
+            out.append(head + "\n")
+        out.append(comparison_table(metrics) + "\n")
+        vb = metrics.get("student_vs_baseline") or {}
+        if vb.get("accuracy_gain_pts"):
+            gains = ", ".join(f"{k} {v:+.1f} pts" for k, v in vb["accuracy_gain_pts"].items() if v is not None)
+            if gains:
+                out.append(f"Student vs baseline accuracy gain: {gains}.\n")
+        n = metrics.get("test_rows")
+        out.append(
+            f"Test rows: {n}. Scores are % (BLEU and ROUGE-L × 100). Memory is parameter + "
+            "buffer bytes of the model; peak RSS includes the engine's KV-cache preallocation. "
+            "Latency is one request at a time; throughput is one batch over the test prompts.\n"
+        )
+        figs = []
+        acc = plot_accuracy(metrics, f"{paths.evaluate}/accuracy.png")
+        lat = plot_latency(metrics, f"{paths.evaluate}/latency.png")
+        if acc:
+            figs.append("![accuracy by model](evaluate/accuracy.png)")
+        if lat:
+            figs.append("![latency by model](evaluate/latency.png)")
+        if figs:
+            out.append("\n".join(figs) + "\n")
+        preds = [f"[{m}](evaluate/predictions/{m}.parquet)" for m in _ordered(metrics["models"])]
+        out.append("Predictions: " + ", ".join(preds) + "; figures: [metrics.json](evaluate/metrics.json)\n")
+
+    # generate
+    stats = _read_json(paths.generate_stats)
+    if isinstance(stats, dict):
+        out.append("## Teacher data (generate)\n")
+        out.append(_kv_table(stats) + "\n")
+
+    # train
+    train_records = _load_jsonl(paths.train_metrics) if exists(paths.train_metrics) else []
+    loss_png = paths.loss_plot
+    if not exists(loss_png) and train_records:
+        plot_loss(train_records, loss_png)
+    if train_records or exists(loss_png):
+        out.append("## Training\n")
+        if exists(loss_png):
+            out.append("![training loss](train/loss.png)\n")
+        if train_records:
+            last = train_records[-1]
+            out.append(f"{len(train_records)} metric records; the last:\n")
+            out.append(_kv_table(last) + "\n")
+
+    # bench
+    bench_summary = paths.bench_summary
+    bench_json = _read_json(paths.bench_results)
+    bench_pngs: list[str] = []
+    if exists(paths.bench):
+        try:
+            bench_pngs = list_files(paths.bench, (".png",))
+        except Exception:  # noqa: BLE001 - a missing or odd folder just means no plots
+            bench_pngs = []
+    if exists(bench_summary) or bench_json is not None or bench_pngs:
+        out.append("## Serving load benchmark (bench)\n")
+        if exists(bench_summary):
+            text = read_text(bench_summary).strip()
+            # Demote the summary's own headings under this section's.
+            text = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.splitlines())
+            out.append(text + "\n")
+        for png in bench_pngs:
+            rel = "bench/" + os.path.basename(png)
+            out.append(f"![{os.path.splitext(os.path.basename(png))[0]}]({rel})")
+        if bench_pngs:
+            out.append("")
+        if bench_json is not None:
+            out.append("Every figure: [bench/results.json](bench/results.json)\n")
+
+    if len(out) <= 2:
+        out.append("Nothing to report yet: run `distray generate`, `train`, `evaluate` or `bench` first.\n")
+    text = "\n".join(out).rstrip() + "\n"
+    write_text(paths.report, text)
+    logger.info("report: %s", paths.report)
+    return paths.report
