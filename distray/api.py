@@ -1,0 +1,351 @@
+"""`DistillationJob`: the seed's Azure-shaped Python face over the same config as the CLI.
+
+    python examples/seed_azure_example.py
+
+```python
+from distray import DistillationJob
+
+job = DistillationJob(
+    teacher_model="deepseek-ai/DeepSeek-V3",        # hub id / folder → vLLM; "gpt-4o" → API
+    student_model="microsoft/Phi-4-mini-instruct",
+    training_data="train.jsonl",
+    validation_data="val.jsonl",
+    task_type="conversation",
+    hyperparameters={"learning_rate": 2e-5, "batch_size": 2, "num_epochs": 3, "temperature": 0.7},
+)
+job.run()                                    # on the local or connected Ray
+job.submit("http://127.0.0.1:8265"); job.wait()   # or as a Ray job
+job.evaluate("test.jsonl", metrics=["accuracy", "bleu_score", "inference_time"])
+```
+Every argument lands in `job.config` (a `DistrayConfig`); nothing lives beside it, so
+`DistillationJob.from_config(path)` and YAML give the same job.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from distray.config import DistrayConfig, config_from_dict, dump_config, load_config
+from distray.errors import ConfigError, StageError, UsageError
+
+__all__ = ["DistillationJob", "HYPERPARAMETERS", "METRICS"]
+
+logger = logging.getLogger(__name__)
+
+#: The seed's hyperparameter names (and a few more) → dotted config paths.
+HYPERPARAMETERS: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "batch_size": "train.micro_batch_size",
+    "global_batch_size": "train.global_batch_size",
+    "num_epochs": "train.epochs",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "max_seq_len": "train.max_seq_len",
+    "max_seq_length": "train.max_seq_len",
+    "loss": "train.loss",
+    "alpha": "train.alpha",
+    # The seed's "temperature: teacher output softness" is how soft the teacher's answers are:
+    # its sampling temperature. The logit-KD temperature has its own name.
+    "temperature": "generate.sampling.temperature",
+    "kd_temperature": "train.temperature",
+    "max_tokens": "generate.sampling.max_tokens",
+    "top_p": "generate.sampling.top_p",
+    "num_samples": "generate.sampling.n",
+    "logprobs": "generate.logprobs",
+    "num_workers": "train.num_workers",
+    "zero_stage": "train.zero_stage",
+    "seed": "run.seed",
+    "enable_chain_of_thought": "task.chain_of_thought",
+}
+
+#: The seed's evaluation metric names → distray scorers ("accuracy" is the task's own).
+METRICS: dict[str, str | None] = {
+    "accuracy": None,
+    "exact_match": "exact_match",
+    "bleu_score": "bleu",
+    "bleu": "bleu",
+    "rouge": "rouge_l",
+    "rouge_l": "rouge_l",
+    "f1": "f1",
+    "numeric": "numeric",
+    "choice": "choice",
+    "teacher_agreement": "teacher_agreement",
+    "inference_time": None,
+    "latency": None,
+    "memory": None,
+    "throughput": None,
+}
+
+_ACCURACY_BY_TASK = {"math": "numeric", "nli": "choice", "qa": "exact_match"}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+
+
+def _teacher_from(model: str | dict[str, Any]) -> dict[str, Any]:
+    """A teacher section from the seed's `teacher_model`.
+
+    A dict is a teacher section as is. A string that is a local folder or a hub id
+    (`org/name`) is a vLLM teacher; any other name (`gpt-4o`, `deepseek-chat`) is an
+    OpenAI-compatible API model.
+    """
+    if isinstance(model, dict):
+        return dict(model)
+    if Path(model).is_dir() or "/" in model:
+        return {"kind": "vllm", "model": model}
+    return {"kind": "openai", "model": model}
+
+
+class DistillationJob:
+    """A distillation run, built from the seed's argument names or any config section.
+
+    Args:
+        teacher_model: hub id or folder (vLLM teacher), API model name (OpenAI-compatible
+            teacher), or a full `teacher` section as a dict.
+        student_model: the student's folder or hub id.
+        training_data: prompts (JSONL/Parquet, local or a cloud URI).
+        validation_data: validation prompts.
+        test_data: held-out test prompts for evaluate and bench.
+        task_type: custom, nli, conversation, qa, math or summarization (a preset of defaults).
+        hyperparameters: seed names (`learning_rate`, `batch_size`, `num_epochs`,
+            `temperature`; see `HYPERPARAMETERS`) or dotted config paths (`train.zero_stage`).
+        name: run name (`run.name`).
+        output_dir: where run folders go (`run.output_dir`).
+        **sections: any config section as a dict (`serve={...}`, `train={...}`).
+
+    Raises:
+        ConfigError: unknown hyperparameter or setting (with the closest names), bad values.
+    """
+
+    def __init__(
+        self,
+        teacher_model: str | dict[str, Any] | None = None,
+        student_model: str | None = None,
+        training_data: str | None = None,
+        validation_data: str | None = None,
+        test_data: str | None = None,
+        task_type: str | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        output_dir: str | None = None,
+        **sections: Any,
+    ) -> None:
+        data: dict[str, Any] = copy.deepcopy(sections)
+        if teacher_model is not None:
+            data["teacher"] = {**_teacher_from(teacher_model), **data.get("teacher", {})}
+        if student_model is not None:
+            data.setdefault("student", {})["model"] = student_model
+        for key, value in (("train", training_data), ("validation", validation_data), ("test", test_data)):
+            if value is not None:
+                data.setdefault("data", {})[key] = str(value)
+        if task_type is not None:
+            data.setdefault("task", {})["type"] = task_type
+        if name is not None:
+            data.setdefault("run", {})["name"] = name
+        if output_dir is not None:
+            data.setdefault("run", {})["output_dir"] = str(output_dir)
+        for key, value in (hyperparameters or {}).items():
+            if "." in key:
+                dotted = key
+            elif key in HYPERPARAMETERS:
+                dotted = HYPERPARAMETERS[key]
+            else:
+                close = difflib.get_close_matches(key, list(HYPERPARAMETERS), n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else (
+                    f"known names: {', '.join(sorted(HYPERPARAMETERS))}, or a dotted config path "
+                    "such as train.zero_stage"
+                )
+                raise ConfigError(f"hyperparameter `{key}` is not a setting; {hint}")
+            _set_dotted(data, dotted, value)
+        self._config = config_from_dict(data, "(DistillationJob)")
+        self._job_id: str | None = None
+        self._client: Any = None
+
+    # ---- config --------------------------------------------------------------------------
+
+    @property
+    def config(self) -> DistrayConfig:
+        """The resolved config every stage receives."""
+        return self._config
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], overrides: list[str] | None = None) -> DistillationJob:
+        """A job from a YAML config (the same file `distray run` takes)."""
+        job = cls.__new__(cls)
+        job._config = load_config(path, overrides)
+        job._job_id = None
+        job._client = None
+        return job
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The config as YAML; written to `path` when given."""
+        text = dump_config(self._config)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    # ---- running -------------------------------------------------------------------------
+
+    def run(self, stages: list[str] | None = None, force: bool = False) -> Any:
+        """Run the pipeline on the local (embedded) or connected Ray; returns PipelineResult."""
+        from distray.pipeline import run
+
+        return run(self._config, stages=stages, force=force)
+
+    def _absolute_config(self) -> DistrayConfig:
+        # A job runs in its own working dir; local paths that exist here are made absolute so a
+        # cluster on this machine (or one with the same shared mount) finds them.
+        data = self._config.model_dump(mode="json")
+
+        def fix(section: dict[str, Any] | None, key: str) -> None:
+            if section and isinstance(section.get(key), str) and "://" not in section[key]:
+                section[key] = os.path.abspath(section[key])
+
+        fix(data["run"], "output_dir")
+        for key in ("train", "validation", "test"):
+            if data["data"].get(key) and Path(data["data"][key]).exists():
+                fix(data["data"], key)
+        for t in [data.get("teacher"), *data.get("teachers", [])]:
+            if t and Path(t["model"]).exists():
+                fix(t, "model")
+        if data.get("student") and (Path(data["student"]["model"]).exists() or data["demo"]["train_teacher"]):
+            fix(data["student"], "model")
+        if data.get("teacher") and data["demo"]["train_teacher"]:
+            fix(data["teacher"], "model")
+        if data["evaluate"].get("baseline") and Path(data["evaluate"]["baseline"]).exists():
+            fix(data["evaluate"], "baseline")
+        return DistrayConfig.model_validate(data)
+
+    def submit(
+        self,
+        address: str = "http://127.0.0.1:8265",
+        runtime_env: dict[str, Any] | None = None,
+        stages: list[str] | None = None,
+    ) -> str:
+        """Submit the pipeline as a Ray job (Ray's JobSubmissionClient); returns the job id.
+
+        The job's working dir holds the resolved config and a copy of the distray package, so
+        the cluster needs only Ray and the stack installed, as `ray job submit --working-dir .`.
+        """
+        from ray.job_submission import JobSubmissionClient
+
+        cfg = self._absolute_config()
+        work = Path(tempfile.mkdtemp(prefix="distray-job-"))
+        (work / "distray_config.yaml").write_text(dump_config(cfg))
+        pkg = Path(__file__).resolve().parent
+        shutil.copytree(pkg, work / "distray", ignore=shutil.ignore_patterns("__pycache__"))
+        env = {"working_dir": str(work), **(runtime_env or {})}
+        entry = "python -m distray run distray_config.yaml"
+        if stages:
+            entry += f" --stages {','.join(stages)}"
+        self._client = JobSubmissionClient(address)
+        self._job_id = self._client.submit_job(entrypoint=entry, runtime_env=env)
+        logger.info("submitted Ray job %s to %s", self._job_id, address)
+        return self._job_id
+
+    def _require_job(self) -> tuple[Any, str]:
+        if self._client is None or self._job_id is None:
+            raise UsageError("no job submitted yet; call job.submit(address) first")
+        return self._client, self._job_id
+
+    def status(self) -> str:
+        """The Ray job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+        client, job_id = self._require_job()
+        return str(client.get_job_status(job_id).value)
+
+    def logs(self) -> str:
+        """The Ray job's driver log so far."""
+        client, job_id = self._require_job()
+        return str(client.get_job_logs(job_id))
+
+    def wait(self, timeout_s: float = 3600.0, poll_s: float = 2.0) -> str:
+        """Block until the job ends; returns its final status.
+
+        Raises:
+            StageError: the job failed or was stopped (the log's tail is in the message), or
+                did not end within `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            if time.monotonic() > deadline:
+                raise StageError(f"Ray job {self._job_id} still {status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        if status != "SUCCEEDED":
+            tail = "\n".join(self.logs().splitlines()[-30:])
+            raise StageError(f"Ray job {self._job_id} ended {status}; last log lines:\n{tail}")
+        return status
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        test_data: str | None = None,
+        metrics: list[str] | None = None,
+        baseline_model: str | None = None,
+    ) -> dict[str, Any]:
+        """Score teacher, distilled student and baseline on `test_data`; returns a plain dict.
+
+        Args:
+            test_data: test prompts with references; default `data.test`.
+            metrics: seed names (`accuracy`, `bleu_score`, `inference_time`, ...; see METRICS).
+                Latency, memory and throughput are always measured.
+            baseline_model: model to compare against; default the student before distillation.
+
+        Returns:
+            `{"models": {name: {metric: value}}, "comparison": {...}, "metrics_path": ...}`.
+        """
+        from distray.evaluate.runner import run as evaluate_run
+        from distray.pipeline import resolve
+
+        scorers: list[str] = []
+        for m in metrics or ["accuracy"]:
+            if m not in METRICS:
+                close = difflib.get_close_matches(m, list(METRICS), n=3, cutoff=0.5)
+                raise ConfigError(
+                    f"metric `{m}` is unknown; "
+                    + (f"did you mean {' or '.join(close)}?" if close else f"choose from {', '.join(METRICS)}")
+                )
+            s = METRICS[m] if m != "accuracy" else _ACCURACY_BY_TASK.get(self._config.task.type, "exact_match")
+            if s and s not in scorers:
+                scorers.append(s)
+        data = self._config.model_dump(mode="json")
+        if test_data is not None:
+            data["data"]["test"] = str(test_data)
+        if scorers:
+            data["evaluate"]["scorers"] = scorers
+        if baseline_model is not None:
+            data["evaluate"]["baseline"] = baseline_model
+        cfg = resolve(config_from_dict(data, "(DistillationJob.evaluate)"), demo=False)
+        result = evaluate_run(cfg)
+        return _plain(result)
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """An evaluate result (dataclass or dict) as a plain dict of built-in types."""
+    import dataclasses
+    import json
+
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        result = dataclasses.asdict(result)
+    return json.loads(json.dumps(result, default=str))
