@@ -12,7 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["__version__", "DistrayConfig", "load_config", "DistrayError"]
+__all__ = [
+    "__version__",
+    "DistillationJob",
+    "DistrayConfig",
+    "load_config",
+    "DistrayError",
+    "ConfigError",
+    "DataError",
+]
 
 try:
     from importlib.metadata import PackageNotFoundError, version
@@ -26,11 +34,15 @@ _LAZY = {
     "DistrayConfig": "distray.config",
     "load_config": "distray.config",
     "DistrayError": "distray.errors",
+    "ConfigError": "distray.errors",
+    "DataError": "distray.errors",
+    "DistillationJob": "distray.api",
 }
 
 if TYPE_CHECKING:
     from distray.config import DistrayConfig, load_config
-    from distray.errors import DistrayError
+    from distray.api import DistillationJob
+    from distray.errors import ConfigError, DataError, DistrayError
 
 
 def __getattr__(name: str) -> Any:
