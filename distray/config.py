@@ -390,6 +390,11 @@ class EvaluateConfig(Section):
     max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many test rows.")
     max_tokens: int = Field(128, ge=1, description="Most tokens per answer.")
     latency_samples: int = Field(20, ge=1, description="Single-request latency: median of N.")
+    measure_efficiency: bool = Field(
+        True,
+        description="Measure memory, latency and throughput of each local model in a fresh "
+        "process (one extra engine load per model); false keeps only the scores.",
+    )
 
 
 class ServeConfig(Section):

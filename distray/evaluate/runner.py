@@ -1,0 +1,511 @@
+"""The evaluate stage: teacher vs distilled student vs baseline on the test set.
+
+    distray evaluate --config jobs/configs/quickstart.yaml
+
+For each model in `evaluate.models` the test prompts go through the same batch generation path
+as `distray generate` (`distray.teacher.generate_dataset`: Ray Data + vLLM, HF, or the API
+teacher), greedy, `evaluate.max_tokens` per answer. Predictions land in
+`<run>/evaluate/predictions/<model>.parquet` with a per-row score column per scorer; the
+figures in `<run>/evaluate/metrics.json`; the table and plots in `<run>/report.md`.
+
+metrics.json (every figure; None where it does not apply)::
+
+    {"test_rows": 200, "scorers": ["exact_match", ...], "primary_scorer": "exact_match",
+     "models": {"teacher": {"model", "parameters", "weights_mb", "peak_rss_mb", "latency_ms",
+                            "throughput_rows_per_s", "output_tokens_per_s", "scores": {...}, ...},
+                "student": {...}, "baseline": {...}},
+     "student_vs_teacher": {"accuracy_retention_pct": {scorer: %}, "latency_reduction_pct",
+                            "memory_reduction_pct", ...},
+     "student_vs_baseline": {"accuracy_gain_pts": {scorer: points}},
+     "headline": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from distray import formats as F
+from distray.config import (
+    DistrayConfig,
+    HFTeacher,
+    OpenAITeacher,
+    SamplingConfig,
+    VLLMTeacher,
+)
+from distray.errors import ConfigError, DataError, StageError
+from distray.evaluate.efficiency import Efficiency, measure_api, measure_local_remote
+from distray.evaluate.scorers import ScoreResult, score_all
+from distray.paths import RunPaths
+
+__all__ = ["EvaluateResult", "run", "resolve_models", "test_data_path", "compare"]
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student", "baseline")
+#: Most rows in the timed throughput batch (the whole test set up to this).
+THROUGHPUT_ROWS_MAX = 512
+
+
+@dataclass
+class EvaluateResult:
+    """What `distray evaluate` wrote, and its headline figures.
+
+    Attributes:
+        metrics_path: evaluate/metrics.json.
+        report_path: report.md (rebuilt with the comparison).
+        predictions: model → predictions Parquet path.
+        plots: PNGs drawn (accuracy by model, latency by model).
+        models: model → flat figures (parameters, memory, latency, throughput, each scorer).
+        comparison: the headline: retention %, latency / memory reduction %, baseline gain.
+    """
+
+    metrics_path: str
+    report_path: str | None
+    predictions: dict[str, str] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Model:
+    role: str
+    engine: VLLMTeacher | OpenAITeacher | HFTeacher
+    path: str | None  # local folder, None for API models
+
+
+# ---- what to evaluate ---------------------------------------------------------------------
+
+
+def test_data_path(cfg: DistrayConfig) -> str:
+    """The test prompts: `data.test`, or the built-in task's `<run>/data/test.jsonl` (written
+    when missing).
+
+    Raises:
+        ConfigError: neither is set.
+    """
+    if cfg.data.test:
+        return cfg.data.test
+    b = cfg.data.builtin
+    if b is not None:
+        paths = RunPaths(cfg.run_dir)
+        if not F.exists(paths.task_split("test")):
+            from distray.tasks import make_task
+
+            make_task(b.name, paths.data, b.n_train, b.seed, n_validation=b.n_validation, n_test=b.n_test)
+        return paths.task_split("test")
+    raise ConfigError(
+        "evaluate needs test prompts with references: set `data.test` (JSONL/Parquet) or "
+        "`data.builtin` (a built-in task)"
+    )
+
+
+def _is_model_dir(path: str) -> bool:
+    return F.exists(f"{path.rstrip('/')}/config.json")
+
+
+def _local_engine(cfg: DistrayConfig, role: str, path: str, base: Any = None) -> VLLMTeacher | HFTeacher:
+    """The engine config that runs a local model in evaluate: `evaluate.backend` for every
+    local model, so they are all measured the same way."""
+    ev = cfg.evaluate
+    trust = bool(getattr(base, "trust_remote_code", False))
+    if ev.backend == "hf":
+        batch = getattr(base, "batch_size", None) or 16
+        return HFTeacher(model=path, name=role, batch_size=min(batch, 64), trust_remote_code=trust)
+    kwargs: dict[str, Any] = {}
+    if isinstance(base, VLLMTeacher):
+        # The teacher keeps its own parallelism (a big model needs its TP/PP); evaluate's
+        # engine_kwargs apply on top.
+        kwargs.update(base.engine_kwargs)
+        extra = {
+            "concurrency": base.concurrency,
+            "batch_size": base.batch_size,
+            "num_gpus_per_replica": base.num_gpus_per_replica,
+            "accelerator_type": base.accelerator_type,
+            "placement_group_config": base.placement_group_config,
+            "apply_chat_template": base.apply_chat_template,
+        }
+    else:
+        extra = {}
+    kwargs.update(ev.engine_kwargs)
+    return VLLMTeacher(model=path, name=role, engine_kwargs=kwargs, trust_remote_code=trust, **extra)
+
+
+def resolve_models(cfg: DistrayConfig) -> list[_Model]:
+    """The models `evaluate.models` names, in order teacher, student, baseline.
+
+    Raises:
+        StageError: the distilled student is asked for but not trained yet.
+        ConfigError: the baseline folder does not exist.
+    """
+    out: list[_Model] = []
+    want = cfg.evaluate.models
+    if "teacher" in want:
+        teachers = cfg.all_teachers
+        if not teachers:
+            logger.warning("evaluate: no teacher configured; the comparison has no teacher column")
+        else:
+            t = teachers[0]
+            if len(teachers) > 1:
+                logger.info("evaluate: %d teachers; the first (%s) is the one compared", len(teachers), t.label)
+            if isinstance(t, OpenAITeacher):
+                out.append(_Model("teacher", t, None))
+            else:
+                out.append(_Model("teacher", _local_engine(cfg, "teacher", t.model, t), t.model))
+    if "student" in want:
+        student = RunPaths(cfg.run_dir).student
+        if not _is_model_dir(student):
+            raise StageError(
+                f"the distilled student `{student}` does not exist yet; run `distray train` first, "
+                "or drop `student` from evaluate.models"
+            )
+        out.append(_Model("student", _local_engine(cfg, "student", student), student))
+    if "baseline" in want:
+        base = cfg.evaluate.baseline or (cfg.student.model if cfg.student else None)
+        if base is None:
+            logger.warning("evaluate: no baseline (set evaluate.baseline or student.model); skipped")
+        elif not _is_model_dir(base):
+            raise ConfigError(
+                f"`evaluate.baseline` ({base}) is not a model folder (no config.json); point it at "
+                "a Hugging Face model folder, or drop `baseline` from evaluate.models"
+            )
+        else:
+            out.append(_Model("baseline", _local_engine(cfg, "baseline", base), base))
+    if not out:
+        raise ConfigError(f"`evaluate.models` ({want}) leaves nothing to evaluate")
+    return out
+
+
+# ---- predictions --------------------------------------------------------------------------
+
+
+def _predict(
+    model: _Model, cfg: DistrayConfig, test_path: str, n_rows: int
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Run one model over the test prompts through generate's batch path.
+
+    Returns:
+        `(input id → output row, wall seconds)`.
+    """
+    from distray.teacher import generate_dataset, read_prompts
+
+    sampling = SamplingConfig(
+        temperature=0.0, top_p=1.0, max_tokens=cfg.evaluate.max_tokens, n=1, seed=cfg.run.seed
+    )
+    t0 = time.perf_counter()
+    valid, _rejects = read_prompts(test_path, cfg, max_rows=n_rows)
+    ds = generate_dataset(valid, model.engine, cfg, sampling=sampling, logprobs=None)
+    rows = ds.take_all()
+    wall = time.perf_counter() - t0
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        key = r.get(F.INPUT_ID) or r.get(F.ID)
+        by_id[str(key)] = r
+    return by_id, wall
+
+
+def _write_predictions(path: str, table_rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, p = F.filesystem_for(path)
+    fs.create_dir(os.path.dirname(p), recursive=True)
+    table = pa.Table.from_pylist(table_rows)
+    with fs.open_output_stream(p) as f:
+        pq.write_table(table, f)
+
+
+# ---- efficiency ---------------------------------------------------------------------------
+
+
+def _efficiency(
+    model: _Model, cfg: DistrayConfig, prompts: list[list[dict[str, str]]], predict_wall_s: float,
+    n_rows: int, out_tokens: int,
+) -> Efficiency:
+    ev = cfg.evaluate
+    if model.path is None:
+        t = model.engine
+        assert isinstance(t, OpenAITeacher)
+        key = os.environ.get(t.api_key_env) if t.api_key_env else None
+        eff = measure_api(
+            t.base_url, t.model, prompts, api_key=key, max_tokens=ev.max_tokens,
+            latency_samples=ev.latency_samples, timeout_s=t.timeout_s,
+        )
+        # An API model's throughput is what the prediction run got (max_in_flight requests).
+        eff.throughput_rows = n_rows
+        eff.throughput_rows_per_s = n_rows / predict_wall_s if predict_wall_s > 0 else None
+        eff.output_tokens_per_s = out_tokens / predict_wall_s if predict_wall_s > 0 else None
+        eff.method["throughput"] = "the prediction run: rows / wall time with max_in_flight requests"
+        return eff
+    from distray.ray_utils import cluster_has_gpu, worker_env
+
+    engine = model.engine
+    num_gpus = 0.0
+    if cluster_has_gpu():
+        kw = engine.engine_kwargs if isinstance(engine, VLLMTeacher) else {}
+        num_gpus = float(kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1))
+    engine_kwargs = dict(engine.engine_kwargs) if isinstance(engine, VLLMTeacher) else {}
+    return measure_local_remote(
+        model.path,  # type: ignore[arg-type]
+        prompts,
+        num_gpus=num_gpus,
+        env=worker_env(cfg),
+        backend=ev.backend,
+        max_tokens=ev.max_tokens,
+        latency_samples=ev.latency_samples,
+        throughput_rows=min(len(prompts), THROUGHPUT_ROWS_MAX),
+        engine_kwargs=engine_kwargs,
+        batch_size=getattr(engine, "batch_size", 16),
+        use_chat_template=getattr(engine, "apply_chat_template", True),
+        trust_remote_code=getattr(engine, "trust_remote_code", False),
+    )
+
+
+# ---- comparison ---------------------------------------------------------------------------
+
+
+def _ratio_pct(a: float | None, b: float | None) -> float | None:
+    """100 · a / b, or None when either is missing or b is 0."""
+    if a is None or b is None or b == 0:
+        return None
+    return 100.0 * a / b
+
+
+def _reduction_pct(student: float | None, teacher: float | None) -> float | None:
+    r = _ratio_pct(student, teacher)
+    return None if r is None else 100.0 - r
+
+
+def compare(models: dict[str, dict[str, Any]], scorers: list[str]) -> dict[str, Any]:
+    """Student vs teacher and student vs baseline figures from per-model figures.
+
+    Returns:
+        `{"student_vs_teacher": {...}, "student_vs_baseline": {...}}` (empty dicts when a side
+        is missing).
+    """
+    out: dict[str, Any] = {"student_vs_teacher": {}, "student_vs_baseline": {}}
+    s, t, b = models.get("student"), models.get("teacher"), models.get("baseline")
+    if s and t:
+        ss, ts = s.get("scores", {}), t.get("scores", {})
+        out["student_vs_teacher"] = {
+            "accuracy_retention_pct": {
+                k: _ratio_pct(ss.get(k), ts.get(k)) for k in scorers if k != "teacher_agreement"
+            },
+            "parameter_reduction_pct": _reduction_pct(s.get("parameters"), t.get("parameters")),
+            "memory_reduction_pct": _reduction_pct(s.get("weights_mb"), t.get("weights_mb")),
+            "peak_rss_reduction_pct": _reduction_pct(s.get("peak_rss_mb"), t.get("peak_rss_mb")),
+            "latency_reduction_pct": _reduction_pct(s.get("latency_ms"), t.get("latency_ms")),
+            "throughput_gain_x": (
+                None
+                if not s.get("throughput_rows_per_s") or not t.get("throughput_rows_per_s")
+                else s["throughput_rows_per_s"] / t["throughput_rows_per_s"]
+            ),
+        }
+    if s and b:
+        ss, bs = s.get("scores", {}), b.get("scores", {})
+        out["student_vs_baseline"] = {
+            "accuracy_gain_pts": {
+                k: (None if ss.get(k) is None or bs.get(k) is None else ss[k] - bs[k])
+                for k in scorers
+            },
+        }
+    return out
+
+
+def _primary(scorers: list[str]) -> str | None:
+    for s in scorers:
+        if s != "teacher_agreement":
+            return s
+    return scorers[0] if scorers else None
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    p = metrics.get("primary_scorer")
+    vt = metrics.get("student_vs_teacher") or {}
+    vb = metrics.get("student_vs_baseline") or {}
+    models = metrics.get("models", {})
+    head: dict[str, Any] = {"scorer": p}
+    for role in ROLES:
+        if role in models:
+            head[f"{role}_{p}"] = models[role].get("scores", {}).get(p)
+    head["accuracy_retention_pct"] = (vt.get("accuracy_retention_pct") or {}).get(p)
+    head["latency_reduction_pct"] = vt.get("latency_reduction_pct")
+    head["memory_reduction_pct"] = vt.get("memory_reduction_pct")
+    head["accuracy_gain_pts"] = (vb.get("accuracy_gain_pts") or {}).get(p)
+    return head
+
+
+# ---- the stage ----------------------------------------------------------------------------
+
+
+def _labels(cfg: DistrayConfig) -> list[str] | None:
+    if cfg.task.labels:
+        return list(cfg.task.labels)
+    if cfg.data.builtin is not None:
+        from distray.tasks import builtin_task
+
+        return builtin_task(cfg.data.builtin.name).labels
+    return None
+
+
+def _test_rows(path: str, cfg: DistrayConfig) -> list[dict[str, Any]]:
+    from distray.tasks import task_prompts
+
+    system, template = task_prompts(cfg.task)
+    rows: list[dict[str, Any]] = []
+    for row, _rej in F.iter_input_rows(path, system_prompt=system, prompt_template=template):
+        if row is not None:
+            rows.append(row)
+            if cfg.evaluate.max_rows is not None and len(rows) >= cfg.evaluate.max_rows:
+                break
+    if not rows:
+        raise DataError(f"test data `{path}` has no valid rows; check it with `distray data check {path}`")
+    return rows
+
+
+def run(cfg: DistrayConfig) -> EvaluateResult:
+    """Evaluate teacher, distilled student and baseline on the test set.
+
+    Args:
+        cfg: the run config (evaluate, data.test or data.builtin, teacher, student).
+
+    Returns:
+        EvaluateResult with the metrics, predictions and plot paths and the headline figures.
+
+    Raises:
+        ConfigError: no test data, or nothing to evaluate.
+        StageError: the student is not trained yet, or a model produced no predictions.
+    """
+    from distray.ray_utils import init_ray
+
+    init_ray(cfg)
+    paths = RunPaths(cfg.run_dir)
+    test_path = test_data_path(cfg)
+    rows = _test_rows(test_path, cfg)
+    n = len(rows)
+    refs = [r.get(F.REFERENCE) for r in rows]
+    prompts = [r[F.MESSAGES] for r in rows]
+    models = resolve_models(cfg)
+    labels = _labels(cfg)
+    scorers = list(cfg.evaluate.scorers)
+    logger.info(
+        "evaluate: %d test rows from %s; models %s; scorers %s",
+        n, test_path, [m.role for m in models], scorers,
+    )
+
+    preds: dict[str, list[str | None]] = {}
+    outputs: dict[str, list[dict[str, Any] | None]] = {}
+    figures: dict[str, dict[str, Any]] = {}
+    for m in models:
+        by_id, wall = _predict(m, cfg, test_path, n)
+        outs = [by_id.get(str(r[F.ID])) for r in rows]
+        answered = sum(1 for o in outs if o is not None and o.get(F.RESPONSE) is not None)
+        if answered == 0:
+            errors = {str(o.get("error")) for o in outs if o is not None and o.get("error")}
+            raise StageError(
+                f"evaluate: {m.role} ({m.path or m.engine.model}) answered none of the {n} test "
+                f"prompts; errors: {sorted(errors)[:3] or 'none reported'}"
+            )
+        outputs[m.role] = outs
+        preds[m.role] = [o.get(F.RESPONSE) if o else None for o in outs]
+        out_tokens = sum(int(o.get(F.COMPLETION_TOKENS) or 0) for o in outs if o)
+        logger.info("evaluate: %s answered %d/%d rows in %.1f s", m.role, answered, n, wall)
+        if cfg.evaluate.measure_efficiency:
+            eff = _efficiency(m, cfg, prompts, wall, n, out_tokens)
+        else:
+            eff = Efficiency()
+        figures[m.role] = {
+            "model": m.path or m.engine.model,
+            "backend": "openai" if m.path is None else cfg.evaluate.backend,
+            **{k: v for k, v in eff.to_dict().items() if k not in ("method", "backend")},
+            "predict_wall_s": wall,
+            "answered_rows": answered,
+            "output_tokens": out_tokens,
+            "efficiency_method": eff.method,
+        }
+
+    teacher_preds = preds.get("teacher")
+    scored: dict[str, dict[str, ScoreResult]] = {}
+    for m in models:
+        scored[m.role] = score_all(
+            scorers,
+            preds[m.role],
+            refs,
+            teacher_preds=None if m.role == "teacher" else teacher_preds,
+            labels=labels,
+            regex=cfg.evaluate.regex,
+        )
+        scores: dict[str, float | None] = {}
+        counts: dict[str, int] = {}
+        for name, res in scored[m.role].items():
+            scores[name] = res.value
+            counts[name] = res.n
+            scores.update(res.extra)
+        figures[m.role]["scores"] = scores
+        figures[m.role]["scored_rows"] = counts
+
+    pred_paths: dict[str, str] = {}
+    for m in models:
+        table_rows = []
+        for i, r in enumerate(rows):
+            o = outputs[m.role][i] or {}
+            rec: dict[str, Any] = {
+                F.ID: str(r[F.ID]),
+                F.PROMPT: r.get(F.PROMPT),
+                "prompt_text": "\n".join(t["content"] for t in r[F.MESSAGES]),
+                F.REFERENCE: r.get(F.REFERENCE),
+                F.RESPONSE: o.get(F.RESPONSE),
+                F.FINISH_REASON: o.get(F.FINISH_REASON),
+                F.PROMPT_TOKENS: o.get(F.PROMPT_TOKENS),
+                F.COMPLETION_TOKENS: o.get(F.COMPLETION_TOKENS),
+                "error": o.get("error"),
+                "model": m.role,
+            }
+            for name, res in scored[m.role].items():
+                rec[f"score_{name}"] = res.per_row[i] if res.per_row else None
+            table_rows.append(rec)
+        pred_paths[m.role] = f"{paths.predictions}/{m.role}.parquet"
+        _write_predictions(pred_paths[m.role], table_rows)
+
+    metrics: dict[str, Any] = {
+        "test_data": test_path,
+        "test_rows": n,
+        "rows_with_reference": sum(1 for x in refs if x is not None),
+        "scorers": scorers,
+        "primary_scorer": _primary(scorers),
+        "labels": labels,
+        "max_tokens": cfg.evaluate.max_tokens,
+        "models": figures,
+        **compare(figures, scorers),
+    }
+    metrics["headline"] = _headline(metrics)
+    F.write_text(paths.eval_metrics, json.dumps(metrics, indent=2, default=str) + "\n")
+
+    from distray.report import build_report
+
+    report = build_report(cfg.run_dir)
+    plots = [p for p in (f"{paths.evaluate}/accuracy.png", f"{paths.evaluate}/latency.png") if F.exists(p)]
+    flat = {
+        role: {
+            **{k: v for k, v in fig.items() if k not in ("scores", "scored_rows", "efficiency_method")},
+            **fig["scores"],
+        }
+        for role, fig in figures.items()
+    }
+    logger.info(
+        "evaluate: metrics %s, predictions %s, report %s; headline %s",
+        paths.eval_metrics, paths.predictions, report, metrics["headline"],
+    )
+    return EvaluateResult(
+        metrics_path=paths.eval_metrics,
+        report_path=report,
+        predictions=pred_paths,
+        plots=plots,
+        models=flat,
+        comparison=metrics["headline"],
+    )
