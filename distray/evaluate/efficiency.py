@@ -120,10 +120,11 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], use_chat_template: bool) -> str:
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    return "\n".join(m["content"] for m in messages)
+def _render_ids(tokenizer: Any, messages: list[dict[str, str]], use_chat_template: bool) -> list[int]:
+    """Prompt token ids exactly as the generate engines build them."""
+    from distray.teacher.engines.common import render_prompt
+
+    return render_prompt(tokenizer, messages, use_chat_template)[1]
 
 
 def measure_local(
@@ -232,15 +233,15 @@ def _vllm_engine(
     tok = llm.get_tokenizer()
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
-    def _texts(msgs: list[list[dict[str, str]]]) -> list[str]:
-        return [_render(tok, m, use_chat_template) for m in msgs]
+    def _prompts(msgs: list[list[dict[str, str]]]) -> list[Any]:
+        return [{"prompt_token_ids": _render_ids(tok, m, use_chat_template)} for m in msgs]
 
     def one(messages: list[dict[str, str]]) -> int:
-        out = llm.generate(_texts([messages]), sp, use_tqdm=False)
+        out = llm.generate(_prompts([messages]), sp, use_tqdm=False)
         return len(out[0].outputs[0].token_ids)
 
     def batch(msgs: list[list[dict[str, str]]]) -> int:
-        outs = llm.generate(_texts(msgs), sp, use_tqdm=False)
+        outs = llm.generate(_prompts(msgs), sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     return one, batch
@@ -267,8 +268,8 @@ def _hf_engine(
     model.eval()
 
     def _gen(msgs: list[list[dict[str, str]]]) -> int:
-        texts = [_render(tok, m, use_chat_template) for m in msgs]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = [_render_ids(tok, m, use_chat_template) for m in msgs]
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = model.generate(
                 **enc,

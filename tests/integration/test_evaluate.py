@@ -1,0 +1,131 @@
+"""End-to-end evaluate on tiny models: predictions, every figure of the table, the report.
+
+    pytest tests/integration/test_evaluate.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+N_TEST = 6
+
+
+def _cfg(tmp_path: Path, teacher: str, baseline: str, backend: str, **evaluate: object):
+    from distray.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "run": {"name": "ev", "output_dir": str(tmp_path)},
+            "data": {"builtin": {"name": "reverse", "n_train": 4, "n_validation": 0, "n_test": N_TEST}},
+            "teacher": {"kind": "vllm", "model": teacher, "engine_kwargs": {"max_model_len": 256}},
+            "student": {"model": baseline},
+            "evaluate": {
+                "backend": backend,
+                "baseline": baseline,
+                "max_tokens": 6,
+                "latency_samples": 2,
+                # regex "\\S": a format check every non-empty answer passes, so retention and
+                # gain are defined even for random tiny models (their exact match is 0).
+                "scorers": ["exact_match", "regex", "bleu", "teacher_agreement"],
+                "regex": r"\S",
+                "engine_kwargs": {"max_model_len": 256},
+                **evaluate,
+            },
+        }
+    )
+
+
+def _student_from(model: str, cfg) -> None:
+    from distray.paths import RunPaths
+
+    shutil.copytree(model, RunPaths(cfg.run_dir).student)
+
+
+MODEL_FIELDS = (
+    "parameters",
+    "weights_mb",
+    "peak_rss_mb",
+    "latency_ms",
+    "latency_p90_ms",
+    "throughput_rows_per_s",
+    "output_tokens_per_s",
+)
+
+
+def test_evaluate_writes_every_field_of_the_table(
+    tmp_path: Path, tiny_model: str, tiny_teacher_model: str, ray_cluster
+) -> None:
+    from distray.evaluate.runner import run
+
+    cfg = _cfg(tmp_path, tiny_teacher_model, tiny_model, "hf")
+    # The "distilled" student is a copy of the teacher: it must agree with it on every row.
+    _student_from(tiny_teacher_model, cfg)
+    result = run(cfg)
+
+    metrics = json.loads(Path(result.metrics_path).read_text())
+    assert metrics["test_rows"] == N_TEST
+    assert set(metrics["models"]) == {"teacher", "student", "baseline"}
+    for role, m in metrics["models"].items():
+        for f in MODEL_FIELDS:
+            assert m[f] is not None and m[f] > 0, (role, f, m[f])
+        for s in ("exact_match", "regex", "bleu"):
+            assert m["scores"][s] is not None, (role, s)
+        assert m["answered_rows"] == N_TEST
+    teacher, student, baseline = (metrics["models"][r] for r in ("teacher", "student", "baseline"))
+    assert student["parameters"] == teacher["parameters"] > baseline["parameters"]
+    assert teacher["scores"]["teacher_agreement"] is None
+    assert student["scores"]["teacher_agreement"] == 100.0  # same weights, greedy
+    assert student["scores"]["teacher_bleu"] is not None
+    vt, vb = metrics["student_vs_teacher"], metrics["student_vs_baseline"]
+    assert vt["accuracy_retention_pct"]["regex"] == pytest.approx(100.0)
+    for k in ("latency_reduction_pct", "memory_reduction_pct", "parameter_reduction_pct", "throughput_gain_x"):
+        assert vt[k] is not None, k
+    assert vt["memory_reduction_pct"] == pytest.approx(0.0)  # same model, same bytes
+    assert vb["accuracy_gain_pts"]["regex"] is not None
+    assert metrics["headline"]["scorer"] == "exact_match"
+
+    # predictions: one row per test prompt, with the answer and per-row scores
+    for role, path in result.predictions.items():
+        table = pq.read_table(path)
+        assert table.num_rows == N_TEST
+        assert {"id", "prompt", "reference", "response", "score_exact_match"} <= set(table.column_names)
+    # report: the table and both plots
+    md = Path(result.report_path).read_text()
+    assert "| Metric | Teacher | Student (distilled) | Baseline | Student vs teacher |" in md
+    for png in ("evaluate/accuracy.png", "evaluate/latency.png"):
+        assert f"]({png})" in md and (Path(cfg.run_dir) / png).stat().st_size > 1000
+    # the flat figures the Python API returns
+    assert result.models["student"]["regex"] is not None
+    assert result.comparison["accuracy_retention_pct"] is None  # exact match 0/0: undefined
+
+
+def test_evaluate_without_a_trained_student_says_so(
+    tmp_path: Path, tiny_model: str, tiny_teacher_model: str, ray_cluster
+) -> None:
+    from distray.errors import StageError
+    from distray.evaluate.runner import run
+
+    cfg = _cfg(tmp_path, tiny_teacher_model, tiny_model, "hf")
+    with pytest.raises(StageError, match="distray train"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_evaluate_with_vllm_backend(tmp_path: Path, tiny_model: str, ray_cluster) -> None:
+    """The vLLM path: student vs baseline only (two engines), scores only."""
+    from distray.evaluate.runner import run
+
+    cfg = _cfg(tmp_path, tiny_model, tiny_model, "vllm", models=["student", "baseline"],
+               measure_efficiency=False)
+    _student_from(tiny_model, cfg)
+    result = run(cfg)
+    metrics = json.loads(Path(result.metrics_path).read_text())
+    assert metrics["models"]["student"]["answered_rows"] == N_TEST
+    assert metrics["student_vs_baseline"]["accuracy_gain_pts"]["exact_match"] == 0.0
