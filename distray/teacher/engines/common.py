@@ -1,0 +1,179 @@
+"""Pieces every local engine shares: chat template + tokenization with a length check, and
+turning an engine's raw output (token ids, per-position top-k) into teacher-data columns.
+
+Rows are plain dicts here; the Ray Data stages in vllm.py / hf.py call these per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from distray import formats as F
+from distray.teacher.rows import ERROR
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "load_tokenizer",
+    "eos_ids",
+    "render_prompt",
+    "prepare_rows",
+    "finish_reason",
+    "topk_from_vllm",
+    "empty_result",
+]
+
+#: Columns an engine stage fills (beside the row's own); `error` is null when it went well.
+RESULT_COLUMNS = (
+    F.RESPONSE,
+    F.RESPONSE_TOKEN_IDS,
+    F.TOPK_TOKEN_IDS,
+    F.TOPK_LOGPROBS,
+    F.FINISH_REASON,
+    F.PROMPT_TOKENS,
+    F.COMPLETION_TOKENS,
+    ERROR,
+)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, loaded once per worker process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+@lru_cache(maxsize=8)
+def eos_ids(model: str, trust_remote_code: bool = False) -> frozenset[int]:
+    """Every token id that ends an answer: the tokenizer's eos and generation_config's."""
+    ids: set[int] = set()
+    tok = load_tokenizer(model, trust_remote_code)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model)
+        eos = gen.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the tokenizer's eos is all there is
+    return frozenset(ids)
+
+
+def render_prompt(tok: Any, messages: list[dict[str, str]], apply_chat_template: bool) -> tuple[str, list[int]]:
+    """The prompt text and token ids an engine sees for these turns.
+
+    With a chat template the template's own special tokens (bos) are kept and none are added
+    again; without one, the turns' contents are joined with newlines and the tokenizer adds
+    its usual special tokens.
+    """
+    if apply_chat_template and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = "\n".join(m["content"] for m in messages)
+        ids = tok(text)["input_ids"]
+    return text, list(ids)
+
+
+def prepare_rows(
+    rows: list[dict[str, Any]],
+    *,
+    model: str,
+    trust_remote_code: bool,
+    apply_chat_template: bool,
+    max_prompt_tokens: int | None,
+    max_model_len: int | None,
+) -> list[dict[str, Any]]:
+    """Render and tokenize each row's prompt into `_prompt_token_ids` and `prompt_tokens`;
+    set `error` to `prompt_too_long: ...` when it exceeds the limits (the engine then skips it).
+
+    The row's own `prompt` column moves to `_orig_prompt`: vLLM's stage uses `prompt` for the
+    rendered text.
+    """
+    tok = load_tokenizer(model, trust_remote_code)
+    for r in rows:
+        r["_orig_prompt"] = r.pop(F.PROMPT, None)
+        r.setdefault(ERROR, None)
+        text, ids = render_prompt(tok, r[F.MESSAGES], apply_chat_template)
+        r["_prompt_text"] = text
+        r["_prompt_token_ids"] = ids
+        r[F.PROMPT_TOKENS] = len(ids)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            r[ERROR] = (
+                f"prompt_too_long: {len(ids)} tokens > generate.max_prompt_tokens "
+                f"({max_prompt_tokens})"
+            )
+        elif max_model_len is not None and len(ids) >= max_model_len:
+            r[ERROR] = (
+                f"prompt_too_long: {len(ids)} tokens leave no room to answer within the "
+                f"engine's max_model_len ({max_model_len})"
+            )
+    return rows
+
+
+def finish_reason(
+    token_ids: list[int],
+    *,
+    max_tokens: int,
+    eos: frozenset[int],
+    prompt_tokens: int,
+    max_model_len: int | None,
+) -> str:
+    """`length` when the answer was cut (max_tokens or the context window), else `stop`.
+
+    Engines that do not report it (ray.data.llm's vLLM stage, HF generate) are judged by the
+    ids: an answer that ends in eos stopped; one that used every allowed token did not.
+    """
+    n = len(token_ids)
+    if n and token_ids[-1] in eos:
+        return "stop"
+    if n >= max_tokens:
+        return "length"
+    if max_model_len is not None and prompt_tokens + n >= max_model_len:
+        return "length"
+    return "stop"
+
+
+def topk_from_vllm(
+    logprobs: list[dict[Any, Any]] | None, k: int
+) -> tuple[list[list[int]], list[list[float]]] | None:
+    """vLLM's per-position `{token_id: {logprob, rank, ...}}` → top-k ids and logprobs, best first.
+
+    vLLM also returns the sampled token when it is outside the top k (its rank > k); it is
+    dropped so every position has exactly the k best.
+    """
+    if logprobs is None:
+        return None
+    ids_out: list[list[int]] = []
+    lps_out: list[list[float]] = []
+    for pos in logprobs:
+        items = []
+        for tid, info in (pos or {}).items():
+            lp = info["logprob"] if isinstance(info, dict) else float(info)
+            rank = info.get("rank") if isinstance(info, dict) else None
+            items.append((rank if rank is not None else math.inf, -lp, int(tid), float(lp)))
+        items.sort()
+        best = [it for it in items if it[0] <= k][:k] or items[:k]
+        ids_out.append([it[2] for it in best])
+        lps_out.append([it[3] if math.isfinite(it[3]) else -1e30 for it in best])
+    return ids_out, lps_out
+
+
+def empty_result(row: dict[str, Any], error: str) -> dict[str, Any]:
+    """Fill the result columns of a row that got no answer."""
+    row[F.RESPONSE] = None
+    row[F.RESPONSE_TOKEN_IDS] = None
+    row[F.TOPK_TOKEN_IDS] = None
+    row[F.TOPK_LOGPROBS] = None
+    row[F.FINISH_REASON] = None
+    row.setdefault(F.PROMPT_TOKENS, None)
+    row[F.COMPLETION_TOKENS] = None
+    row[ERROR] = error
+    return row
