@@ -1,0 +1,11 @@
+"""Student training: Ray Train × DeepSpeed ZeRO, SFT and logit distillation, export.
+
+    distray train --config jobs/configs/quickstart.yaml
+
+`run(cfg)` is the stage; `train_model(cfg, data, out_dir, answers=...)` trains on any teacher
+data or on ground-truth references (no teacher).
+"""
+
+from distray.train.trainer import TrainResult, run, train_model
+
+__all__ = ["TrainResult", "run", "train_model"]

@@ -1,0 +1,172 @@
+"""Consolidate a DeepSpeed checkpoint into a Hugging Face folder that vLLM and from_pretrained load.
+
+    python -c "from distray.train.export import export_checkpoint; \
+        export_checkpoint('runs/x/train/checkpoints/checkpoint_00000100', 'models/student', 'out')"
+
+Consolidation uses DeepSpeed's own `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`,
+which merges the fp32 master weights of ZeRO stage 1, 2 and 3 shards (stage 0 checkpoints hold the
+whole module already). It runs after training, in one process, from the checkpoint in storage:
+the worker group (and its GPU memory) is gone by then, any checkpoint of a run can be exported the
+same way, and fp32 master weights are exported rather than a bf16 copy. It needs CPU memory for
+the fp32 weights plus one rank's optimizer partition at a time.
+
+The weights are loaded into the student's own architecture (LoRA adapters are merged first), cast
+to the student's dtype, and written with `save_pretrained` (model.safetensors, sharded past 5 GB),
+next to the student's tokenizer files and chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from distray.errors import StageError
+
+__all__ = ["export_checkpoint", "latest_tag", "load_checkpoint_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+
+def latest_tag(checkpoint_dir: str) -> str:
+    """The DeepSpeed tag (sub-folder) named by the checkpoint's `latest` file.
+
+    Raises:
+        StageError: no `latest` file (not a DeepSpeed checkpoint folder).
+    """
+    path = os.path.join(checkpoint_dir, "latest")
+    if not os.path.isfile(path):
+        raise StageError(
+            f"`{checkpoint_dir}` is not a DeepSpeed checkpoint (no `latest` file); pass a "
+            "folder under <run>/train/checkpoints/"
+        )
+    with open(path) as f:
+        return f.read().strip()
+
+
+def load_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """The full fp32 state dict of a DeepSpeed checkpoint (any ZeRO stage), keys as in the module.
+
+    Args:
+        checkpoint_dir: folder holding `latest` and the tag sub-folder.
+        tag: the tag; default the one in `latest`.
+    """
+    import torch
+
+    tag = tag or latest_tag(checkpoint_dir)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    stage0 = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    optim_files = [f for f in os.listdir(tag_dir) if f.endswith("optim_states.pt")]
+    if os.path.isfile(stage0) and not optim_files:
+        # ZeRO stage 0: the module is saved whole.
+        sd = torch.load(stage0, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    # DeepSpeed may hand back lazy tensors; materialise them for load_state_dict.
+    return {k: (v.contiguous() if hasattr(v, "contiguous") else v) for k, v in sd.items()}
+
+
+def export_checkpoint(
+    checkpoint_dir: str,
+    base_model: str,
+    out_dir: str,
+    *,
+    tokenizer: str | None = None,
+    lora: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> str:
+    """Write a DeepSpeed checkpoint of `base_model` as a Hugging Face model folder.
+
+    Args:
+        checkpoint_dir: the DeepSpeed checkpoint (local path, or a URI Ray Train can download).
+        base_model: the student folder training started from (architecture, dtype, config).
+        out_dir: folder to (re)write; local path or cloud URI.
+        tokenizer: tokenizer folder; default `base_model`.
+        lora: the LoRA settings used in training (`LoraConfig` fields r/alpha/dropout/
+            target_modules), or None; adapters are merged into the weights.
+        trust_remote_code: allow model code from the model folder.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        StageError: the checkpoint does not fit the base model's architecture.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local_ckpt = checkpoint_dir
+    tmp_ckpt = None
+    if "://" in checkpoint_dir:
+        import ray.train
+
+        tmp_ckpt = tempfile.mkdtemp(prefix="distray-export-ckpt-")
+        local_ckpt = ray.train.Checkpoint(checkpoint_dir).to_directory(tmp_ckpt)
+    try:
+        state_dict = load_checkpoint_state_dict(local_ckpt)
+    finally:
+        if tmp_ckpt:
+            shutil.rmtree(tmp_ckpt, ignore_errors=True)
+
+    base_cfg = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    dtype = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora.get("dropout", 0.0),
+                target_modules=lora["target_modules"],
+                task_type="CAUSAL_LM",
+            ),
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    # Tied weights (lm_head = embeddings) are stored once; their second name may be absent.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tie_embeddings = bool(getattr(base_cfg, "tie_word_embeddings", False))
+    missing = [
+        k
+        for k in result.missing_keys
+        if k not in tied and not (tie_embeddings and k.endswith("lm_head.weight"))
+    ]
+    if missing or result.unexpected_keys:
+        raise StageError(
+            f"checkpoint `{checkpoint_dir}` does not match the student `{base_model}`: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}; export with the "
+            "student.model (and student.lora) the run trained"
+        )
+    if lora is not None:
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or base_model, trust_remote_code=trust_remote_code)
+    remote = "://" in out_dir
+    local_out = tempfile.mkdtemp(prefix="distray-export-") if remote else out_dir + ".tmp-export"
+    shutil.rmtree(local_out, ignore_errors=True)
+    os.makedirs(local_out, exist_ok=True)
+    model.save_pretrained(local_out, safe_serialization=True)
+    tok.save_pretrained(local_out)
+    if remote:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(local_out, out_dir)
+        shutil.rmtree(local_out, ignore_errors=True)
+    else:
+        # Replace the folder only once the new one is complete.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(local_out, out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("exported %s parameters (%s) → %s", f"{n_params:,}", str(dtype).removeprefix("torch."), out_dir)
+    return out_dir

@@ -1,0 +1,175 @@
+"""Training examples: chat template, prompt masking, teacher ids kept, truncation, packing, and the
+DeepSpeed batch arithmetic.
+
+    .venv/bin/python -m pytest tests/unit/test_train_data.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distray.config import TrainConfig
+from distray.errors import ConfigError, DataError
+from distray.train.data import ChatEncoder, Collator, holdout_flags, in_holdout, pack_examples
+from distray.train.losses import IGNORE_INDEX
+from distray.train.loop import lr_lambda
+from distray.train.trainer import build_deepspeed_config, check_vocab, plan_steps
+
+MSGS = [{"role": "user", "content": "rev abc"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from distray.tiny import make_tokenizer
+
+    return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def _text(tok, ids) -> str:
+    return tok.decode([int(i) for i in ids])
+
+
+def test_prompt_is_masked_and_targets_are_the_answer_plus_end_of_turn(tok):
+    enc = ChatEncoder(tok, max_seq_len=64).encode(MSGS, "cba")
+    assert _text(tok, enc.input_ids) == "<s><|user|>rev abc<|assistant|>cba</s>"
+    targets = enc.labels[enc.labels != IGNORE_INDEX]
+    assert _text(tok, targets) == "cba</s>"
+    # pre-shifted: the target at t is the input token at t + 1
+    t = np.nonzero(enc.labels != IGNORE_INDEX)[0]
+    assert (enc.labels[t] == enc.input_ids[t + 1]).all()
+    assert not enc.truncated
+
+
+def test_teacher_ids_are_kept_and_topk_aligned(tok):
+    ids = tok("cba", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    topk = [[i, 7] for i in ids]
+    lps = [[-0.1, -2.5] for _ in ids]
+    enc = ChatEncoder(tok, 64).encode(MSGS, "ignored text", ids, topk, lps, "stop")
+    # eos already in the teacher's ids: not appended twice
+    assert list(enc.labels[enc.labels != IGNORE_INDEX]) == ids
+    rows = np.nonzero(enc.labels != IGNORE_INDEX)[0]
+    assert (enc.topk_ids[rows, 0] == enc.labels[rows]).all()
+    assert np.isinf(enc.topk_logprobs[enc.labels == IGNORE_INDEX]).all()
+    assert np.isfinite(enc.topk_logprobs[rows]).all()
+
+
+def test_cut_off_teacher_answer_gets_no_end_of_turn(tok):
+    ids = tok("cb", add_special_tokens=False)["input_ids"]
+    enc = ChatEncoder(tok, 64).encode(MSGS, "cb", ids, finish_reason="length")
+    assert _text(tok, enc.labels[enc.labels != IGNORE_INDEX]) == "cb"
+
+
+def test_truncation_is_counted_and_keeps_the_prompt(tok):
+    enc = ChatEncoder(tok, max_seq_len=12).encode(MSGS, "a long answer that does not fit")
+    assert enc.truncated and len(enc.input_ids) == 12
+    assert (enc.labels != IGNORE_INDEX).sum() > 0
+    long_prompt = [{"role": "user", "content": "x" * 40}]
+    enc2 = ChatEncoder(tok, max_seq_len=12).encode(long_prompt, "y")
+    assert enc2.truncated and enc2.no_target
+    assert (enc2.labels == IGNORE_INDEX).all()
+
+
+def test_collate_pads_and_counts(tok):
+    c = Collator(ChatEncoder(tok, 16), tok.pad_token_id, with_topk=True)
+    rows = [
+        {"messages": MSGS, "response": "cba"},
+        {"messages": MSGS, "response": "a long answer that does not fit"},
+    ]
+    b = c(rows)
+    assert b["input_ids"].shape == (2, 16)
+    assert int(b["n_truncated"]) == 1 and int(b["n_examples"]) == 2
+    assert (b["input_ids"][b["attention_mask"] == 0] == tok.pad_token_id).all()
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert b["topk_logprobs"].shape[:2] == (2, 16)
+    assert int(b["n_target_tokens"]) == int((b["labels"] != IGNORE_INDEX).sum())
+
+
+def test_text_only_collator_ignores_teacher_ids(tok):
+    c = Collator(ChatEncoder(tok, 64), tok.pad_token_id, with_topk=False, use_teacher_ids=False)
+    b = c([{"messages": MSGS, "response": "cba", "response_token_ids": [9, 9, 9, 9, 9]}])
+    assert _text(tok, b["labels"][b["labels"] != IGNORE_INDEX]) == "cba</s>"
+
+
+def test_packing_keeps_examples_apart(tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    enc = ChatEncoder(tok, 64)
+    rows = [{"messages": [{"role": "user", "content": w}], "response": w[::-1]} for w in ("ab", "xyz", "hello")]
+    exs = [enc.encode_row(r) for r in rows]
+    assert len(pack_examples(exs, 64)) == 1
+    packed = Collator(enc, tok.pad_token_id, with_topk=False, packing=True)(rows)
+    plain = Collator(enc, tok.pad_token_id, with_topk=False)(rows)
+    assert packed["input_ids"].shape[0] == 1 and "position_ids" in packed
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((plain["labels"] != IGNORE_INDEX).sum())
+    # A packed sequence scores each example exactly as on its own (no attention across them).
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    from distray.train.losses import compute_loss
+
+    with torch.no_grad():
+        lp = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        lu = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"], use_cache=False).logits
+    a = compute_loss(lp, packed["labels"]).sft_sum
+    b = compute_loss(lu, plain["labels"]).sft_sum
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_holdout_is_deterministic_and_near_the_fraction():
+    ids = [f"row-{i}" for i in range(4000)]
+    flags = holdout_flags(ids, 0.1, seed=3)
+    assert 0.07 < flags.mean() < 0.13
+    assert (flags == holdout_flags(ids, 0.1, seed=3)).all()
+    assert not in_holdout("x", 0.0)
+
+
+def test_deepspeed_batch_fields_follow_world_size():
+    tc = TrainConfig(micro_batch_size=2, global_batch_size=8, num_workers=2, zero_stage=3)
+    ds = build_deepspeed_config(tc, 2, use_gpu=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+    assert ds["zero_optimization"]["stage"] == 3
+    # user values (DeepSpeed names) win, "auto" is unset, the rest is derived
+    tc2 = TrainConfig(
+        micro_batch_size=2,
+        num_workers=2,
+        deepspeed={"gradient_accumulation_steps": 3, "train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 5}},
+    )
+    ds2 = build_deepspeed_config(tc2, 2, use_gpu=False)
+    assert ds2["train_batch_size"] == 12 and ds2["zero_optimization"]["reduce_bucket_size"] == 5
+    assert ds2["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_deepspeed_config(
+            TrainConfig(deepspeed={"gradient_accumulation_steps": 3, "train_batch_size": 7}), 2, use_gpu=False
+        )
+    off = build_deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True), 2, use_gpu=False)
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu" and "optimizer" in off
+
+
+def test_step_plan_and_lr_schedule():
+    assert plan_steps(100, 2, 4, 2, epochs=3, max_steps=None) == (18, 6, 13, 3)
+    assert plan_steps(100, 2, 4, 2, epochs=1, max_steps=20) == (20, 6, 13, 4)
+    with pytest.raises(DataError, match="per worker"):
+        plan_steps(3, 2, 4, 2, epochs=1, max_steps=None)
+    lrs = [lr_lambda(s, 2, 10, 0.1) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and abs(lrs[-1] - 0.1) < 0.05
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_vocab_check_names_both_sizes(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distray.tiny import make_tokenizer
+
+    other = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "other", vocab_size=300))
+    ids = tok("cba", add_special_tokens=False)["input_ids"]
+    ok_rows = [{"response": "cba", "response_token_ids": ids, "topk_token_ids": [[i] for i in ids]}]
+    assert check_vocab(tok, len(tok), ok_rows, {"t": tok}) is None
+    msg = check_vocab(other, len(other), ok_rows, {"teacher-dir": tok}, student_name="s")
+    assert msg and str(len(tok)) in msg and str(len(other)) in msg and "teacher-dir" in msg
+    out_of_range = [{"response": "x", "response_token_ids": [len(tok) + 5]}]
+    assert "outside" in check_vocab(tok, len(tok), out_of_range)
