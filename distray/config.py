@@ -440,6 +440,11 @@ class BenchConfig(Section):
         None, description="Prompt file; default the run's test data, else generated prompts."
     )
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    ignore_eos: bool = Field(
+        True,
+        description="Send vLLM's `ignore_eos` so every answer has exactly max_tokens tokens "
+        "(stable TPOT and throughput); set false for servers that reject unknown fields.",
+    )
 
 
 class ResourcesConfig(Section):
