@@ -64,13 +64,15 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = Field("distray-run", description="Run name; the run folder is <output_dir>/<name>.")
+    name: str = Field(
+        default="distray-run", description="Run name; the run folder is <output_dir>/<name>."
+    )
     output_dir: str = Field(
-        "runs",
+        default="runs",
         description="Where run folders go. Local path or a cloud URI (s3://, gs://); on a "
         "multi-node cluster it must be shared storage.",
     )
-    seed: int = Field(0, description="Seed for data splits, sampling and training.")
+    seed: int = Field(default=0, description="Seed for data splits, sampling and training.")
 
     @property
     def dir(self) -> str:
@@ -83,21 +85,25 @@ TaskType = Literal["custom", "nli", "conversation", "qa", "math", "summarization
 
 class TaskConfig(Section):
     type: TaskType = Field(
-        "custom",
+        default="custom",
         description="Task preset. A preset fills defaults (prompt template, output validation, "
         "scorers); every value it sets can still be overridden.",
     )
-    system_prompt: str | None = Field(None, description="System prompt added before each prompt.")
+    system_prompt: str | None = Field(
+        default=None, description="System prompt added before each prompt."
+    )
     prompt_template: str = Field(
-        "{prompt}", description="Template for `prompt`-form rows; `{prompt}` is the input text."
+        default="{prompt}",
+        description="Template for `prompt`-form rows; `{prompt}` is the input text.",
     )
     chain_of_thought: bool = Field(
-        False,
+        default=False,
         description="Ask the teacher to reason step by step before the final answer "
         "(as Azure's enable_chain_of_thought).",
     )
     labels: list[str] | None = Field(
-        None, description="Allowed answers for classification tasks (NLI), e.g. [entailment, ...]."
+        default=None,
+        description="Allowed answers for classification tasks (NLI), e.g. [entailment, ...].",
     )
 
 
@@ -105,30 +111,35 @@ class BuiltinTaskData(Section):
     name: Literal["reverse", "date", "sentiment"] = Field(
         ..., description="Built-in synthetic task (see `distray data make-task --help`)."
     )
-    n_train: int = Field(4000, ge=1, description="Training prompts to generate.")
-    n_validation: int = Field(200, ge=0, description="Validation prompts to generate.")
-    n_test: int = Field(200, ge=1, description="Test prompts to generate.")
-    seed: int = Field(0, description="Generator seed; the same seed gives the same files.")
+    n_train: int = Field(default=4000, ge=1, description="Training prompts to generate.")
+    n_validation: int = Field(default=200, ge=0, description="Validation prompts to generate.")
+    n_test: int = Field(default=200, ge=1, description="Test prompts to generate.")
+    seed: int = Field(default=0, description="Generator seed; the same seed gives the same files.")
 
 
 class DataConfig(Section):
     train: str | None = Field(
-        None,
+        default=None,
         description="Training prompts: JSONL or Parquet file or folder, local or a URI that "
         "pyarrow/fsspec opens. Rows are {messages: [...]} or {prompt: ...}, optional id/reference.",
     )
-    validation: str | None = Field(None, description="Validation prompts (same format), optional.")
-    test: str | None = Field(None, description="Held-out test prompts for evaluate and bench.")
+    validation: str | None = Field(
+        default=None, description="Validation prompts (same format), optional."
+    )
+    test: str | None = Field(
+        default=None, description="Held-out test prompts for evaluate and bench."
+    )
     builtin: BuiltinTaskData | None = Field(
-        None,
+        default=None,
         description="Generate a built-in synthetic task into <run>/data/; train/validation/test "
         "then point at the generated files (set by `distray.pipeline.resolve`).",
     )
-    max_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
-    rejects_format: Literal["parquet", "jsonl"] = Field(
-        "jsonl", description="File format of rejected rows."
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Use at most this many training rows."
     )
-
+    rejects_format: Literal["parquet", "jsonl"] = Field(
+        default="jsonl", description="File format of rejected rows."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +150,8 @@ class DataConfig(Section):
 class _TeacherBase(Section):
     model: str = Field(..., description="Model: a local folder, a hub id, or an API model name.")
     name: str | None = Field(
-        None, description="Label stored in the `teacher` column; defaults to the model's name."
+        default=None,
+        description="Label stored in the `teacher` column; defaults to the model's name.",
     )
 
     @property
@@ -156,54 +168,71 @@ class VLLMTeacher(_TeacherBase):
         "max_model_len, dtype, enforce_eager, ...).",
     )
     concurrency: int | tuple[int, int] = Field(
-        1, description="Engine replicas: a fixed number, or [min, max] to autoscale."
+        default=1, description="Engine replicas: a fixed number, or [min, max] to autoscale."
     )
-    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine replica.")
+    batch_size: int = Field(
+        default=64, ge=1, description="Rows per batch sent to an engine replica."
+    )
     num_gpus_per_replica: float | None = Field(
-        None,
+        default=None,
         description="GPUs per replica; default tensor_parallel_size × pipeline_parallel_size on "
         "GPU clusters, 0 on CPU.",
     )
-    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator type, e.g. H100."
+    )
     placement_group_config: dict[str, Any] | None = Field(
-        None,
+        default=None,
         description="Ray placement group per replica; default GPU bundles on GPU, "
         '{"bundles": [{"CPU": 1}]} on CPU.',
     )
-    apply_chat_template: bool = Field(True, description="Apply the model's chat template.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    apply_chat_template: bool = Field(default=True, description="Apply the model's chat template.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the model folder."
+    )
 
 
 class OpenAITeacher(_TeacherBase):
     kind: Literal["openai"] = "openai"
     base_url: str = Field(
-        "https://api.openai.com/v1", description="OpenAI-compatible base URL (ends in /v1)."
+        default="https://api.openai.com/v1", description="OpenAI-compatible base URL (ends in /v1)."
     )
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Name of the environment variable holding the API key."
+        default="OPENAI_API_KEY",
+        description="Name of the environment variable holding the API key.",
     )
-    max_in_flight: int = Field(16, ge=1, description="Most requests in flight at once.")
-    max_retries: int = Field(6, ge=0, description="Retries on 429, 5xx and timeouts.")
-    timeout_s: float = Field(60.0, gt=0, description="Timeout of one request.")
-    backoff_base_s: float = Field(0.5, gt=0, description="First retry delay; doubles, plus jitter.")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
+    max_in_flight: int = Field(default=16, ge=1, description="Most requests in flight at once.")
+    max_retries: int = Field(default=6, ge=0, description="Retries on 429, 5xx and timeouts.")
+    timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one request.")
+    backoff_base_s: float = Field(
+        default=0.5, gt=0, description="First retry delay; doubles, plus jitter."
+    )
+    backoff_max_s: float = Field(default=30.0, gt=0, description="Longest retry delay.")
     min_success_ratio: float = Field(
-        0.7,
+        default=0.7,
         ge=0,
         le=1,
         description="Stop the run when fewer requests than this succeed (Azure's default 0.7).",
     )
-    usd_per_1m_input_tokens: float = Field(0.0, ge=0, description="Price, for the cost figure.")
-    usd_per_1m_output_tokens: float = Field(0.0, ge=0, description="Price, for the cost figure.")
+    usd_per_1m_input_tokens: float = Field(
+        default=0.0, ge=0, description="Price, for the cost figure."
+    )
+    usd_per_1m_output_tokens: float = Field(
+        default=0.0, ge=0, description="Price, for the cost figure."
+    )
 
 
 class HFTeacher(_TeacherBase):
     kind: Literal["hf"] = "hf"
-    batch_size: int = Field(16, ge=1, description="Prompts per batched generate call.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights.")
-    concurrency: int = Field(1, ge=1, description="Generator actors.")
-    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per actor.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    batch_size: int = Field(default=16, ge=1, description="Prompts per batched generate call.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights."
+    )
+    concurrency: int = Field(default=1, ge=1, description="Generator actors.")
+    num_gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs per actor.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the model folder."
+    )
 
 
 TeacherConfig = Annotated[VLLMTeacher | OpenAITeacher | HFTeacher, Field(discriminator="kind")]
@@ -215,58 +244,76 @@ TeacherConfig = Annotated[VLLMTeacher | OpenAITeacher | HFTeacher, Field(discrim
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(0.0, ge=0, le=5, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(256, ge=1, description="Most tokens per answer.")
-    n: int = Field(1, ge=1, le=64, description="Samples per prompt (each its own row).")
-    seed: int | None = Field(0, description="Sampling seed; None for random.")
-    stop: list[str] | None = Field(None, description="Stop strings.")
+    temperature: float = Field(default=0.0, ge=0, le=5, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per answer.")
+    n: int = Field(default=1, ge=1, le=64, description="Samples per prompt (each its own row).")
+    seed: int | None = Field(default=0, description="Sampling seed; None for random.")
+    stop: list[str] | None = Field(default=None, description="Stop strings.")
 
 
 Verifier = Literal["none", "numeric", "exact", "label", "contains", "f1"]
 
 
 class FilterConfig(Section):
-    drop_empty: bool = Field(True, description="Reject empty or whitespace-only answers.")
+    drop_empty: bool = Field(default=True, description="Reject empty or whitespace-only answers.")
     truncated: Literal["drop", "keep"] = Field(
-        "drop", description="What to do with answers cut at max_tokens (finish_reason=length)."
+        default="drop",
+        description="What to do with answers cut at max_tokens (finish_reason=length).",
     )
-    min_chars: int = Field(0, ge=0, description="Reject shorter answers.")
-    max_chars: int | None = Field(None, ge=1, description="Reject longer answers.")
-    regex: str | None = Field(None, description="A regex the answer must match (re.search).")
-    require_json: bool = Field(False, description="The answer must parse as JSON.")
+    min_chars: int = Field(default=0, ge=0, description="Reject shorter answers.")
+    max_chars: int | None = Field(default=None, ge=1, description="Reject longer answers.")
+    regex: str | None = Field(
+        default=None, description="A regex the answer must match (re.search)."
+    )
+    require_json: bool = Field(default=False, description="The answer must parse as JSON.")
     dedupe_responses: bool = Field(
-        False, description="Reject an answer identical to an earlier one for another prompt."
+        default=False,
+        description="Reject an answer identical to an earlier one for another prompt.",
     )
     verifier: Verifier = Field(
-        "none",
+        default="none",
         description="Check against `reference`: numeric (final number), exact, label (one of "
         "task.labels, and equal to the reference when present), contains, f1 (token F1 ≥ "
         "min_f1). Checks against the reference are skipped for rows without one.",
     )
     min_f1: float = Field(
-        0.5, ge=0, le=1, description="Least token F1 against the reference for verifier `f1` (QA)."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Least token F1 against the reference for verifier `f1` (QA).",
     )
+
+
+def _default_splits() -> list[Literal["train", "validation"]]:
+    return ["train", "validation"]
 
 
 class GenerateConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling.")
     logprobs: int | None = Field(
-        None, ge=1, le=20, description="Store the teacher's top-k logprobs (k) for logit KD."
+        default=None,
+        ge=1,
+        le=20,
+        description="Store the teacher's top-k logprobs (k) for logit KD.",
     )
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Reject prompts longer than this (tokens); default: no limit."
+        default=None,
+        ge=1,
+        description="Reject prompts longer than this (tokens); default: no limit.",
     )
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Output validation.")
     cache_dir: str | None = Field(
-        None,
+        default=None,
         description="Content-addressed answer cache shared between runs (same prompt, teacher "
         "and sampling reuse the answer).",
     )
-    rows_per_shard: int = Field(1024, ge=1, description="Rows per written Parquet shard (at most).")
-    gpu_hour_usd: float = Field(0.0, ge=0, description="$/GPU-hour, for the cost figure.")
+    rows_per_shard: int = Field(
+        default=1024, ge=1, description="Rows per written Parquet shard (at most)."
+    )
+    gpu_hour_usd: float = Field(default=0.0, ge=0, description="$/GPU-hour, for the cost figure.")
     splits: list[Literal["train", "validation"]] = Field(
-        default_factory=lambda: ["train", "validation"],
+        default_factory=_default_splits,
         description="Which data splits the teacher labels.",
     )
 
@@ -277,19 +324,25 @@ class GenerateConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | str = Field(
-        "all-linear", description="Modules to adapt (peft's target_modules)."
+        default="all-linear", description="Modules to adapt (peft's target_modules)."
     )
 
 
 class StudentConfig(Section):
     model: str = Field(..., description="Student model: a local Hugging Face folder.")
-    tokenizer: str | None = Field(None, description="Tokenizer folder; default the model's.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters; merged at export.")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer folder; default the model's."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the model folder."
+    )
+    lora: LoraConfig | None = Field(
+        default=None, description="Train LoRA adapters; merged at export."
+    )
 
 
 LossName = Literal["sft", "kd", "reverse_kl", "jsd"]
@@ -297,53 +350,79 @@ LossName = Literal["sft", "kd", "reverse_kl", "jsd"]
 
 class TrainConfig(Section):
     loss: LossName = Field(
-        "sft",
+        default="sft",
         description="sft: cross-entropy on the teacher's text. kd/reverse_kl/jsd: logit "
         "distillation on the teacher's top-k logprobs, mixed as alpha·logit + (1−alpha)·sft.",
     )
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit loss in the mix.")
-    temperature: float = Field(1.0, gt=0, description="Distillation temperature T (loss × T²).")
-    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    epochs: int = Field(1, ge=1, description="Passes over the training data.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of the logit loss in the mix."
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, description="Distillation temperature T (loss × T²)."
+    )
+    lr: float = Field(default=2e-5, gt=0, lt=1, description="Peak learning rate.")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps."
+    )
+    micro_batch_size: int = Field(
+        default=4, ge=1, description="Sequences per worker per forward pass."
+    )
     global_batch_size: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Sequences per optimizer step over all workers; default micro × workers. "
         "Gradient accumulation = global / (micro × workers).",
     )
-    max_seq_len: int = Field(512, ge=8, description="Truncate prompt+answer to this many tokens.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip; None disables.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes).")
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU.")
-    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    max_seq_len: int = Field(
+        default=512, ge=8, description="Truncate prompt+answer to this many tokens."
+    )
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Gradient-norm clip; None disables."
+    )
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (processes).")
+    use_gpu: bool | None = Field(
+        default=None, description="None: use GPUs when the cluster has them."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs per training worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(
+        default=False, description="ZeRO optimizer state offload to CPU."
+    )
+    offload_params: bool = Field(default=False, description="ZeRO-3 parameter offload to CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision."
+    )
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="DeepSpeed config, merged over distray's (DeepSpeed's own names).",
     )
     validation_fraction: float = Field(
-        0.05, ge=0, lt=1, description="Held-out fraction when no validation data is given."
+        default=0.05, ge=0, lt=1, description="Held-out fraction when no validation data is given."
     )
-    log_every_steps: int = Field(10, ge=1, description="One log line every N steps.")
-    report_every_steps: int = Field(50, ge=1, description="ray.train.report every N steps.")
-    eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps.")
+    log_every_steps: int = Field(default=10, ge=1, description="One log line every N steps.")
+    report_every_steps: int = Field(default=50, ge=1, description="ray.train.report every N steps.")
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, description="Validation loss every N steps."
+    )
     checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (and always at epoch end)."
+        default=None, ge=1, description="Checkpoint every N steps (and always at epoch end)."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept by Ray Train.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept by Ray Train.")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without validation-loss improvement."
+        default=None,
+        ge=1,
+        description="Stop after N evaluations without validation-loss improvement.",
     )
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts (FailureConfig).")
-    packing: bool = Field(False, description="Pack several short examples into one sequence.")
+    max_failures: int = Field(default=2, ge=0, description="Worker-group restarts (FailureConfig).")
+    packing: bool = Field(
+        default=False, description="Pack several short examples into one sequence."
+    )
 
     @property
     def is_logit_loss(self) -> bool:
@@ -367,60 +446,92 @@ ScorerName = Literal[
 ]
 
 
+def _default_scorers() -> list[ScorerName]:
+    return ["exact_match"]
+
+
+def _default_models() -> list[Literal["teacher", "student", "baseline"]]:
+    return ["teacher", "student", "baseline"]
+
+
 class EvaluateConfig(Section):
     scorers: list[ScorerName] = Field(
-        default_factory=lambda: ["exact_match"], description="Scorers run on every model."
+        default_factory=_default_scorers, description="Scorers run on every model."
     )
-    regex: str | None = Field(None, description="Pattern for the `regex` scorer.")
+    regex: str | None = Field(default=None, description="Pattern for the `regex` scorer.")
     models: list[Literal["teacher", "student", "baseline"]] = Field(
-        default_factory=lambda: ["teacher", "student", "baseline"],
+        default_factory=_default_models,
         description="Which models to compare.",
     )
     baseline: str | None = Field(
-        None,
+        default=None,
         description="Baseline model folder; default the student before distillation "
         "(student.model).",
     )
     backend: Literal["vllm", "hf"] = Field(
-        "vllm", description="Engine for local models (the API teacher always uses its API)."
+        default="vllm", description="Engine for local models (the API teacher always uses its API)."
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vLLM settings for the evaluated local models."
     )
-    max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many test rows.")
-    max_tokens: int = Field(128, ge=1, description="Most tokens per answer.")
-    latency_samples: int = Field(20, ge=1, description="Single-request latency: median of N.")
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Evaluate at most this many test rows."
+    )
+    max_tokens: int = Field(default=128, ge=1, description="Most tokens per answer.")
+    latency_samples: int = Field(
+        default=20, ge=1, description="Single-request latency: median of N."
+    )
     measure_efficiency: bool = Field(
-        True,
+        default=True,
         description="Measure memory, latency and throughput of each local model in a fresh "
         "process (one extra engine load per model); false keeps only the scores.",
     )
 
 
 class ServeConfig(Section):
-    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes it to the network.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    api_key_env: str | None = Field(
-        None, description="Env var with the API key clients must send as Bearer; None: open."
+    host: str = Field(
+        default="127.0.0.1", description="Bind address; 0.0.0.0 exposes it to the network."
     )
-    backend: Literal["vllm", "hf"] = Field("vllm", description="Engine behind the endpoint.")
-    model: str | None = Field(None, description="Model folder; default the exported student.")
-    model_name: str = Field("student", description="Model id clients send in requests.")
-    serve_teacher: bool = Field(False, description="Also deploy the teacher (as `teacher`).")
-    min_replicas: int = Field(1, ge=0, description="Serve autoscaling: fewest replicas.")
-    max_replicas: int = Field(1, ge=1, description="Serve autoscaling: most replicas.")
-    target_ongoing_requests: int = Field(16, ge=1, description="Serve autoscaling target.")
-    max_tokens_cap: int = Field(1024, ge=1, description="Requests asking for more are rejected.")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest accepted prompt.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    api_key_env: str | None = Field(
+        default=None,
+        description="Env var with the API key clients must send as Bearer; None: open.",
+    )
+    backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Engine behind the endpoint."
+    )
+    model: str | None = Field(
+        default=None, description="Model folder; default the exported student."
+    )
+    model_name: str = Field(default="student", description="Model id clients send in requests.")
+    serve_teacher: bool = Field(
+        default=False, description="Also deploy the teacher (as `teacher`)."
+    )
+    min_replicas: int = Field(default=1, ge=0, description="Serve autoscaling: fewest replicas.")
+    max_replicas: int = Field(default=1, ge=1, description="Serve autoscaling: most replicas.")
+    target_ongoing_requests: int = Field(default=16, ge=1, description="Serve autoscaling target.")
+    max_tokens_cap: int = Field(
+        default=1024, ge=1, description="Requests asking for more are rejected."
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Longest accepted prompt."
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM settings.")
-    detached: bool = Field(False, description="Return once deployed instead of blocking.")
+    detached: bool = Field(default=False, description="Return once deployed instead of blocking.")
+    stream_batching_interval_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="Ray Serve LLM groups streamed tokens for this long before sending them "
+        "(fewer messages at high load, later first token); 0 sends each token at once. "
+        "None: Ray's default (50 ms). vllm backend only.",
+    )
 
 
 class EndpointConfig(Section):
     name: str = Field(..., description="Label in the report (student, teacher, ...).")
     base_url: str = Field(..., description="OpenAI-compatible base URL ending in /v1.")
     model: str = Field(..., description="Model id to send.")
-    api_key_env: str | None = Field(None, description="Env var with the API key.")
+    api_key_env: str | None = Field(default=None, description="Env var with the API key.")
 
 
 class BenchConfig(Section):
@@ -434,14 +545,15 @@ class BenchConfig(Section):
     request_rates: list[float] = Field(
         default_factory=list, description="Poisson request-rate sweep (req/s), optional."
     )
-    num_prompts: int = Field(64, ge=1, description="Requests per sweep point.")
-    max_tokens: int = Field(64, ge=1, description="Output tokens per request.")
+    num_prompts: int = Field(default=64, ge=1, description="Requests per sweep point.")
+    max_tokens: int = Field(default=64, ge=1, description="Output tokens per request.")
     prompts: str | None = Field(
-        None, description="Prompt file; default the run's test data, else generated prompts."
+        default=None,
+        description="Prompt file; default the run's test data, else generated prompts.",
     )
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
     ignore_eos: bool = Field(
-        True,
+        default=True,
         description="Send vLLM's `ignore_eos` so every answer has exactly max_tokens tokens "
         "(stable TPOT and throughput); set false for servers that reject unknown fields.",
     )
@@ -449,11 +561,13 @@ class BenchConfig(Section):
 
 class ResourcesConfig(Section):
     ray_address: str | None = Field(
-        None,
+        default=None,
         description="Ray cluster to join; None uses RAY_ADDRESS or starts a local Ray.",
     )
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs for a local Ray (Serve needs more than engines)."
+        default=None,
+        ge=1,
+        description="Logical CPUs for a local Ray (Serve needs more than engines).",
     )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for every Ray worker."
@@ -464,24 +578,30 @@ class DemoConfig(Section):
     """The quickstart's stand-in teacher: a small model distray trains itself on a built-in task."""
 
     train_teacher: bool = Field(
-        False,
+        default=False,
         description="Train the stand-in teacher on the built-in task's ground truth when "
         "teacher.model does not exist yet (cached for later runs).",
     )
-    teacher_layers: int = Field(4, ge=1, description="Stand-in teacher layers.")
-    teacher_hidden: int = Field(256, ge=32, description="Stand-in teacher hidden size.")
-    teacher_heads: int = Field(8, ge=1, description="Stand-in teacher attention heads.")
-    teacher_train_rows: int = Field(20000, ge=1, description="Ground-truth rows for the teacher.")
-    teacher_steps: int = Field(1500, ge=1, description="Teacher training steps.")
-    teacher_lr: float = Field(3e-3, gt=0, description="Teacher learning rate.")
-    student_layers: int = Field(2, ge=1, description="Student layers (make the student folder).")
-    student_hidden: int = Field(128, ge=32, description="Student hidden size.")
-    student_heads: int = Field(4, ge=1, description="Student attention heads.")
+    teacher_layers: int = Field(default=4, ge=1, description="Stand-in teacher layers.")
+    teacher_hidden: int = Field(default=256, ge=32, description="Stand-in teacher hidden size.")
+    teacher_heads: int = Field(default=8, ge=1, description="Stand-in teacher attention heads.")
+    teacher_train_rows: int = Field(
+        default=20000, ge=1, description="Ground-truth rows for the teacher."
+    )
+    teacher_steps: int = Field(default=1500, ge=1, description="Teacher training steps.")
+    teacher_lr: float = Field(default=3e-3, gt=0, description="Teacher learning rate.")
+    student_layers: int = Field(
+        default=2, ge=1, description="Student layers (make the student folder)."
+    )
+    student_hidden: int = Field(default=128, ge=32, description="Student hidden size.")
+    student_heads: int = Field(default=4, ge=1, description="Student attention heads.")
     baseline_labels: int = Field(
-        200, ge=1, description="Ground-truth labels the baseline student is trained on."
+        default=200, ge=1, description="Ground-truth labels the baseline student is trained on."
     )
     baseline_epochs: int = Field(
-        40, ge=1, description="Epochs over the baseline's few labels (it sees them many times)."
+        default=40,
+        ge=1,
+        description="Epochs over the baseline's few labels (it sees them many times).",
     )
 
 
@@ -496,12 +616,14 @@ class DistrayConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run name and folder.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Task preset and prompt.")
     data: DataConfig = Field(default_factory=DataConfig, description="Input prompt data.")
-    teacher: TeacherConfig | None = Field(None, description="The teacher (kind: vllm/openai/hf).")
+    teacher: TeacherConfig | None = Field(
+        default=None, description="The teacher (kind: vllm/openai/hf)."
+    )
     teachers: list[TeacherConfig] = Field(
         default_factory=list, description="Several teachers (multi-teacher generation)."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Generation.")
-    student: StudentConfig | None = Field(None, description="The student model.")
+    student: StudentConfig | None = Field(default=None, description="The student model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
@@ -625,9 +747,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(
-                f"override `{item}` is not key=value; write it as e.g. train.lr=1e-5"
-            )
+            raise ConfigError(f"override `{item}` is not key=value; write it as e.g. train.lr=1e-5")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not p for p in key.split(".")):
@@ -708,7 +828,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             ]
             close = close[:3]
             hint = (
-                "did you mean " + " or ".join(f"`{'.'.join(path.split('.')[:-1] + [c])}`" for c in close) + "?"
+                "did you mean "
+                + " or ".join(f"`{'.'.join(path.split('.')[:-1] + [c])}`" for c in close)
+                + "?"
                 if close
                 else f"valid names here: {', '.join(names)}"
             )
@@ -730,14 +852,18 @@ def config_from_dict(data: dict[str, Any], source: str = "(dict)") -> DistrayCon
         ConfigError: with one line per problem, each naming the field, the value and the fix.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"config {source} must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config {source} must be a mapping of sections, got {type(data).__name__}"
+        )
     try:
         return DistrayConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from e
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> DistrayConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> DistrayConfig:
     """Load a YAML config, apply dotted overrides, validate.
 
     Args:
@@ -753,7 +879,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file `{p}` does not exist; pass a YAML file, e.g. jobs/configs/quickstart.yaml")
+            raise ConfigError(
+                f"config file `{p}` does not exist; pass a YAML file, e.g. jobs/configs/quickstart.yaml"
+            )
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
