@@ -214,6 +214,11 @@ class OpenAITeacher(_TeacherBase):
         le=1,
         description="Stop the run when fewer requests than this succeed (Azure's default 0.7).",
     )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fields merged into every request body, e.g. "
+        "{return_tokens_as_token_ids: true} so a vLLM endpoint returns logprob token ids.",
+    )
     usd_per_1m_input_tokens: float = Field(
         default=0.0, ge=0, description="Price, for the cost figure."
     )

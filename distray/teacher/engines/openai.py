@@ -1,0 +1,315 @@
+"""The `openai` teacher: any OpenAI-compatible /v1/chat/completions endpoint.
+
+    distray generate --config C teacher.kind=openai teacher.model=gpt-4o teacher.max_in_flight=32
+
+GPT-4, Claude behind a compatible gateway, DeepSeek's API, or a vLLM / Ray Serve deployment
+elsewhere. One Ray Data actor holds an async HTTP client:
+
+- at most `max_in_flight` requests are open at once (one semaphore across all the actor's batches);
+- 429, 408, 409, 5xx, timeouts and dropped connections are retried up to `max_retries` times with
+  exponential backoff and full jitter (`backoff_base_s` × 2^attempt, capped at `backoff_max_s`);
+  a `Retry-After` (or `retry-after-ms`) header is a floor on the wait;
+- a request that still fails, or fails with another 4xx, becomes a reject (`request_failed`);
+- once `MIN_REQUESTS_FOR_RATIO` requests have finished, a success ratio under
+  `min_success_ratio` stops the run with a `StageError` naming the endpoint and the last errors.
+
+Why not ray.data.llm's HttpRequestProcessor: in Ray 2.60 it sends a whole batch at once (no
+in-flight bound), retries without jitter or Retry-After and not on 500, and raises on the first
+row that exhausts its retries, which would fail the whole dataset instead of rejecting one row.
+
+Logprobs: `top_logprobs` per position come back as token strings. Token ids are only known when
+the server returns them as `token_id:<n>` (vLLM's `return_tokens_as_token_ids`, which distray
+requests through `teacher.extra_body` for such endpoints); otherwise the logprob columns stay null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from distray import formats as F
+from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
+from distray.errors import ConfigError, StageError
+from distray.teacher.engines import common
+from distray.teacher.rows import ERROR, sample_seed
+
+if TYPE_CHECKING:
+    import ray.data
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OpenAIClient", "generate", "api_key", "preflight", "MIN_REQUESTS_FOR_RATIO"]
+
+#: Finished requests before the success ratio can stop a run (fewer say too little).
+MIN_REQUESTS_FOR_RATIO = 10
+
+_RETRY_STATUS = frozenset({408, 409, 429})
+
+#: Extra column: HTTP attempts the row took (for stats).
+ATTEMPTS = "_attempts"
+
+
+def api_key(teacher: OpenAITeacher) -> str | None:
+    """The API key from the env var `teacher.api_key_env` names.
+
+    Raises:
+        ConfigError: the variable is named but not set.
+    """
+    if not teacher.api_key_env:
+        return None
+    key = os.environ.get(teacher.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"`teacher.api_key_env` names {teacher.api_key_env}, which is not set; export it, or "
+            "set teacher.api_key_env: null for an endpoint that needs no key"
+        )
+    return key
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
+    """Full-jitter exponential backoff; a server's Retry-After is a floor."""
+    delay = random.uniform(0, min(max_s, base_s * (2**attempt)))
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)
+    return delay
+
+
+def preflight(teacher: OpenAITeacher, key: str | None) -> None:
+    """One quick request before the run starts, so a wrong URL or key fails in seconds.
+
+    Raises:
+        StageError: the endpoint cannot be reached, or rejects the key.
+    """
+    import httpx
+
+    url = teacher.base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        resp = httpx.get(url, headers=headers, timeout=min(teacher.timeout_s, 15.0))
+    except httpx.HTTPError as e:
+        raise StageError(
+            f"cannot reach the teacher endpoint {teacher.base_url} ({type(e).__name__}: {e}); "
+            "check teacher.base_url and that the server is up"
+        ) from e
+    if resp.status_code in (401, 403):
+        raise StageError(
+            f"the teacher endpoint {teacher.base_url} refused the API key (HTTP "
+            f"{resp.status_code}); check the key in ${teacher.api_key_env}"
+        )
+
+
+def _parse_token_id(token: str) -> int | None:
+    if token.startswith("token_id:"):
+        try:
+            return int(token.split(":", 1)[1])
+        except ValueError:
+            return None
+    return None
+
+
+def parse_logprobs(content: list[dict[str, Any]] | None, k: int) -> tuple[Any, Any, Any]:
+    """`choices[0].logprobs.content` → (response ids, top-k ids, top-k logprobs), or Nones
+    when the server gave token strings rather than ids."""
+    if not content:
+        return None, None, None
+    resp_ids: list[int] = []
+    top_ids: list[list[int]] = []
+    top_lps: list[list[float]] = []
+    for pos in content:
+        tid = _parse_token_id(str(pos.get("token", "")))
+        if tid is None:
+            return None, None, None
+        resp_ids.append(tid)
+        cands = sorted(pos.get("top_logprobs") or [], key=lambda c: -float(c.get("logprob", -1e30)))[:k]
+        ids = [_parse_token_id(str(c.get("token", ""))) for c in cands]
+        if any(i is None for i in ids):
+            return None, None, None
+        top_ids.append([int(i) for i in ids if i is not None])
+        top_lps.append([max(float(c.get("logprob", -1e30)), -1e30) for c in cands])
+    return resp_ids, top_ids, top_lps
+
+
+class OpenAIClient:
+    """A Ray Data callable class (async): answers a batch of rows over HTTP."""
+
+    def __init__(
+        self,
+        teacher: dict[str, Any],
+        sampling: dict[str, Any],
+        logprobs: int | None,
+        key: str | None,
+    ) -> None:
+        self.t = OpenAITeacher(**teacher)
+        self.s = SamplingConfig(**sampling)
+        self.k = logprobs
+        self.url = self.t.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self._client: Any = None
+        self._sem: asyncio.Semaphore | None = None
+        self.ok = 0
+        self.failed = 0
+        self.last_errors: deque[str] = deque(maxlen=3)
+
+    def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
+        s = self.s
+        body: dict[str, Any] = {
+            "model": self.t.model,
+            "messages": row[F.MESSAGES],
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+        }
+        seed = sample_seed(s, int(row.get(F.SAMPLE_INDEX) or 0))
+        if seed is not None:
+            body["seed"] = seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if self.k is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.k
+        body.update(self.t.extra_body)
+        return body
+
+    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        assert self._client is not None and self._sem is not None
+        body = self._payload(row)
+        t = self.t
+        error = "request_failed: no attempt made"
+        attempt = 0
+        for attempt in range(t.max_retries + 1):
+            retry_after = None
+            async with self._sem:
+                try:
+                    resp = await self._client.post(self.url, json=body, headers=self.headers)
+                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    error = f"request_failed: {type(e).__name__} after {attempt + 1} attempts"
+                    retryable = True
+                else:
+                    if resp.status_code == 200:
+                        try:
+                            return self._result(row, resp.json(), attempt + 1)
+                        except (ValueError, KeyError, IndexError, TypeError) as e:
+                            error = f"request_failed: malformed response ({type(e).__name__}: {e})"
+                            retryable = True
+                    else:
+                        retryable = resp.status_code in _RETRY_STATUS or resp.status_code >= 500
+                        retry_after = _retry_after_s(resp.headers)
+                        error = (
+                            f"request_failed: HTTP {resp.status_code} after {attempt + 1} "
+                            f"attempts: {resp.text[:200]}"
+                        )
+            if not retryable or attempt == t.max_retries:
+                break
+            # Sleep outside the semaphore, so waiting rows do not hold request slots.
+            await asyncio.sleep(backoff_s(attempt, t.backoff_base_s, t.backoff_max_s, retry_after))
+        self.failed += 1
+        self.last_errors.append(error)
+        out = common.empty_result(row, error)
+        out[ATTEMPTS] = attempt + 1
+        return out
+
+    def _result(self, row: dict[str, Any], data: dict[str, Any], attempts: int) -> dict[str, Any]:
+        choice = data["choices"][0]
+        content = choice["message"].get("content") or ""
+        usage = data.get("usage") or {}
+        row[F.RESPONSE] = content
+        row[F.FINISH_REASON] = choice.get("finish_reason") or "stop"
+        row[F.PROMPT_TOKENS] = usage.get("prompt_tokens")
+        row[F.COMPLETION_TOKENS] = usage.get("completion_tokens")
+        ids = top_ids = top_lps = None
+        if self.k is not None:
+            ids, top_ids, top_lps = parse_logprobs((choice.get("logprobs") or {}).get("content"), self.k)
+        row[F.RESPONSE_TOKEN_IDS] = ids
+        row[F.TOPK_TOKEN_IDS] = top_ids
+        row[F.TOPK_LOGPROBS] = top_lps
+        row[ERROR] = None
+        row[ATTEMPTS] = attempts
+        self.ok += 1
+        return row
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import httpx
+
+        if self._client is None:
+            # Created here, inside the actor's event loop, which every batch shares.
+            n = self.t.max_in_flight
+            self._client = httpx.AsyncClient(
+                timeout=self.t.timeout_s,
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            )
+            self._sem = asyncio.Semaphore(n)
+        rows = batch.to_pylist()
+        for r in rows:
+            r.setdefault(ERROR, None)
+        out = await asyncio.gather(*(self._one(r) for r in rows))
+        done = self.ok + self.failed
+        if done >= MIN_REQUESTS_FOR_RATIO and self.ok / done < self.t.min_success_ratio:
+            raise StageError(
+                f"the teacher endpoint {self.t.base_url} is failing: {self.ok} of {done} requests "
+                f"succeeded ({self.ok / done:.0%}) < teacher.min_success_ratio "
+                f"({self.t.min_success_ratio:.0%}); last errors: {list(self.last_errors)}. Rows "
+                "already answered are kept; rerun to resume once the endpoint is healthy"
+            )
+        return pa.Table.from_pylist(out)
+
+
+def generate(
+    ds: ray.data.Dataset,
+    teacher: OpenAITeacher,
+    cfg: DistrayConfig,
+    sampling: SamplingConfig,
+    logprobs: int | None,
+) -> ray.data.Dataset:
+    """Answer every teacher row of `ds` through the endpoint (see the module docstring)."""
+    import ray.data
+
+    key = api_key(teacher)
+    preflight(teacher, key)
+    return ds.map_batches(
+        OpenAIClient,
+        fn_constructor_kwargs={
+            "teacher": teacher.model_dump(),
+            "sampling": sampling.model_dump(),
+            "logprobs": logprobs,
+            "key": key,
+        },
+        batch_format="pyarrow",
+        batch_size=teacher.max_in_flight,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        # Several batches in flight on the actor's event loop keep the request pool full
+        # while a slow batch drains; the semaphore still bounds open requests.
+        max_concurrency=4,
+        num_cpus=0.5,
+    )
