@@ -109,16 +109,23 @@ class StageNotBuilt(DistrayError):
     """A CLI command whose implementing module is not written yet (exit code 1)."""
 
 
+_MAX_VALUE_CHARS = 300  # long enough for a few output paths, short enough for one line
+
+
 def _fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, dict):
         text = ", ".join(f"{k}={_fmt_value(x)}" for k, x in v.items())
-        return "{" + (text if len(text) <= 80 else text[:77] + "...") + "}"
+        return "{" + _clip(text) + "}"
     if isinstance(v, (list, tuple)):
         text = ", ".join(_fmt_value(x) for x in v)
-        return "[" + (text if len(text) <= 80 else text[:77] + "...") + "]"
+        return "[" + _clip(text) + "]"
     return str(v)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
 
 
 def format_result(command: str, result: Any, elapsed_s: float) -> str:
