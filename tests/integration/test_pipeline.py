@@ -1,0 +1,162 @@
+"""The whole chain as users run it: `ray start --head`, `ray job submit jobs/pipeline.py`,
+`DistillationJob.submit`, and a rerun of `distray run` that skips finished stages.
+
+    pytest tests/integration/test_pipeline.py -m integration
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = {"max_model_len": 128, "enforce_eager": True, "dtype": "float32"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_pipeline_config(tmp: Path, name: str) -> dict:
+    """Every stage for real, sized to finish in a few minutes on 2 CPU cores."""
+    return {
+        "run": {"name": name, "output_dir": str(tmp / "runs")},
+        "data": {"builtin": {"name": "reverse", "n_train": 96, "n_validation": 16, "n_test": 16}},
+        "teacher": {
+            "kind": "vllm",
+            "name": "tiny-teacher",
+            "model": str(tmp / "cache" / "teacher"),
+            "engine_kwargs": ENGINE,
+            "batch_size": 64,
+        },
+        "generate": {"sampling": {"max_tokens": 12}, "logprobs": 3},
+        "student": {"model": str(tmp / "cache" / "student")},
+        "train": {
+            "loss": "kd",
+            "lr": 3e-3,
+            "max_steps": 6,
+            "micro_batch_size": 8,
+            "num_workers": 2,
+            "zero_stage": 2,
+            "max_seq_len": 48,
+            "log_every_steps": 2,
+            "report_every_steps": 3,
+        },
+        "evaluate": {
+            "scorers": ["exact_match", "teacher_agreement"],
+            "max_tokens": 12,
+            "latency_samples": 3,
+            "engine_kwargs": ENGINE,
+        },
+        "serve": {"port": _free_port(), "serve_teacher": True, "engine_kwargs": ENGINE},
+        "bench": {"concurrency": [2], "num_prompts": 6, "max_tokens": 8},
+        "resources": {"num_cpus": 4},
+        "demo": {
+            "train_teacher": True,
+            "teacher_layers": 1,
+            "teacher_hidden": 128,
+            "teacher_heads": 4,
+            "teacher_train_rows": 96,
+            "teacher_steps": 6,
+            "baseline_labels": 16,
+            "baseline_epochs": 1,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """A `ray start --head --block` on 127.0.0.1 with its own ports; stopped by signalling it
+    (a global `ray stop` would also kill the session's other Ray)."""
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {proc.returncode}; see {log.name}")
+        time.sleep(1)
+    else:
+        raise RuntimeError(f"Ray dashboard did not come up at {address}; see {log.name}")
+    yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
+    from distray.api import DistillationJob
+    from distray.paths import RunPaths
+
+    cfg_dict = tiny_pipeline_config(tmp_path, "tiny")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_dict))
+
+    # 1. The Python API, through Ray's job submission client.
+    job = DistillationJob.from_config(cfg_path)
+    job.submit(ray_head["address"])
+    assert job.status() in ("PENDING", "RUNNING", "SUCCEEDED")
+    assert job.wait(timeout_s=1500) == "SUCCEEDED"
+
+    paths = RunPaths(job.config.run_dir)
+    assert (Path(paths.run_dir) / "config.resolved.yaml").is_file()
+    assert any(Path(paths.generate_data).rglob("*.parquet"))
+    assert Path(paths.generate_stats).is_file()
+    assert Path(paths.student, "model.safetensors").is_file()
+    assert Path(paths.student, "tokenizer.json").is_file()
+    metrics = json.loads(Path(paths.eval_metrics).read_text())
+    assert metrics
+    assert Path(paths.bench_results).is_file()
+    report = Path(paths.report).read_text()
+    assert "retention" in report.lower()
+    assert list(Path(paths.run_dir).rglob("*.png"))
+
+    # 2. The `ray job submit` entrypoint on the same config: every stage is found done.
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "job", "submit",
+            f"--address={ray_head['address']}", "--working-dir", str(ROOT), "--",
+            "python", "jobs/pipeline.py", "--config", str(cfg_path), "evaluate.latency_samples=3",
+        ],
+        env=ray_head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "SUCCEEDED" in out
+    for stage in ("generate", "train", "evaluate", "bench"):
+        assert f"stage {stage}: done already" in out, out[-4000:]
