@@ -7,9 +7,8 @@ The teacher made here is a STAND-IN for a large model (DeepSeek-V3, GPT-4o, ...)
 parameter Llama trained on a built-in task's ground truth, so the whole pipeline runs on a
 laptop. It is cached at `teacher.model` and reused by later runs.
 
-All training goes through the real train stage (`distray.train.trainer.run`, Ray Train +
-DeepSpeed): the labels are written as teacher data (response = the ground-truth reference,
-teacher = "ground-truth") into a side run folder, and the stage trains on them unchanged.
+All training goes through the real train stage (`distray.train.trainer.train_model`, Ray Train
++ DeepSpeed), in SFT on the ground-truth references instead of teacher answers.
 """
 
 from __future__ import annotations
@@ -19,63 +18,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distray.config import DistrayConfig, VLLMTeacher
+from distray.config import DistrayConfig
 from distray.errors import ConfigError
-from distray.paths import RunPaths
 
-__all__ = ["prepare_demo", "write_label_data", "train_on_labels", "baseline_dir"]
+__all__ = ["prepare_demo", "train_on_labels", "baseline_dir"]
 
 logger = logging.getLogger(__name__)
-
-GROUND_TRUTH = "ground-truth"
 
 
 def baseline_dir(cfg: DistrayConfig) -> str:
     """Where the baseline student (trained on `demo.baseline_labels` labels) is exported."""
-    return f"{cfg.run_dir}/baseline/train/student"
-
-
-def write_label_data(cfg: DistrayConfig, rows: list[dict[str, Any]], run_dir: str) -> int:
-    """Write ground-truth rows as teacher data (one Parquet shard) into `run_dir`'s generate/data.
-
-    Args:
-        cfg: the run config (task prompts are applied as in generate).
-        rows: input rows with `prompt`/`messages` and a `reference`.
-        run_dir: the side run folder.
-
-    Returns:
-        Rows written.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from distray import formats as F
-    from distray.tasks import task_prompts
-
-    system, template = task_prompts(cfg.task)
-    out = []
-    for raw in rows:
-        row, rej = F.normalize_row(raw, system_prompt=system, prompt_template=template)
-        if row is None or not row[F.REFERENCE]:
-            raise ConfigError(f"label row {raw!r} is unusable: {rej.reason if rej else 'no reference'}")
-        out.append(
-            {
-                F.ID: F.content_hash(row[F.ID], GROUND_TRUTH),
-                F.INPUT_ID: row[F.ID],
-                F.MESSAGES: row[F.MESSAGES],
-                F.PROMPT: row[F.PROMPT],
-                F.REFERENCE: row[F.REFERENCE],
-                F.RESPONSE: row[F.REFERENCE],
-                F.FINISH_REASON: "stop",
-                F.TEACHER: GROUND_TRUTH,
-                F.SAMPLE_INDEX: 0,
-            }
-        )
-    table = pa.Table.from_pylist(out, schema=F.TEACHER_DATA_SCHEMA)
-    data_dir = Path(RunPaths(run_dir).generate_data) / "train"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, data_dir / "labels-00000.parquet")
-    return len(out)
+    return f"{cfg.run_dir}/baseline/student"
 
 
 def train_on_labels(
@@ -90,32 +43,27 @@ def train_on_labels(
 
     Args:
         cfg: the run config (train settings are the base; `train_overrides` replace fields).
-        rows: labelled input rows.
+        rows: labelled input rows (`prompt`/`messages` with a `reference`).
         init_model: the model folder to start from.
-        work_dir: side run folder (generate/data, train/checkpoints, train/student).
-        train_overrides: TrainConfig fields to change (steps, lr, loss, ...).
+        work_dir: gets labels.jsonl, checkpoints/, student/ (rerunning resumes).
+        train_overrides: TrainConfig fields to change (steps, lr, ...).
 
     Returns:
         The exported HF folder.
     """
-    from distray.train.trainer import run as train_run
+    from distray.formats import write_jsonl
+    from distray.train.trainer import train_model
 
-    paths = RunPaths(work_dir)
-    if Path(paths.student, "model.safetensors").exists():
-        return paths.student
+    student = f"{work_dir}/student"
+    if Path(student, "model.safetensors").exists():
+        return student
     data = cfg.model_dump(mode="json")
-    data["run"] = {**data["run"], "name": Path(work_dir).name, "output_dir": str(Path(work_dir).parent)}
-    data["student"] = {"model": init_model}
-    data["teacher"] = None
-    data["teachers"] = []
-    data["generate"] = {**data["generate"], "logprobs": None}
-    data["data"] = {**data["data"], "validation": None}
     data["train"] = {**data["train"], "loss": "sft", **train_overrides}
     side = DistrayConfig.model_validate(data)
-    if not any(Path(paths.generate_data).rglob("*.parquet")):
-        write_label_data(side, rows, work_dir)
-    train_run(side)
-    return paths.student
+    labels = f"{work_dir}/labels.jsonl"
+    write_jsonl(labels, rows)
+    train_model(side, labels, work_dir, answers="reference", model=init_model)
+    return student
 
 
 def prepare_demo(cfg: DistrayConfig) -> None:
@@ -159,15 +107,19 @@ def prepare_demo(cfg: DistrayConfig) -> None:
             seed=b.seed,
         )["train"]
         exported = train_on_labels(
-            cfg, rows, init, str(work / "run"),
+            cfg, rows, init, str(work),
             train_overrides={
                 "max_steps": demo.teacher_steps, "lr": demo.teacher_lr, "epochs": 100,
                 "checkpoint_every_steps": None, "eval_every_steps": None,
                 "early_stopping_patience": None,
             },
         )
-        teacher_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(exported, teacher_dir, dirs_exist_ok=True)
+        # Copy, then rename: a half-copied folder never looks like a cached teacher.
+        tmp = teacher_dir.parent / f"{teacher_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(exported, tmp)
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        tmp.rename(teacher_dir)
     student_dir = Path(cfg.student.model)
     if not (student_dir / "model.safetensors").exists():
         make_tiny(
@@ -181,11 +133,7 @@ def prepare_demo(cfg: DistrayConfig) -> None:
         )["train"][: demo.baseline_labels]
         logger.info("demo: training the baseline student on %d ground-truth labels", len(rows))
         train_on_labels(
-            cfg, rows, str(student_dir), f"{cfg.run_dir}/baseline",
+            cfg, rows, str(student_dir), baseline_dir(cfg).removesuffix("/student"),
             train_overrides={"epochs": demo.baseline_epochs, "max_steps": None},
         )
 
-
-def teacher_is_local(cfg: DistrayConfig) -> bool:
-    """True when the (single) teacher is a local vLLM model folder."""
-    return isinstance(cfg.teacher, VLLMTeacher) and Path(cfg.teacher.model).is_dir()
