@@ -28,7 +28,17 @@ from distray.errors import DataError
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["PROMPT_SCHEMA", "BLOCK_ROWS", "read_prompts", "iter_prompt_blocks", "reject_id"]
+__all__ = [
+    "PROMPT_SCHEMA",
+    "BLOCK_ROWS",
+    "read_prompts",
+    "read_raw",
+    "valid_rows",
+    "valid_table",
+    "rejects_table",
+    "iter_prompt_blocks",
+    "reject_id",
+]
 
 #: Rows per block the reader emits.
 BLOCK_ROWS = 512
@@ -148,14 +158,16 @@ def _datasource(path: str, kwargs: dict[str, Any]) -> Any:
     return PromptDatasource()
 
 
-def _split_valid(batch: pa.Table) -> pa.Table:
+def valid_table(batch: pa.Table) -> pa.Table:
+    """The valid rows of a raw read batch, in the normalized layout."""
     import pyarrow.compute as pc
 
     keep = batch.filter(pc.is_null(batch["_reject_reason"]))
     return keep.select([F.ID, F.MESSAGES, F.PROMPT, F.REFERENCE])
 
 
-def _split_rejects(batch: pa.Table) -> pa.Table:
+def rejects_table(batch: pa.Table) -> pa.Table:
+    """The rejected rows of a raw read batch, in REJECT_SCHEMA."""
     import pyarrow.compute as pc
 
     rej = batch.filter(pc.is_valid(batch["_reject_reason"]))
@@ -171,6 +183,32 @@ def _split_rejects(batch: pa.Table) -> pa.Table:
         },
         schema=F.REJECT_SCHEMA,
     )
+
+
+def read_raw(path: str, cfg: DistrayConfig, *, max_rows: int | None = None) -> ray.data.Dataset:
+    """The raw read (PROMPT_SCHEMA: valid rows and rejects together), lazily.
+
+    Raises:
+        DataError: `path` does not exist or holds no input files (checked now, not lazily).
+    """
+    import ray.data
+
+    from distray.tasks import task_prompts
+
+    files = F.list_files(path, F.INPUT_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"input `{path}` holds no {', '.join(F.INPUT_SUFFIXES)} files; point data.train at a "
+            "JSONL or Parquet file or folder"
+        )
+    system_prompt, template = task_prompts(cfg.task)
+    kwargs = {"system_prompt": system_prompt, "prompt_template": template, "max_rows": max_rows}
+    return ray.data.read_datasource(_datasource(path, kwargs))
+
+
+def valid_rows(raw: ray.data.Dataset) -> ray.data.Dataset:
+    """The valid rows of a raw read."""
+    return raw.map_batches(valid_table, batch_format="pyarrow", batch_size=None)
 
 
 def read_prompts(
@@ -193,19 +231,6 @@ def read_prompts(
     Raises:
         DataError: `path` does not exist or holds no input files (checked now, not lazily).
     """
-    import ray.data
-
-    from distray.tasks import task_prompts
-
-    files = F.list_files(path, F.INPUT_SUFFIXES)
-    if not files:
-        raise DataError(
-            f"input `{path}` holds no {', '.join(F.INPUT_SUFFIXES)} files; point data.train at a "
-            "JSONL or Parquet file or folder"
-        )
-    system_prompt, template = task_prompts(cfg.task)
-    kwargs = {"system_prompt": system_prompt, "prompt_template": template, "max_rows": max_rows}
-    ds = ray.data.read_datasource(_datasource(path, kwargs))
-    valid = ds.map_batches(_split_valid, batch_format="pyarrow", batch_size=None)
-    rejects = ds.map_batches(_split_rejects, batch_format="pyarrow", batch_size=None)
-    return valid, rejects
+    raw = read_raw(path, cfg, max_rows=max_rows)
+    rejects = raw.map_batches(rejects_table, batch_format="pyarrow", batch_size=None)
+    return valid_rows(raw), rejects

@@ -1,0 +1,71 @@
+"""A content-addressed answer cache shared between runs (`generate.cache_dir`).
+
+    distray generate --config C generate.cache_dir=s3://bucket/distray-cache
+
+One JSON file per answer at `<cache_dir>/<key[:2]>/<key>.json`, written atomically, keyed by
+`rows.cache_key` (prompt turns, teacher model + weights fingerprint, sampling, logprobs k, sample
+index). Another run asking the same teacher the same question with the same sampling reads the
+answer instead of generating it. The raw answer is cached (before the output filters), so a run
+with other filters reuses it too. Entries are never modified, so concurrent runs may share a
+cache: at worst both write the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from distray import formats as F
+
+__all__ = ["CACHED_COLUMNS", "AnswerCache"]
+
+#: What an entry holds: the engine's answer for one row.
+CACHED_COLUMNS = (
+    F.RESPONSE,
+    F.RESPONSE_TOKEN_IDS,
+    F.TOPK_TOKEN_IDS,
+    F.TOPK_LOGPROBS,
+    F.FINISH_REASON,
+    F.PROMPT_TOKENS,
+    F.COMPLETION_TOKENS,
+)
+
+
+@lru_cache(maxsize=8)
+def _fs(root: str) -> tuple[pafs.FileSystem, str]:
+    return F.filesystem_for(root)
+
+
+class AnswerCache:
+    """Reads and writes cache entries under `root` (local path or URI)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached answer columns for `key`, or None."""
+        fs, base = _fs(self.root)
+        path = f"{base.rstrip('/')}/{key[:2]}/{key}.json"
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        except (FileNotFoundError, OSError):
+            return None
+        try:
+            entry = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None  # a damaged entry is a miss; the next answer overwrites it
+        if not isinstance(entry, dict) or F.RESPONSE not in entry:
+            return None
+        return {c: entry.get(c) for c in CACHED_COLUMNS}
+
+    def put(self, key: str, row: dict[str, Any]) -> None:
+        """Store the answer columns of `row` under `key`."""
+        entry = {c: row.get(c) for c in CACHED_COLUMNS}
+        F.write_text(self._path(key), json.dumps(entry, ensure_ascii=False))

@@ -1,0 +1,509 @@
+"""The generate stage: prompt files → teacher data, validated, resumable, with stats.
+
+    distray generate --config jobs/configs/quickstart.yaml generate.logprobs=5
+
+For each split (`generate.splits`: train from `data.train`, validation from `data.validation`;
+a built-in task's files under `<run>/data/`) and each teacher (`teacher` or `teachers`), one
+streaming Ray Data pipeline:
+
+    read → validate ─────────────────────────────────────────────────────────┐ rejects
+         → one row per sample (ids) → skip ids already done → [cache] → teacher → filter → write
+
+Output (`RunPaths`):
+
+    <run>/generate/data/train/part-<hash>.parquet        accepted rows, TEACHER_DATA_SCHEMA
+    <run>/generate/data/validation/part-<hash>.parquet   (when a validation split is labelled)
+    <run>/generate/rejects/rejects-<hash>.jsonl          REJECT_SCHEMA: input row, stage, reason
+    <run>/generate/stats.json                            this run's figures, per split × teacher
+
+Every input row (× teachers × samples) ends in data or rejects exactly once: ids are content
+hashes, shards are written atomically (writer.py), and a rerun skips every id already in either
+folder, so a job killed at any moment and run again finishes the rest without asking the teacher
+twice. With `generate.cache_dir`, a first pass writes rows whose answer is cached; only the rest
+reach the teacher. Rejected answers are final: delete their rejects shard to retry them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from distray import formats as F
+from distray.config import (
+    DistrayConfig,
+    FilterConfig,
+    HFTeacher,
+    OpenAITeacher,
+    VLLMTeacher,
+)
+from distray.errors import ConfigError, DataError, StageError
+from distray.paths import RunPaths
+from distray.teacher import writer as W
+from distray.teacher.cache import AnswerCache
+from distray.teacher.dataset import answer, expand
+from distray.teacher.filters import DuplicateTracker, check_response, response_digest
+from distray.teacher.rows import ERROR, Teacher, reject_row
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GenerateResult", "run", "split_inputs"]
+
+
+@dataclass
+class GenerateResult:
+    """What `run` wrote and measured (this run only; `total_*` count the folders)."""
+
+    data_dir: str
+    rejects_dir: str
+    stats_path: str
+    splits: dict[str, str]
+    rows_in: int = 0
+    skipped_done: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    teacher_requests: int = 0
+    cache_hits: int = 0
+    http_attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    output_tokens_per_s: float = 0.0
+    generate_wall_s: float = 0.0
+    wall_s: float = 0.0
+    gpu_hours: float = 0.0
+    cost_usd: float = 0.0
+    total_data_rows: int = 0
+    total_reject_rows: int = 0
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The one summary line the stage logs."""
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items(), key=lambda kv: -kv[1]))
+        return (
+            f"generate | {self.rows_in} rows in ({self.skipped_done} already done) | "
+            f"{self.accepted} accepted, {self.rejected} rejected"
+            + (f" ({reasons})" if reasons else "")
+            + f" | {self.teacher_requests} teacher requests, {self.cache_hits} cache hits | "
+            f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens | "
+            f"{self.output_tokens_per_s:,.1f} out tok/s | {self.wall_s:.1f} s | "
+            f"${self.cost_usd:.4f} | data {self.data_dir} | rejects {self.rejects_dir} | "
+            f"stats {self.stats_path}"
+        )
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+def split_inputs(cfg: DistrayConfig) -> dict[str, str]:
+    """`{split: input path}` for the splits the teacher labels.
+
+    Raises:
+        ConfigError: no training input is configured.
+    """
+    paths = RunPaths(cfg.run_dir)
+    out: dict[str, str] = {}
+    for split in cfg.generate.splits:
+        src = getattr(cfg.data, split)
+        if src is None and cfg.data.builtin is not None:
+            src = paths.task_split(split)
+            if not F.exists(src):
+                _make_builtin(cfg)
+            if not F.exists(src):
+                continue
+        if src is not None:
+            out[split] = src
+    if "train" in cfg.generate.splits and "train" not in out:
+        raise ConfigError(
+            "`data.train` is not set and there is no `data.builtin` task; point data.train at a "
+            "JSONL or Parquet prompt file (or set data.builtin.name)"
+        )
+    return out
+
+
+def _make_builtin(cfg: DistrayConfig) -> None:
+    from distray.tasks import make_task
+
+    b = cfg.data.builtin
+    assert b is not None
+    make_task(
+        b.name, RunPaths(cfg.run_dir).data, b.n_train, b.seed,
+        n_validation=b.n_validation, n_test=b.n_test,
+    )
+
+
+# ---- the per-batch end of the pipeline ------------------------------------------------------
+
+
+def _reason_code(reason: str) -> str:
+    return reason.split(":", 1)[0].strip()
+
+
+class _Sink:
+    """Filter, cache and write one batch; return its stats (runs in Ray Data tasks)."""
+
+    def __init__(
+        self,
+        *,
+        out_dir: str,
+        rejects_dir: str,
+        tmp_dir: str,
+        rejects_format: str,
+        filters: FilterConfig,
+        labels: list[str] | None,
+        cache_dir: str | None,
+        store_cache: bool,
+        tracker: Any,
+    ) -> None:
+        self.out_dir = out_dir
+        self.rejects_dir = rejects_dir
+        self.tmp_dir = tmp_dir
+        self.rejects_format = rejects_format
+        self.filters = filters
+        self.labels = labels
+        self.cache_dir = cache_dir
+        self.store_cache = store_cache
+        self.tracker = tracker
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        accepted: list[dict[str, Any]] = []
+        rejects: list[dict[str, Any]] = []
+        reasons: Counter[str] = Counter()
+        answered = [r for r in rows if not r.get("_from_cache")]
+        if self.store_cache and self.cache_dir:
+            cache = AnswerCache(self.cache_dir)
+            for r in answered:
+                if not r.get(ERROR) and r.get("_cache_key"):
+                    cache.put(r["_cache_key"], r)
+        for r in rows:
+            rej = check_response(r, self.filters, self.labels)
+            if rej is None:
+                accepted.append(r)
+            else:
+                stage = "teacher" if r.get(ERROR) else "filter"
+                rejects.append(reject_row(r, stage, rej.reason, rej.detail))
+                reasons[rej.reason] += 1
+        if self.filters.dedupe_responses and accepted and self.tracker is not None:
+            import ray
+
+            pairs = [(response_digest(r[F.RESPONSE]), r[F.INPUT_ID]) for r in accepted]
+            firsts = ray.get(self.tracker.check.remote(pairs))
+            kept = []
+            for r, first in zip(accepted, firsts, strict=True):
+                if first is None:
+                    kept.append(r)
+                else:
+                    detail = f"the same answer was given to input {first!r}"
+                    rejects.append(reject_row(r, "filter", "duplicate_response", detail))
+                    reasons["duplicate_response"] += 1
+            accepted = kept
+        data_rows = [{f.name: r.get(f.name) for f in F.TEACHER_DATA_SCHEMA} for r in accepted]
+        W.write_shard(data_rows, self.out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA)
+        W.write_shard(
+            rejects, self.rejects_dir, self.tmp_dir,
+            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects",
+        )
+        stats = {
+            "rows": len(rows),
+            "accepted": len(accepted),
+            "rejected": len(rejects),
+            "reasons": json.dumps(dict(reasons)),
+            "teacher_requests": len(answered),
+            "cache_hits": len(rows) - len(answered),
+            "http_attempts": sum(int(r.get("_attempts") or 0) for r in answered),
+            "prompt_tokens": sum(int(r.get(F.PROMPT_TOKENS) or 0) for r in answered),
+            "completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in answered),
+            "accepted_completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in accepted),
+            "valid_inputs": 0,
+        }
+        return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
+
+
+def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarray) -> Any:
+    """Write the read/validate rejects of one raw read batch; count the valid rows."""
+
+    def fn(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        from distray.teacher.reader import rejects_table
+
+        valid = int(pc.sum(pc.is_null(batch["_reject_reason"])).as_py() or 0)
+        rej = W.keep_not_done(rejects_table(batch), done)
+        rows = rej.to_pylist()
+        W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects")
+        reasons = Counter(_reason_code(r["reason"]) for r in rows)
+        stats = {k: 0 for k in W.STATS_SCHEMA.names}
+        # `rows` counts every input row read; `rejected` only the rejects new to this run.
+        stats.update(
+            rows=batch.num_rows, rejected=len(rows), reasons=json.dumps(dict(reasons)),
+            valid_inputs=valid,
+        )
+        return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
+
+    return fn
+
+
+def _sum_stats(ds: Any) -> dict[str, Any]:
+    """Consume a stats dataset (this runs the pipeline) and add up its rows."""
+    total: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names if k != "reasons"}
+    reasons: Counter[str] = Counter()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            for k in total:
+                total[k] += int(row[k] or 0)
+            reasons.update(json.loads(row["reasons"] or "{}"))
+    total["reasons"] = dict(reasons)
+    return total
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The StageError / ConfigError a Ray task raised, if one is in the chain."""
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (StageError, ConfigError, DataError)):
+            return cur
+        cause = getattr(cur, "cause", None)
+        if isinstance(cause, BaseException):
+            cur = cause
+            continue
+        cur = cur.__cause__ or cur.__context__
+    return e
+
+
+def _gpus_per_teacher(teacher: Teacher, on_gpu: bool) -> float:
+    if not on_gpu:
+        return 0.0
+    if isinstance(teacher, VLLMTeacher):
+        c = teacher.concurrency
+        replicas = c[1] if isinstance(c, tuple) else c
+        kw = teacher.engine_kwargs
+        per = teacher.num_gpus_per_replica
+        if per is None:
+            per = int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
+        return float(replicas * per)
+    if isinstance(teacher, HFTeacher):
+        return float(teacher.concurrency * teacher.num_gpus_per_replica)
+    return 0.0
+
+
+# ---- the stage -----------------------------------------------------------------------------
+
+
+def run(cfg: DistrayConfig) -> GenerateResult:
+    """Label the configured prompt splits with every configured teacher.
+
+    Args:
+        cfg: the run config (data, task, teacher/teachers, generate, resources).
+
+    Returns:
+        Output paths and this run's figures (also in `<run>/generate/stats.json`).
+
+    Raises:
+        ConfigError: no teacher, or no training input.
+        DataError: an input path does not exist.
+        StageError: a teacher failed (e.g. an API endpoint under `min_success_ratio`).
+    """
+    teachers = cfg.all_teachers
+    if not teachers:
+        raise ConfigError("no teacher configured; set `teacher` (kind: vllm, openai or hf) or `teachers`")
+    t_start = time.perf_counter()
+    inputs = split_inputs(cfg)
+
+    from distray.config import write_resolved
+    from distray.ray_utils import cluster_has_gpu, init_ray
+
+    init_ray(cfg)
+    import ray
+
+    paths = RunPaths(cfg.run_dir)
+    rejects_dir = paths.generate_rejects
+    tmp_dir = f"{paths.generate}/.tmp"
+    write_resolved(cfg)
+    W.clean_tmp(tmp_dir)
+    out_dirs = {split: f"{paths.generate_data}/{split}" for split in inputs}
+    gen = cfg.generate
+    sampling = gen.sampling
+    k = gen.logprobs
+    on_gpu = cluster_has_gpu()
+
+    tracker = None
+    if gen.filters.dedupe_responses:
+        tracker = _start_tracker(list(out_dirs.values()))
+
+    def done_ids() -> np.ndarray:
+        return W.load_done_ids([paths.generate_data, rejects_dir])
+
+    result = GenerateResult(
+        data_dir=paths.generate_data, rejects_dir=rejects_dir,
+        stats_path=paths.generate_stats, splits=dict(out_dirs),
+    )
+    reasons: Counter[str] = Counter()
+    gpu_s = 0.0
+    cost = 0.0
+
+    def add(part: dict[str, Any], **labels: Any) -> None:
+        result.parts.append({**labels, **part})
+        result.accepted += part["accepted"]
+        result.rejected += part["rejected"]
+        result.teacher_requests += part["teacher_requests"]
+        result.cache_hits += part["cache_hits"]
+        result.http_attempts += part["http_attempts"]
+        result.prompt_tokens += part["prompt_tokens"]
+        result.completion_tokens += part["completion_tokens"]
+        reasons.update(part["reasons"])
+
+    try:
+        from distray.teacher.reader import read_raw
+
+        for split, src in inputs.items():
+            max_rows = cfg.data.max_rows if split == "train" else None
+            # Pass 0: input rows that fail validation go to rejects once, whatever the teachers.
+            raw = read_raw(src, cfg, max_rows=max_rows)
+            part = _sum_stats(
+                raw.map_batches(
+                    _input_rejects_sink(rejects_dir, tmp_dir, cfg.data.rejects_format, done_ids()),
+                    batch_format="pyarrow", batch_size=None,
+                )
+            )
+            n_valid = part["valid_inputs"]
+            result.rows_in += part["rows"]
+            result.skipped_done += part["rows"] - n_valid - part["rejected"]
+            add(part, split=split, teacher=None, pass_="validate")
+            from distray.teacher.reader import valid_rows
+
+            for teacher in teachers:
+                expanded_total = n_valid * sampling.n
+                sink_kwargs = dict(
+                    out_dir=out_dirs[split], rejects_dir=rejects_dir, tmp_dir=tmp_dir,
+                    rejects_format=cfg.data.rejects_format, filters=gen.filters,
+                    labels=cfg.task.labels, cache_dir=gen.cache_dir, tracker=tracker,
+                )
+                processed = 0
+
+                def todo(with_cache_key: bool) -> Any:
+                    ds = expand(
+                        valid_rows(read_raw(src, cfg, max_rows=max_rows)),
+                        teacher, sampling, k, with_cache_key=with_cache_key,
+                    )
+                    return ds.map_batches(
+                        W.keep_not_done, fn_kwargs={"done": done_ids()},
+                        batch_format="pyarrow", batch_size=None,
+                    )
+
+                if gen.cache_dir:
+                    # Pass A: rows whose answer is cached are written without the teacher.
+                    hits = todo(True).map_batches(
+                        _cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
+                        batch_format="pyarrow", batch_size=None,
+                    )
+                    part = _sum_stats(
+                        hits.map_batches(
+                            _Sink(store_cache=False, **sink_kwargs),
+                            batch_format="pyarrow", batch_size=gen.rows_per_shard,
+                        )
+                    )
+                    processed += part["rows"]
+                    add(part, split=split, teacher=teacher.label, pass_="cache")
+                # Pass B: the rest goes to the teacher.
+                t0 = time.perf_counter()
+                answered = answer(todo(gen.cache_dir is not None), teacher, cfg, sampling, k)
+                part = _sum_stats(
+                    answered.map_batches(
+                        _Sink(store_cache=True, **sink_kwargs),
+                        batch_format="pyarrow", batch_size=gen.rows_per_shard,
+                    )
+                )
+                wall = time.perf_counter() - t0
+                processed += part["rows"]
+                part["wall_s"] = round(wall, 3)
+                part["output_tokens_per_s"] = round(part["completion_tokens"] / wall, 2) if wall > 0 else 0.0
+                add(part, split=split, teacher=teacher.label, pass_="teacher")
+                result.generate_wall_s += wall
+                result.skipped_done += max(0, expanded_total - processed)
+                gpu_s += wall * _gpus_per_teacher(teacher, on_gpu)
+                if isinstance(teacher, OpenAITeacher):
+                    cost += (
+                        part["prompt_tokens"] * teacher.usd_per_1m_input_tokens
+                        + part["completion_tokens"] * teacher.usd_per_1m_output_tokens
+                    ) / 1e6
+                    _check_success_ratio(teacher, part)
+    except Exception as e:  # noqa: BLE001 - re-raised as the distray error inside, if any
+        inner = _unwrap(e)
+        if inner is not e:
+            raise inner from e
+        raise
+    finally:
+        if tracker is not None:
+            ray.kill(tracker)
+
+    result.rejected_by_reason = dict(reasons)
+    result.wall_s = time.perf_counter() - t_start
+    result.output_tokens_per_s = (
+        result.completion_tokens / result.generate_wall_s if result.generate_wall_s > 0 else 0.0
+    )
+    result.gpu_hours = gpu_s / 3600
+    result.cost_usd = cost + result.gpu_hours * gen.gpu_hour_usd
+    result.total_data_rows = int(len(W.load_done_ids([paths.generate_data])))
+    result.total_reject_rows = int(len(W.load_done_ids([rejects_dir])))
+    F.write_text(paths.generate_stats, json.dumps(asdict(result), indent=2, default=str))
+    logger.info(result.summary())
+    return result
+
+
+def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
+    """The end-of-run check (the engine stops early once enough requests finished)."""
+    n = part["teacher_requests"]
+    failed = part["reasons"].get("request_failed", 0)
+    if n and (n - failed) / n < teacher.min_success_ratio:
+        raise StageError(
+            f"the teacher endpoint {teacher.base_url} is failing: {n - failed} of {n} requests "
+            f"succeeded ({(n - failed) / n:.0%}) < teacher.min_success_ratio "
+            f"({teacher.min_success_ratio:.0%}); see the request_failed rows in rejects/"
+        )
+
+
+def _cache_lookup(batch: pa.Table, cache_dir: str) -> pa.Table:
+    """Keep only rows with a cached answer, filled in and marked `_from_cache`."""
+    cache = AnswerCache(cache_dir)
+    out = []
+    for r in batch.to_pylist():
+        hit = cache.get(r["_cache_key"])
+        if hit is not None:
+            r.update(hit)
+            r[ERROR] = None
+            r["_from_cache"] = True
+            out.append(r)
+    if not out:
+        return batch.slice(0, 0)
+    return pa.Table.from_pylist(out)
+
+
+def _start_tracker(data_dirs: list[str]) -> Any:
+    """The duplicate-answer tracker actor, seeded with the answers already accepted."""
+    import ray
+
+    Tracker = ray.remote(num_cpus=0)(DuplicateTracker)
+    tracker = Tracker.remote()
+    pairs: list[tuple[bytes, str]] = []
+    for d in data_dirs:
+        fs, _ = F.filesystem_for(d)
+        for path in W.iter_shard_files(d):
+            import pyarrow.parquet as pq
+
+            with fs.open_input_file(path) as f:
+                t = pq.read_table(f, columns=[F.RESPONSE, F.INPUT_ID])
+            for resp, iid in zip(t.column(F.RESPONSE).to_pylist(), t.column(F.INPUT_ID).to_pylist(), strict=True):
+                if resp is not None:
+                    pairs.append((response_digest(resp), iid))
+    if pairs:
+        ray.get(tracker.seed.remote(pairs))
+    return tracker
