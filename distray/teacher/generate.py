@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -263,8 +264,16 @@ def _sum_stats(ds: Any) -> dict[str, Any]:
     return total
 
 
+_REMOTE_ERROR = re.compile(r"distray\.errors\.(StageError|ConfigError|DataError): (.+?)(?:\n\n|\Z)", re.S)
+
+
 def _unwrap(e: BaseException) -> BaseException:
-    """The StageError / ConfigError a Ray task raised, if one is in the chain."""
+    """The StageError / ConfigError / DataError a Ray task raised, if `e` carries one.
+
+    Ray Data re-raises a UDF's exception on the driver as a RayTaskError(UserCodeException)
+    without the original as its cause, so the error is found in the chain or, failing that,
+    rebuilt from the message Ray passes along.
+    """
     seen = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
@@ -272,10 +281,11 @@ def _unwrap(e: BaseException) -> BaseException:
         if isinstance(cur, (StageError, ConfigError, DataError)):
             return cur
         cause = getattr(cur, "cause", None)
-        if isinstance(cause, BaseException):
-            cur = cause
-            continue
-        cur = cur.__cause__ or cur.__context__
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    m = _REMOTE_ERROR.search(str(e))
+    if m:
+        cls = {"StageError": StageError, "ConfigError": ConfigError, "DataError": DataError}[m.group(1)]
+        return cls(m.group(2).strip())
     return e
 
 

@@ -307,9 +307,8 @@ def generate(
         },
         batch_format="pyarrow",
         batch_size=teacher.max_in_flight,
-        compute=ray.data.ActorPoolStrategy(size=1),
         # Several batches in flight on the actor's event loop keep the request pool full
         # while a slow batch drains; the semaphore still bounds open requests.
-        max_concurrency=4,
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=4),
         num_cpus=0.5,
     )
