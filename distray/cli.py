@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 run failure, 2 usage or config error.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=False, help=argparse.SUPPRESS
+        "-v", "--verbose", action="store_true", default=False, help="debug logs and full tracebacks"
     )
     parser.add_argument("--version", action="version", version=f"distray {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
