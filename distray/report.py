@@ -208,7 +208,8 @@ def comparison_table(metrics: dict[str, Any]) -> str:
 
     def reduction(key: str) -> str:
         v = vs.get(key)
-        return "–" if v is None else f"{-v:+.1f}%"
+        # A reduction shows as the change a reader expects (-40% latency); +0.0 avoids "-0.0%".
+        return "–" if v is None else f"{round(-v, 1) + 0.0:+.1f}%"
 
     header = "| Metric | " + " | ".join(ROLE_TITLES.get(m, m) for m in names)
     header += " | Student vs teacher |" if has_change else " |"

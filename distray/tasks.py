@@ -10,8 +10,8 @@ A built-in task writes train/validation/test JSONL from a seed. Rows::
 
     {"id": "reverse-test-000000", "prompt": "rev kfzeuolq=", "reference": "qlouezfk"}
     {"id": "date-test-000000", "prompt": "date 2024-03-15=", "reference": "March 15, 2024"}
-    {"id": "sentiment-test-000000", "prompt": "review: the soup was cold, the staff rude, the
-     view superb =", "reference": "negative"}
+    {"id": "sentiment-test-000000", "prompt": "review: soup cold, staff rude, view superb =",
+     "reference": "negative"}
 
 Each split is drawn from its own stream (`seed`, task, split), so the test set does not change
 when `n` (the training size) does, and no prompt appears in two splits.
@@ -192,7 +192,8 @@ def _draw_sentiment(rng: random.Random) -> Example:
     # right answer and a small model only has to learn 16 word polarities and a count.
     nouns = rng.sample(_NOUNS, 3)
     polarity = [rng.random() < 0.5 for _ in nouns]
-    parts = [f"the {n} {rng.choice(_POSITIVE if p else _NEGATIVE)}" for n, p in zip(nouns, polarity)]
+    # Short prompts: a character-level model reads every letter, and "the" adds nothing.
+    parts = [f"{n} {rng.choice(_POSITIVE if p else _NEGATIVE)}" for n, p in zip(nouns, polarity)]
     label = "positive" if sum(polarity) >= 2 else "negative"
     return f"review: {', '.join(parts)} =", label
 
