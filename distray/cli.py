@@ -160,6 +160,11 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     module_name, attr = STAGES[args.command]
     cfg = _load(args.config, args.overrides)
     fn = _import_stage(args.command, module_name, attr)
+    from distray.pipeline import resolve
+
+    # A stage alone sees what it would see inside `distray run`: built-in task files written,
+    # demo stand-ins built (each only once).
+    cfg = resolve(cfg)
     t0 = time.perf_counter()
     result = fn(cfg)
     _print_result(args.command, result, t0)
