@@ -40,8 +40,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from distray.config import DistrayConfig, load_config
     from distray.api import DistillationJob
+    from distray.config import DistrayConfig, load_config
     from distray.errors import ConfigError, DataError, DistrayError
 
 
