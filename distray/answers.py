@@ -249,8 +249,8 @@ def verify_answer(
     else:
         verifier = getattr(filters, "verifier", "none")
         drop_empty = getattr(filters, "drop_empty", True)
-        min_f1 = getattr(filters, "min_f1", None)
-        min_f1 = 0.5 if min_f1 is None else min_f1
+        raw_f1 = getattr(filters, "min_f1", None)
+        min_f1 = 0.5 if raw_f1 is None else float(raw_f1)
     text = response or ""
     if drop_empty and not text.strip():
         return "empty"

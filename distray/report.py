@@ -117,7 +117,7 @@ def plot_accuracy(metrics: dict[str, Any], path: str) -> str | None:
         vals = [models[m].get("scores", {}).get(s) for s in scorers]
         xs = [j + i * width for j in range(len(scorers))]
         bars = ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=ROLE_TITLES.get(m, m))
-        for b, v in zip(bars, vals):
+        for b, v in zip(bars, vals, strict=True):
             ax.annotate(_f(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                         va="bottom", fontsize=8)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(scorers))])
@@ -140,10 +140,10 @@ def plot_latency(metrics: dict[str, Any], path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 1.5), 3.2))
     p50 = [models[m]["latency_ms"] for m in names]
     p90 = [models[m].get("latency_p90_ms") or models[m]["latency_ms"] for m in names]
-    err = [[0] * len(names), [max(0.0, b - a) for a, b in zip(p50, p90)]]
+    err = [[0] * len(names), [max(0.0, b - a) for a, b in zip(p50, p90, strict=True)]]
     bars = ax.bar(range(len(names)), p50, yerr=err, capsize=4,
                   color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
-    for b, v in zip(bars, p50):
+    for b, v in zip(bars, p50, strict=True):
         ax.annotate(f"{v:,.1f} ms", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
                     ha="center", va="center", fontsize=8, color="white")
     ax.set_xticks(range(len(names)))

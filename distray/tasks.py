@@ -193,7 +193,7 @@ def _draw_sentiment(rng: random.Random) -> Example:
     nouns = rng.sample(_NOUNS, 3)
     polarity = [rng.random() < 0.5 for _ in nouns]
     # Short prompts: a character-level model reads every letter, and "the" adds nothing.
-    parts = [f"{n} {rng.choice(_POSITIVE if p else _NEGATIVE)}" for n, p in zip(nouns, polarity)]
+    parts = [f"{n} {rng.choice(_POSITIVE if p else _NEGATIVE)}" for n, p in zip(nouns, polarity, strict=True)]
     label = "positive" if sum(polarity) >= 2 else "negative"
     return f"review: {', '.join(parts)} =", label
 

@@ -264,7 +264,8 @@ def _hf_engine(
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype="auto", trust_remote_code=trust_remote_code
-    ).to(device)
+    )
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs miss str devices
     model.eval()
 
     def _gen(msgs: list[list[dict[str, str]]]) -> int:

@@ -122,7 +122,7 @@ def _local_engine(cfg: DistrayConfig, role: str, path: str, base: Any = None) ->
         # The teacher keeps its own parallelism (a big model needs its TP/PP); evaluate's
         # engine_kwargs apply on top.
         kwargs.update(base.engine_kwargs)
-        extra = {
+        extra: dict[str, Any] = {
             "concurrency": base.concurrency,
             "batch_size": base.batch_size,
             "num_gpus_per_replica": base.num_gpus_per_replica,
@@ -392,7 +392,7 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
     prompts = [r[F.MESSAGES] for r in rows]
     models = resolve_models(cfg)
     labels = _labels(cfg)
-    scorers = list(cfg.evaluate.scorers)
+    scorers: list[str] = list(cfg.evaluate.scorers)
     logger.info(
         "evaluate: %d test rows from %s; models %s; scorers %s",
         n, test_path, [m.role for m in models], scorers,

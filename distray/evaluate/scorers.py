@@ -79,7 +79,7 @@ def _pairwise(
     preds: Sequence[str | None], refs: Sequence[str | None], fn: Any
 ) -> ScoreResult:
     per_row: list[float | None] = [
-        None if r is None else float(fn(p or "", r)) for p, r in zip(preds, refs)
+        None if r is None else float(fn(p or "", r)) for p, r in zip(preds, refs, strict=True)
     ]
     value, n = _mean_pct(per_row)
     return ScoreResult(value, n, per_row)
@@ -104,7 +104,7 @@ def _bleu(preds: list[str], refs: list[str]) -> tuple[float | None, list[float |
     # (plain corpus BLEU has no 4-grams to match); on longer text it changes nothing.
     bleu = sacrebleu.BLEU(effective_order=True)
     corpus = bleu.corpus_score(preds, [refs]).score
-    per_row: list[float | None] = [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)]
+    per_row: list[float | None] = [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs, strict=True)]
     return float(corpus), per_row
 
 
@@ -117,7 +117,7 @@ def _refs_only(
 
 def _scatter(n: int, idx: list[int], vals: list[float | None]) -> list[float | None]:
     out: list[float | None] = [None] * n
-    for i, v in zip(idx, vals):
+    for i, v in zip(idx, vals, strict=True):
         out[i] = v
     return out
 

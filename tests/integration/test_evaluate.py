@@ -92,7 +92,7 @@ def test_evaluate_writes_every_field_of_the_table(
     assert metrics["headline"]["scorer"] == "exact_match"
 
     # predictions: one row per test prompt, with the answer and per-row scores
-    for role, path in result.predictions.items():
+    for path in result.predictions.values():
         table = pq.read_table(path)
         assert table.num_rows == N_TEST
         assert {"id", "prompt", "reference", "response", "score_exact_match"} <= set(table.column_names)
