@@ -161,7 +161,7 @@ class _TeacherBase(Section):
 
 
 class VLLMTeacher(_TeacherBase):
-    kind: Literal["vllm"] = "vllm"
+    kind: Literal["vllm"] = Field(default="vllm", description="Local vLLM engine actors (the default kind).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to vLLM unchanged (tensor_parallel_size, pipeline_parallel_size, "
@@ -648,6 +648,17 @@ class DistrayConfig(Section):
             preset = preset_defaults(task_type)
             if preset:
                 data = _deep_merge(preset, data)
+            # `kind` defaults to vllm, the common case (a local or hub model on engine actors).
+            if isinstance(data.get("teacher"), dict) and "kind" not in data["teacher"]:
+                data = {**data, "teacher": {"kind": "vllm", **data["teacher"]}}
+            if isinstance(data.get("teachers"), list):
+                data = {
+                    **data,
+                    "teachers": [
+                        {"kind": "vllm", **t} if isinstance(t, dict) and "kind" not in t else t
+                        for t in data["teachers"]
+                    ],
+                }
         return data
 
     @model_validator(mode="after")
@@ -840,6 +851,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 else f"valid names here: {', '.join(names)}"
             )
             lines.append(f"`{path}` is not a setting; {hint}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            got = e.get("input", {}).get("kind") if isinstance(e.get("input"), dict) else None
+            what = f"is {got!r}" if got is not None else "is missing"
+            lines.append(
+                f"`{path}.kind` {what}; set it to vllm (local engines), openai (an "
+                "OpenAI-compatible API) or hf (transformers)"
+            )
         elif e["type"] == "value_error" or not path:
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
             lines.append(msg if not path else f"`{path}`: {msg}")
