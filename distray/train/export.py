@@ -11,7 +11,7 @@ same way, and fp32 master weights are exported rather than a bf16 copy. It needs
 the fp32 weights plus one rank's optimizer partition at a time.
 
 The weights are loaded into the student's own architecture (LoRA adapters are merged first), cast
-to the student's dtype, and written with `save_pretrained` (model.safetensors, sharded past 5 GB),
+to the student's dtype, and written with `save_pretrained` (one model.safetensors),
 next to the student's tokenizer files and chat template.
 """
 
@@ -156,7 +156,8 @@ def export_checkpoint(
     local_out = tempfile.mkdtemp(prefix="distray-export-") if remote else out_dir + ".tmp-export"
     shutil.rmtree(local_out, ignore_errors=True)
     os.makedirs(local_out, exist_ok=True)
-    model.save_pretrained(local_out, safe_serialization=True)
+    # One model.safetensors, whatever the size: the file later stages and vLLM look for.
+    model.save_pretrained(local_out, safe_serialization=True, max_shard_size="1000GB")
     tok.save_pretrained(local_out)
     if remote:
         import pyarrow.fs as pafs

@@ -198,6 +198,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Ray sets OMP threads from the worker's CPU share; torch needs telling too.
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     torch.manual_seed(plan.seed + rank)
+    # Ray Train has set up torch.distributed already; DeepSpeed adopts that process group
+    # (its config checks, e.g. ZeRO-3's at model load, need the world size).
+    deepspeed.init_distributed(dist_backend="nccl" if plan.use_gpu else "gloo")
 
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -2,8 +2,8 @@
 
     distray train --config jobs/configs/quickstart.yaml train.loss=kd train.zero_stage=3
 
-`run(cfg)` trains on the teacher data of the run (`<run>/generate/data/*.parquet`, plus a
-teacher-labelled validation split when generate wrote one) and writes `<run>/train/`:
+`run(cfg)` trains on the teacher data of the run (`<run>/generate/data/train/*.parquet`, and
+`<run>/generate/data/validation/` as validation when generate labelled one) and writes `<run>/train/`:
 `checkpoints/` (Ray Train), `student/` (the exported Hugging Face folder), `metrics.jsonl` and
 `loss.png`.
 
@@ -52,7 +52,7 @@ __all__ = [
     "build_deepspeed_config",
     "plan_steps",
     "check_vocab",
-    "teacher_validation_path",
+    "teacher_splits",
     "plot_loss",
 ]
 
@@ -319,22 +319,26 @@ def _teacher_tokenizers(cfg: DistrayConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def teacher_validation_path(paths: RunPaths) -> str | None:
-    """The teacher-labelled validation split generate wrote, if any.
+def teacher_splits(paths: RunPaths) -> tuple[str, str | None]:
+    """Where generate wrote the teacher data: (train, validation or None).
 
-    Looks for `generate/validation/` (Parquet), the layout the generate stage uses for a labelled
-    validation split; returns None when it is absent or empty.
+    generate writes `generate/data/train/` and, when it labels a validation split,
+    `generate/data/validation/`; a flat `generate/data/` (no split folders) is all training data.
     """
     from distray.formats import exists
 
-    for candidate in (f"{paths.generate}/validation", f"{paths.generate}/data_validation"):
-        if exists(candidate):
-            try:
-                if list_files(candidate, (".parquet",)):
-                    return candidate
-            except DataError:
-                continue
-    return None
+    def has_parquet(folder: str) -> bool:
+        try:
+            return exists(folder) and bool(list_files(folder, (".parquet",)))
+        except DataError:
+            return False
+
+    train = f"{paths.generate_data}/train"
+    validation = f"{paths.generate_data}/validation"
+    return (
+        train if has_parquet(train) else paths.generate_data,
+        validation if has_parquet(validation) else None,
+    )
 
 
 def _holdout_filter(fraction: float, seed: int, keep_holdout: bool) -> Any:
@@ -491,12 +495,9 @@ def run(cfg: DistrayConfig) -> TrainResult:
         StageError: training failed after `train.max_failures` restarts.
     """
     paths = RunPaths(cfg.run_dir)
+    train_data, validation_data = teacher_splits(paths)
     return train_model(
-        cfg,
-        paths.generate_data,
-        paths.train,
-        validation_data=teacher_validation_path(paths),
-        answers="teacher",
+        cfg, train_data, paths.train, validation_data=validation_data, answers="teacher"
     )
 
 
@@ -582,6 +583,15 @@ def train_model(
                 "regenerate with generate.logprobs set, or use train.loss: sft"
             )
         use_teacher_ids = has_ids
+        if with_topk and isinstance(data, str):
+            sample = _sample_rows(data)
+            if sample and not any(r.get(TOPK_TOKEN_IDS) for r in sample):
+                raise DataError(
+                    f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the first "
+                    f"{len(sample)} rows of `{data}` have none (teacher "
+                    f"{sample[0].get('teacher')!r}); regenerate with generate.logprobs set, or use "
+                    "train.loss: sft"
+                )
         if has_ids and isinstance(data, str):
             tok = AutoTokenizer.from_pretrained(tokenizer_dir)
             vocab_size = int(AutoConfig.from_pretrained(model).vocab_size)

@@ -1,0 +1,251 @@
+"""Ray Train × DeepSpeed on 2 CPU workers: loss goes down, the export reloads with the same loss,
+a killed worker resumes from its checkpoint, a rerun resumes, a vocabulary mismatch fails early.
+
+    .venv/bin/python -m pytest tests/integration/test_train.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distray import formats as F
+from distray.config import DistrayConfig
+from distray.errors import DataError
+
+pytestmark = pytest.mark.integration
+
+K = 4
+
+
+def _reverse_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = "".join(rng.choice("abcd") for _ in range(rng.randint(3, 5)))
+        out.append((f"rev {w}", w[::-1]))
+    return out
+
+
+def write_teacher_data(out_dir: Path, teacher_dir: str, n: int, seed: int = 0) -> Path:
+    """Teacher data in TEACHER_DATA_SCHEMA for a reversal task, top-k from a HF teacher forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    rows = []
+    for i, (prompt, answer) in enumerate(_reverse_rows(n, seed)):
+        msgs = [{"role": "user", "content": prompt}]
+        p_text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
+        r_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([p_ids + r_ids])).logits[0]
+        lp = torch.log_softmax(logits[len(p_ids) - 1 : len(p_ids) + len(r_ids) - 1], -1)
+        top_lp, top_ids = lp.topk(K, -1)
+        rows.append(
+            {
+                F.ID: f"row-{seed}-{i}",
+                F.INPUT_ID: f"in-{i}",
+                F.MESSAGES: msgs,
+                F.PROMPT: prompt,
+                F.REFERENCE: answer,
+                F.RESPONSE: answer,
+                F.RESPONSE_TOKEN_IDS: r_ids,
+                F.TOPK_TOKEN_IDS: top_ids.tolist(),
+                F.TOPK_LOGPROBS: top_lp.tolist(),
+                F.FINISH_REASON: "stop",
+                F.PROMPT_TOKENS: len(p_ids),
+                F.COMPLETION_TOKENS: len(r_ids),
+                F.TEACHER: "tiny-teacher",
+                F.SAMPLE_INDEX: 0,
+            }
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    half = len(rows) // 2
+    for j, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part, schema=F.TEACHER_DATA_SCHEMA), out_dir / f"part-{j}.parquet")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def teacher_data(tmp_path_factory, tiny_teacher_model) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("teacher-data")
+    return {
+        "train": write_teacher_data(root / "train", tiny_teacher_model, 96, seed=0),
+        "validation": write_teacher_data(root / "validation", tiny_teacher_model, 16, seed=1),
+    }
+
+
+def _cfg(tmp_path: Path, student: str, teacher: str | None = None, **train) -> DistrayConfig:
+    base = {
+        "loss": "sft",
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "micro_batch_size": 4,
+        "num_workers": 2,
+        "max_seq_len": 64,
+        "log_every_steps": 2,
+        "report_every_steps": 1000,
+        "max_steps": 12,
+        "zero_stage": 2,
+    }
+    base.update(train)
+    data = {
+        "run": {"name": "t", "output_dir": str(tmp_path)},
+        "student": {"model": student},
+        "train": base,
+        "generate": {"logprobs": K},
+    }
+    if teacher:
+        data["teacher"] = {"kind": "hf", "model": teacher}
+    return DistrayConfig.model_validate(data)
+
+
+def _eval_loss(model_dir: str, data_dir: Path, cfg: DistrayConfig) -> float:
+    """Validation loss of an exported model, computed as the workers compute it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distray.train.data import ChatEncoder, Collator
+    from distray.train.losses import compute_loss
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tc = cfg.train
+    coll = Collator(ChatEncoder(tok, tc.max_seq_len), tok.pad_token_id, with_topk=tc.is_logit_loss)
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(data_dir.glob("*.parquet"))]).to_pylist()
+    sums = [0.0] * 4
+    for i in range(0, len(rows), 4):
+        b = coll(rows[i : i + 4])
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        p = compute_loss(
+            logits, b["labels"], loss=tc.loss, alpha=tc.alpha, temperature=tc.temperature,
+            topk_ids=b.get("topk_ids"), topk_logprobs=b.get("topk_logprobs"),
+        )
+        sums = [sums[0] + float(p.sft_sum), sums[1] + float(p.sft_count), sums[2] + float(p.logit_sum), sums[3] + float(p.logit_count)]
+    sft = sums[0] / sums[1]
+    if not tc.is_logit_loss:
+        return sft
+    return tc.alpha * sums[2] / sums[3] + (1 - tc.alpha) * sft
+
+
+def _metrics(path: str) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tiny_model, tiny_teacher_model, teacher_data):
+    from distray.train import train_model
+
+    cfg = _cfg(tmp_path, tiny_model, tiny_teacher_model, loss="kd", alpha=0.5, temperature=2.0, zero_stage=2,
+               eval_every_steps=6)
+    out = str(tmp_path / "train")
+    res = train_model(cfg, str(teacher_data["train"]), out, validation_data=str(teacher_data["validation"]))
+    recs = _metrics(res.metrics_path)
+    train_losses = [r["loss"] for r in recs if "loss" in r]
+    assert res.steps == 12 and len(train_losses) == 6
+    assert train_losses[-1] < train_losses[0] * 0.8, train_losses
+    assert all("logit_loss" in r and "tokens_per_s" in r for r in recs if "loss" in r)
+    assert res.val_loss is not None and res.loss_plot and Path(res.loss_plot).stat().st_size > 1000
+    # The exported folder loads with from_pretrained and scores the validation data as the
+    # workers did after the last step.
+    assert (Path(res.student_dir) / "model.safetensors").is_file()
+    assert (Path(res.student_dir) / "tokenizer_config.json").is_file()
+    reloaded = _eval_loss(res.student_dir, teacher_data["validation"], cfg)
+    assert reloaded == pytest.approx(res.val_loss, rel=1e-3)
+
+    # Rerunning with the same folder continues from the last checkpoint (as after a driver kill).
+    cfg2 = _cfg(tmp_path, tiny_model, tiny_teacher_model, loss="kd", alpha=0.5, temperature=2.0, zero_stage=2,
+                eval_every_steps=6, max_steps=16)
+    res2 = train_model(cfg2, str(teacher_data["train"]), out, validation_data=str(teacher_data["validation"]))
+    assert res2.resumed_from_step == 12 and res2.steps == 16
+    steps = [r["step"] for r in _metrics(res2.metrics_path) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+def test_reference_sft_zero3_from_jsonl(ray_cluster, tmp_path, tiny_model):
+    from distray.train import train_model
+
+    src = tmp_path / "labels.jsonl"
+    lines = [json.dumps({"prompt": p, "reference": a, "id": f"q{i}"}) for i, (p, a) in enumerate(_reverse_rows(120, 3))]
+    lines.append(json.dumps({"prompt": "no answer here"}))  # no reference: not a training row
+    src.write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tmp_path, tiny_model, zero_stage=3, max_steps=None, epochs=2, validation_fraction=0.15,
+               global_batch_size=16)
+    res = train_model(cfg, str(src), str(tmp_path / "ref"), answers="reference")
+    assert 80 < res.train_rows < 120 and res.validation_rows == 120 - res.train_rows
+    losses = [r["loss"] for r in _metrics(res.metrics_path) if "loss" in r]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert res.val_loss is not None
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(res.student_dir)
+    assert m.config.num_hidden_layers == 2
+
+
+def _train_worker_pids() -> list[int]:
+    import ray._private.state as state
+
+    return [
+        a["Pid"]
+        for a in state.actors().values()
+        if "RayTrainWorker" in (a.get("ActorClassName") or "") and a.get("State") == "ALIVE" and a.get("Pid")
+    ]
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path, tiny_model, teacher_data):
+    from distray.train import train_model
+
+    cfg = _cfg(tmp_path, tiny_model, max_steps=30, checkpoint_every_steps=4, max_failures=2, log_every_steps=1,
+               validation_fraction=0.0)
+    out = tmp_path / "kill"
+    box: dict = {}
+
+    def target():
+        try:
+            box["res"] = train_model(cfg, str(teacher_data["train"]), str(out))
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            box["err"] = e
+
+    th = threading.Thread(target=target)
+    th.start()
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and th.is_alive() and killed is None:
+        if list((out / "checkpoints").glob("checkpoint_0*")):
+            pids = _train_worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    th.join(timeout=300)
+    assert killed is not None, "no checkpoint appeared before the run ended"
+    assert "err" not in box, box.get("err")
+    res = box["res"]
+    assert res.steps == 30
+    assert res.resumed_from_step >= 4  # restarted from a checkpoint, not from step 0
+    steps = [r["step"] for r in _metrics(res.metrics_path) if "loss" in r]
+    assert steps == list(range(1, 31))
+
+
+def test_vocab_mismatch_fails_before_workers_start(ray_cluster, tmp_path, teacher_data, tiny_teacher_model):
+    from distray.tiny import make_tiny
+    from distray.train import train_model
+
+    other = make_tiny(tmp_path / "other-vocab", vocab_size=300, layers=1)
+    cfg = _cfg(tmp_path, other, tiny_teacher_model, loss="kd")
+    t0 = time.time()
+    with pytest.raises(DataError, match=r"262.*300|300.*262"):
+        train_model(cfg, str(teacher_data["train"]), str(tmp_path / "mm"))
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "mm" / "checkpoints").exists()
