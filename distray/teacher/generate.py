@@ -86,7 +86,8 @@ class GenerateResult:
 
     def summary(self) -> str:
         """The one summary line the stage logs."""
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items(), key=lambda kv: -kv[1]))
+        by_count = sorted(self.rejected_by_reason.items(), key=lambda kv: -kv[1])
+        reasons = ", ".join(f"{k} {v}" for k, v in by_count)
         return (
             f"generate | {self.rows_in} rows in ({self.skipped_done} already done) | "
             f"{self.accepted} accepted, {self.rejected} rejected"
@@ -240,7 +241,7 @@ def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarr
         rows = rej.to_pylist()
         W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects")
         reasons = Counter(_reason_code(r["reason"]) for r in rows)
-        stats = {k: 0 for k in W.STATS_SCHEMA.names}
+        stats: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names}
         # `rows` counts every input row read; `rejected` only the rejects new to this run.
         stats.update(
             rows=batch.num_rows, rejected=len(rows), reasons=json.dumps(dict(reasons)),
@@ -259,7 +260,8 @@ def _sum_stats(ds: Any) -> dict[str, Any]:
         for row in batch.to_pylist():
             for k in total:
                 total[k] += int(row[k] or 0)
-            reasons.update(json.loads(row["reasons"] or "{}"))
+            counts: dict[str, int] = json.loads(row["reasons"] or "{}")
+            reasons.update(counts)
     total["reasons"] = dict(reasons)
     return total
 
@@ -308,6 +310,145 @@ def _gpus_per_teacher(teacher: Teacher, on_gpu: bool) -> float:
 # ---- the stage -----------------------------------------------------------------------------
 
 
+class _Stage:
+    """One `run`: the folders, the done-id set, the running totals."""
+
+    def __init__(self, cfg: DistrayConfig, inputs: dict[str, str], on_gpu: bool) -> None:
+        self.cfg = cfg
+        self.inputs = inputs
+        self.on_gpu = on_gpu
+        self.paths = RunPaths(cfg.run_dir)
+        self.rejects_dir = self.paths.generate_rejects
+        self.tmp_dir = f"{self.paths.generate}/.tmp"
+        self.out_dirs = {split: f"{self.paths.generate_data}/{split}" for split in inputs}
+        self.tracker: Any = None
+        self.reasons: Counter[str] = Counter()
+        self.gpu_s = 0.0
+        self.api_cost_usd = 0.0
+        self.result = GenerateResult(
+            data_dir=self.paths.generate_data,
+            rejects_dir=self.rejects_dir,
+            stats_path=self.paths.generate_stats,
+            splits=dict(self.out_dirs),
+        )
+
+    def done_ids(self) -> np.ndarray:
+        return W.load_done_ids([self.paths.generate_data, self.rejects_dir])
+
+    def add(self, part: dict[str, Any], **labels: Any) -> None:
+        r = self.result
+        r.parts.append({**labels, **part})
+        r.accepted += part["accepted"]
+        r.rejected += part["rejected"]
+        r.teacher_requests += part["teacher_requests"]
+        r.cache_hits += part["cache_hits"]
+        r.http_attempts += part["http_attempts"]
+        r.prompt_tokens += part["prompt_tokens"]
+        r.completion_tokens += part["completion_tokens"]
+        self.reasons.update(part["reasons"])
+
+    def max_rows(self, split: str) -> int | None:
+        return self.cfg.data.max_rows if split == "train" else None
+
+    def validate(self, split: str, src: str) -> int:
+        """Pass 0: input rows that fail validation go to rejects once, whatever the teachers.
+
+        Returns:
+            The number of valid input rows.
+        """
+        from distray.teacher.reader import read_raw
+
+        raw = read_raw(src, self.cfg, max_rows=self.max_rows(split))
+        sink = _input_rejects_sink(
+            self.rejects_dir, self.tmp_dir, self.cfg.data.rejects_format, self.done_ids()
+        )
+        part = _sum_stats(raw.map_batches(sink, batch_format="pyarrow", batch_size=None))
+        n_valid = int(part["valid_inputs"])
+        self.result.rows_in += part["rows"]
+        self.result.skipped_done += part["rows"] - n_valid - part["rejected"]
+        self.add(part, split=split, teacher=None, pass_="validate")
+        return n_valid
+
+    def todo(self, split: str, src: str, teacher: Teacher, with_cache_key: bool) -> Any:
+        """Teacher rows of `src` not yet in data or rejects (lazy)."""
+        from distray.teacher.reader import read_raw, valid_rows
+
+        gen = self.cfg.generate
+        ds = expand(
+            valid_rows(read_raw(src, self.cfg, max_rows=self.max_rows(split))),
+            teacher, gen.sampling, gen.logprobs, with_cache_key=with_cache_key,
+        )
+        keep: Any = W.keep_not_done
+        return ds.map_batches(
+            keep, fn_kwargs={"done": self.done_ids()},
+            batch_format="pyarrow", batch_size=None,
+        )
+
+    def sink(self, split: str, store_cache: bool) -> _Sink:
+        gen = self.cfg.generate
+        return _Sink(
+            out_dir=self.out_dirs[split], rejects_dir=self.rejects_dir, tmp_dir=self.tmp_dir,
+            rejects_format=self.cfg.data.rejects_format, filters=gen.filters,
+            labels=self.cfg.task.labels, cache_dir=gen.cache_dir, store_cache=store_cache,
+            tracker=self.tracker,
+        )
+
+    def label(self, split: str, src: str, teacher: Teacher, n_valid: int) -> None:
+        """Passes A (cache, optional) and B (teacher) of one split × teacher."""
+        gen = self.cfg.generate
+        processed = 0
+        if gen.cache_dir:
+            # Pass A: rows whose answer is cached are written without the teacher.
+            hits = self.todo(split, src, teacher, True).map_batches(
+                _cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
+                batch_format="pyarrow", batch_size=None,
+            )
+            part = _sum_stats(
+                hits.map_batches(
+                    self.sink(split, store_cache=False),
+                    batch_format="pyarrow", batch_size=gen.rows_per_shard,
+                )
+            )
+            processed += part["rows"]
+            self.add(part, split=split, teacher=teacher.label, pass_="cache")
+        # Pass B: the rest goes to the teacher.
+        t0 = time.perf_counter()
+        todo = self.todo(split, src, teacher, gen.cache_dir is not None)
+        answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs)
+        part = _sum_stats(
+            answered.map_batches(
+                self.sink(split, store_cache=True),
+                batch_format="pyarrow", batch_size=gen.rows_per_shard,
+            )
+        )
+        wall = time.perf_counter() - t0
+        processed += part["rows"]
+        part["wall_s"] = round(wall, 3)
+        part["output_tokens_per_s"] = round(part["completion_tokens"] / wall, 2) if wall > 0 else 0.0
+        self.add(part, split=split, teacher=teacher.label, pass_="teacher")
+        self.result.generate_wall_s += wall
+        self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
+        self.gpu_s += wall * _gpus_per_teacher(teacher, self.on_gpu)
+        if isinstance(teacher, OpenAITeacher):
+            self.api_cost_usd += (
+                part["prompt_tokens"] * teacher.usd_per_1m_input_tokens
+                + part["completion_tokens"] * teacher.usd_per_1m_output_tokens
+            ) / 1e6
+            _check_success_ratio(teacher, part)
+
+    def finish(self, t_start: float) -> GenerateResult:
+        r = self.result
+        r.rejected_by_reason = dict(self.reasons)
+        r.wall_s = time.perf_counter() - t_start
+        r.output_tokens_per_s = r.completion_tokens / r.generate_wall_s if r.generate_wall_s > 0 else 0.0
+        r.gpu_hours = self.gpu_s / 3600
+        r.cost_usd = self.api_cost_usd + r.gpu_hours * self.cfg.generate.gpu_hour_usd
+        r.total_data_rows = len(W.load_done_ids([self.paths.generate_data]))
+        r.total_reject_rows = len(W.load_done_ids([self.rejects_dir]))
+        F.write_text(self.paths.generate_stats, json.dumps(asdict(r), indent=2, default=str))
+        return r
+
+
 def run(cfg: DistrayConfig) -> GenerateResult:
     """Label the configured prompt splits with every configured teacher.
 
@@ -324,7 +465,9 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     """
     teachers = cfg.all_teachers
     if not teachers:
-        raise ConfigError("no teacher configured; set `teacher` (kind: vllm, openai or hf) or `teachers`")
+        raise ConfigError(
+            "no teacher configured; set `teacher` (kind: vllm, openai or hf) or `teachers`"
+        )
     t_start = time.perf_counter()
     inputs = split_inputs(cfg)
 
@@ -334,137 +477,25 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     init_ray(cfg)
     import ray
 
-    paths = RunPaths(cfg.run_dir)
-    rejects_dir = paths.generate_rejects
-    tmp_dir = f"{paths.generate}/.tmp"
+    stage = _Stage(cfg, inputs, cluster_has_gpu())
     write_resolved(cfg)
-    W.clean_tmp(tmp_dir)
-    out_dirs = {split: f"{paths.generate_data}/{split}" for split in inputs}
-    gen = cfg.generate
-    sampling = gen.sampling
-    k = gen.logprobs
-    on_gpu = cluster_has_gpu()
-
-    tracker = None
-    if gen.filters.dedupe_responses:
-        tracker = _start_tracker(list(out_dirs.values()))
-
-    def done_ids() -> np.ndarray:
-        return W.load_done_ids([paths.generate_data, rejects_dir])
-
-    result = GenerateResult(
-        data_dir=paths.generate_data, rejects_dir=rejects_dir,
-        stats_path=paths.generate_stats, splits=dict(out_dirs),
-    )
-    reasons: Counter[str] = Counter()
-    gpu_s = 0.0
-    cost = 0.0
-
-    def add(part: dict[str, Any], **labels: Any) -> None:
-        result.parts.append({**labels, **part})
-        result.accepted += part["accepted"]
-        result.rejected += part["rejected"]
-        result.teacher_requests += part["teacher_requests"]
-        result.cache_hits += part["cache_hits"]
-        result.http_attempts += part["http_attempts"]
-        result.prompt_tokens += part["prompt_tokens"]
-        result.completion_tokens += part["completion_tokens"]
-        reasons.update(part["reasons"])
-
+    W.clean_tmp(stage.tmp_dir)
+    if cfg.generate.filters.dedupe_responses:
+        stage.tracker = _start_tracker(list(stage.out_dirs.values()))
     try:
-        from distray.teacher.reader import read_raw
-
         for split, src in inputs.items():
-            max_rows = cfg.data.max_rows if split == "train" else None
-            # Pass 0: input rows that fail validation go to rejects once, whatever the teachers.
-            raw = read_raw(src, cfg, max_rows=max_rows)
-            part = _sum_stats(
-                raw.map_batches(
-                    _input_rejects_sink(rejects_dir, tmp_dir, cfg.data.rejects_format, done_ids()),
-                    batch_format="pyarrow", batch_size=None,
-                )
-            )
-            n_valid = part["valid_inputs"]
-            result.rows_in += part["rows"]
-            result.skipped_done += part["rows"] - n_valid - part["rejected"]
-            add(part, split=split, teacher=None, pass_="validate")
-            from distray.teacher.reader import valid_rows
-
+            n_valid = stage.validate(split, src)
             for teacher in teachers:
-                expanded_total = n_valid * sampling.n
-                sink_kwargs = dict(
-                    out_dir=out_dirs[split], rejects_dir=rejects_dir, tmp_dir=tmp_dir,
-                    rejects_format=cfg.data.rejects_format, filters=gen.filters,
-                    labels=cfg.task.labels, cache_dir=gen.cache_dir, tracker=tracker,
-                )
-                processed = 0
-
-                def todo(with_cache_key: bool) -> Any:
-                    ds = expand(
-                        valid_rows(read_raw(src, cfg, max_rows=max_rows)),
-                        teacher, sampling, k, with_cache_key=with_cache_key,
-                    )
-                    return ds.map_batches(
-                        W.keep_not_done, fn_kwargs={"done": done_ids()},
-                        batch_format="pyarrow", batch_size=None,
-                    )
-
-                if gen.cache_dir:
-                    # Pass A: rows whose answer is cached are written without the teacher.
-                    hits = todo(True).map_batches(
-                        _cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
-                        batch_format="pyarrow", batch_size=None,
-                    )
-                    part = _sum_stats(
-                        hits.map_batches(
-                            _Sink(store_cache=False, **sink_kwargs),
-                            batch_format="pyarrow", batch_size=gen.rows_per_shard,
-                        )
-                    )
-                    processed += part["rows"]
-                    add(part, split=split, teacher=teacher.label, pass_="cache")
-                # Pass B: the rest goes to the teacher.
-                t0 = time.perf_counter()
-                answered = answer(todo(gen.cache_dir is not None), teacher, cfg, sampling, k)
-                part = _sum_stats(
-                    answered.map_batches(
-                        _Sink(store_cache=True, **sink_kwargs),
-                        batch_format="pyarrow", batch_size=gen.rows_per_shard,
-                    )
-                )
-                wall = time.perf_counter() - t0
-                processed += part["rows"]
-                part["wall_s"] = round(wall, 3)
-                part["output_tokens_per_s"] = round(part["completion_tokens"] / wall, 2) if wall > 0 else 0.0
-                add(part, split=split, teacher=teacher.label, pass_="teacher")
-                result.generate_wall_s += wall
-                result.skipped_done += max(0, expanded_total - processed)
-                gpu_s += wall * _gpus_per_teacher(teacher, on_gpu)
-                if isinstance(teacher, OpenAITeacher):
-                    cost += (
-                        part["prompt_tokens"] * teacher.usd_per_1m_input_tokens
-                        + part["completion_tokens"] * teacher.usd_per_1m_output_tokens
-                    ) / 1e6
-                    _check_success_ratio(teacher, part)
-    except Exception as e:  # noqa: BLE001 - re-raised as the distray error inside, if any
+                stage.label(split, src, teacher, n_valid)
+    except Exception as e:
         inner = _unwrap(e)
         if inner is not e:
             raise inner from e
         raise
     finally:
-        if tracker is not None:
-            ray.kill(tracker)
-
-    result.rejected_by_reason = dict(reasons)
-    result.wall_s = time.perf_counter() - t_start
-    result.output_tokens_per_s = (
-        result.completion_tokens / result.generate_wall_s if result.generate_wall_s > 0 else 0.0
-    )
-    result.gpu_hours = gpu_s / 3600
-    result.cost_usd = cost + result.gpu_hours * gen.gpu_hour_usd
-    result.total_data_rows = int(len(W.load_done_ids([paths.generate_data])))
-    result.total_reject_rows = int(len(W.load_done_ids([rejects_dir])))
-    F.write_text(paths.generate_stats, json.dumps(asdict(result), indent=2, default=str))
+        if stage.tracker is not None:
+            ray.kill(stage.tracker)
+    result = stage.finish(t_start)
     logger.info(result.summary())
     return result
 
@@ -501,8 +532,8 @@ def _start_tracker(data_dirs: list[str]) -> Any:
     """The duplicate-answer tracker actor, seeded with the answers already accepted."""
     import ray
 
-    Tracker = ray.remote(num_cpus=0)(DuplicateTracker)
-    tracker = Tracker.remote()
+    tracker_cls: Any = ray.remote(num_cpus=0)(DuplicateTracker)
+    tracker = tracker_cls.remote()
     pairs: list[tuple[bytes, str]] = []
     for d in data_dirs:
         fs, _ = F.filesystem_for(d)

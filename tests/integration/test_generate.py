@@ -361,7 +361,10 @@ def _check_logprob_rows(model_dir: str, data: list[dict[str, Any]], k: int) -> N
         # Greedy: the chosen token is the top-1 at every position, and logprobs are sorted.
         assert [p[0] for p in r["topk_token_ids"]] == ids
         assert all(p == sorted(p, reverse=True) and p[0] <= 0 for p in r["topk_logprobs"])
-        assert tok.decode(ids, skip_special_tokens=True) == r["response"]
+        # The text is the ids decoded; vLLM holds back a trailing incomplete UTF-8 sequence
+        # (random tiny models emit stray byte tokens), which decode() shows as U+FFFD.
+        decoded = tok.decode(ids, skip_special_tokens=True)
+        assert decoded.startswith(r["response"]) and set(decoded[len(r["response"]):]) <= {"\ufffd"}
     ref_ids, ref_lps = _teacher_forced_topk(model_dir, data[0], k)
     assert [p[0] for p in ref_ids] == [p[0] for p in data[0]["topk_token_ids"]]
     got = [v for p in data[0]["topk_logprobs"] for v in p]
@@ -375,7 +378,8 @@ def _engine_cfg(tmp_path: Path, teacher: dict[str, Any], name: str):
         f.write(json.dumps({"id": "long", "prompt": "x" * 300}) + "\n")
     return make_cfg(tmp_path, data_path, teacher, name=name, logprobs=3, max_prompt_tokens=64,
                     sampling={"max_tokens": 8, "temperature": 0.0},
-                    filters={"truncated": "keep"})
+                    # Random tiny models often answer stray bytes that decode to nothing.
+                    filters={"truncated": "keep", "drop_empty": False})
 
 
 def test_vllm_engine_with_logprobs(ray_cluster, tmp_path, tiny_model) -> None:

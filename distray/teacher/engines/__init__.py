@@ -24,15 +24,15 @@ def generate(
 ) -> ray.data.Dataset:
     """Dispatch to the engine of `teacher.kind`."""
     if isinstance(teacher, VLLMTeacher):
-        from distray.teacher.engines import vllm
+        from distray.teacher.engines.vllm import generate as vllm_generate
 
-        return vllm.generate(ds, teacher, cfg, sampling, logprobs)
+        return vllm_generate(ds, teacher, cfg, sampling, logprobs)
     if isinstance(teacher, OpenAITeacher):
-        from distray.teacher.engines import openai
+        from distray.teacher.engines.openai import generate as openai_generate
 
-        return openai.generate(ds, teacher, cfg, sampling, logprobs)
+        return openai_generate(ds, teacher, cfg, sampling, logprobs)
     if isinstance(teacher, HFTeacher):
-        from distray.teacher.engines import hf
+        from distray.teacher.engines.hf import generate as hf_generate
 
-        return hf.generate(ds, teacher, cfg, sampling, logprobs)
+        return hf_generate(ds, teacher, cfg, sampling, logprobs)
     raise TypeError(f"unknown teacher type {type(teacher).__name__}")

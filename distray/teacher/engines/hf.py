@@ -55,7 +55,8 @@ class HFGenerator:
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if dtype != "auto":
             kwargs["dtype"] = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(self.device).eval()
+        loaded: Any = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        self.model = loaded.to(self.device).eval()
         hf_cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         n = getattr(hf_cfg, "max_position_embeddings", None)
         self.max_model_len = int(n) if n else None

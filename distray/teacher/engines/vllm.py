@@ -75,15 +75,14 @@ def processor_config(teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool) -
     from ray.data.llm import vLLMEngineProcessorConfig
 
     kw = engine_kwargs_for(teacher, logprobs, on_gpu)
-    concurrency = teacher.concurrency
-    if isinstance(concurrency, int):
-        # A plain int means a fixed pool here; ray.data.llm would read it as 1..n.
-        concurrency = (concurrency, concurrency)
+    c = teacher.concurrency
+    # A plain int means a fixed pool here; ray.data.llm would read it as 1..n.
+    concurrency: tuple[int, int] = (c, c) if isinstance(c, int) else (int(c[0]), int(c[1]))
     return vLLMEngineProcessorConfig(
         model_source=teacher.model,
         engine_kwargs=kw,
         batch_size=teacher.batch_size,
-        concurrency=tuple(concurrency),
+        concurrency=concurrency,
         accelerator_type=teacher.accelerator_type,
         placement_group_config=_placement(teacher, on_gpu, kw),
         should_continue_on_error=True,
