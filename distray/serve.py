@@ -256,7 +256,11 @@ class _BearerAuth:
         self.digest = digest
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.digest is None or scope.get("path") in OPEN_PATHS:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # under a route prefix (`/hf/health`)
+            path = path[len(root):]
+        if scope["type"] != "http" or self.digest is None or path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         header = None
@@ -737,12 +741,14 @@ def resolve_models(cfg: DistrayConfig) -> dict[str, str]:
     return models
 
 
-def served_endpoints(cfg: DistrayConfig, models: dict[str, str] | None = None) -> list[EndpointConfig]:
+def served_endpoints(
+    cfg: DistrayConfig, models: dict[str, str] | None = None, *, route_prefix: str = "/"
+) -> list[EndpointConfig]:
     """The endpoints `serve` deploys for this config (what `bench` measures by default)."""
     names = list(models) if models is not None else [cfg.serve.model_name] + (
         ["teacher"] if cfg.serve.serve_teacher else []
     )
-    base = endpoint_url(cfg) + "/v1"
+    base = endpoint_url(cfg) + route_prefix.rstrip("/") + "/v1"
     return [
         EndpointConfig(name=n, base_url=base, model=n, api_key_env=cfg.serve.api_key_env)
         for n in names
@@ -795,6 +801,8 @@ def _llm_config(
     }
     if placement:
         out["placement_group_config"] = placement
+    if s.stream_batching_interval_ms is not None:
+        out["experimental_configs"] = {"stream_batching_interval_ms": s.stream_batching_interval_ms}
     return out
 
 
@@ -834,10 +842,16 @@ def _build(cfg: DistrayConfig, models: dict[str, str]) -> Any:
 
 
 _started_serve = False
+_deployed_apps: set[str] = set()
 
 
 def deploy(
-    cfg: DistrayConfig, models: dict[str, str] | None = None, *, ready_timeout_s: float = 900.0
+    cfg: DistrayConfig,
+    models: dict[str, str] | None = None,
+    *,
+    ready_timeout_s: float = 900.0,
+    app_name: str = APP_NAME,
+    route_prefix: str = "/",
 ) -> list[EndpointConfig]:
     """Deploy the Serve app and wait until `/health` answers 200.
 
@@ -845,6 +859,8 @@ def deploy(
         cfg: the run config (`serve` section, `resources` for Ray).
         models: model id → folder; default `resolve_models(cfg)`.
         ready_timeout_s: how long to wait for engines to load.
+        app_name: Serve application name (several apps can share one Serve instance).
+        route_prefix: where the app is mounted; endpoints become `<url><prefix>/v1`.
 
     Returns:
         One `EndpointConfig` per served model, ready for `bench.bench_endpoints`.
@@ -872,14 +888,15 @@ def deploy(
             "pick a free port with serve.port=..."
         ) from e
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        _deployed_apps.add(app_name)
     except Exception as e:
         raise StageError(
-            f"Serve app `{APP_NAME}` failed to deploy {sorted(models)}: {e}; check the model "
+            f"Serve app `{app_name}` failed to deploy {sorted(models)}: {e}; check the model "
             "folders and serve.engine_kwargs (the replica logs are in /tmp/ray/session_latest/logs/serve)"
         ) from e
-    _wait_healthy(endpoint_url(cfg), ready_timeout_s)
-    return served_endpoints(cfg, models)
+    _wait_healthy(endpoint_url(cfg) + route_prefix.rstrip("/"), ready_timeout_s)
+    return served_endpoints(cfg, models, route_prefix=route_prefix)
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -899,21 +916,28 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise StageError(f"{url}/health did not answer 200 within {timeout_s:.0f} s (last: {last})")
 
 
-def shutdown() -> None:
-    """Delete the distray Serve app; stop Serve too when no other app is left on it."""
+def shutdown(app_name: str | None = None) -> None:
+    """Delete distray's Serve app(s); stop Serve too when no other app is left on it.
+
+    Args:
+        app_name: the app to delete; None deletes every app `deploy` started in this process.
+    """
     global _started_serve
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
+    names = [app_name] if app_name else sorted(_deployed_apps or {APP_NAME})
     try:
-        serve.delete(APP_NAME, _blocking=True)
+        for name in names:
+            serve.delete(name, _blocking=True)
+            _deployed_apps.discard(name)
         if _started_serve and not serve.status().applications:
             serve.shutdown()
+            _started_serve = False
     except Exception as e:  # shutting down must not mask the error that led here
         logger.warning("Serve shutdown was not clean: %s", e)
-    _started_serve = False
 
 
 def run(cfg: DistrayConfig) -> ServeResult:
