@@ -10,8 +10,8 @@ A built-in task writes train/validation/test JSONL from a seed. Rows::
 
     {"id": "reverse-test-000000", "prompt": "rev kfzeuolq=", "reference": "qlouezfk"}
     {"id": "date-test-000000", "prompt": "date 2024-03-15=", "reference": "March 15, 2024"}
-    {"id": "sentiment-test-000000", "prompt": "review: soup cold, staff rude, view superb =",
-     "reference": "negative"}
+    {"id": "sentiment-test-000000", "prompt": "review: soup cold but view superb =",
+     "reference": "positive"}
 
 Each split is drawn from its own stream (`seed`, task, split), so the test set does not change
 when `n` (the training size) does, and no prompt appears in two splits.
@@ -180,22 +180,27 @@ def _draw_date(rng: random.Random) -> Example:
 
 _NOUNS = [
     "food", "service", "staff", "room", "view", "price", "music", "coffee",
-    "soup", "bed", "wifi", "location",
+    "soup", "bed", "wifi", "location", "pizza", "tea", "pool", "bar",
 ]  # fmt: skip
-_POSITIVE = ["great", "superb", "lovely", "friendly", "fresh", "clean", "cheap", "perfect"]
-_NEGATIVE = ["awful", "rude", "cold", "dirty", "slow", "noisy", "bland", "broken"]
+_POSITIVE = ["great", "superb", "lovely", "friendly", "fresh", "clean", "cheap", "perfect", "warm", "quiet"]
+_NEGATIVE = ["awful", "rude", "cold", "dirty", "slow", "noisy", "bland", "broken", "stale", "pricey"]
+# ordered noun pairs × (polarity, joiner) × first adjective × last adjective
+_SENTIMENT_PROMPTS = len(_NOUNS) * (len(_NOUNS) - 1) * 4 * len(_POSITIVE) * len(_NEGATIVE)
 SENTIMENT_LABELS = ["positive", "negative"]
 
 
 def _draw_sentiment(rng: random.Random) -> Example:
-    # Three aspects, each good or bad; the label is the majority, so every example has one
-    # right answer and a small model only has to learn 16 word polarities and a count.
-    nouns = rng.sample(_NOUNS, 3)
-    polarity = [rng.random() < 0.5 for _ in nouns]
-    # Short prompts: a character-level model reads every letter, and "the" adds nothing.
-    parts = [f"{n} {rng.choice(_POSITIVE if p else _NEGATIVE)}" for n, p in zip(nouns, polarity, strict=True)]
-    label = "positive" if sum(polarity) >= 2 else "negative"
-    return f"review: {', '.join(parts)} =", label
+    # Two aspects joined by "and" (same polarity) or "but" (opposite): the verdict is the
+    # polarity of the last one, as in "the food was great but the staff rude". Every example has
+    # one right answer, and a small model has to learn 16 word polarities and where to look.
+    first, last = rng.sample(_NOUNS, 2)
+    positive = rng.random() < 0.5
+    contrast = rng.random() < 0.5
+    first_positive = positive != contrast
+    a1 = rng.choice(_POSITIVE if first_positive else _NEGATIVE)
+    a2 = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    joiner = "but" if contrast else "and"
+    return f"review: {first} {a1} {joiner} {last} {a2} =", "positive" if positive else "negative"
 
 
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
@@ -214,10 +219,12 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     ),
     "sentiment": BuiltinTask(
         name="sentiment",
-        description="Majority sentiment of a three-aspect review: positive or negative.",
+        description="Sentiment of a two-aspect review (`soup cold but view superb`): "
+        "positive or negative.",
         draw=_draw_sentiment,
         scorers=["choice", "exact_match", "teacher_agreement"],
         labels=list(SENTIMENT_LABELS),
+        capacity=_SENTIMENT_PROMPTS,
         verifier="label",
     ),
 }

@@ -86,10 +86,19 @@ def test_reverse_and_date_and_sentiment_rows_are_correct() -> None:
         iso = r["prompt"].removeprefix("date ").removesuffix("=")
         d = dt.date.fromisoformat(iso)
         assert r["reference"] == d.strftime("%B ") + f"{d.day}, {d.year}"
+    from distray.tasks import _NEGATIVE, _POSITIVE
+
     labels = builtin_task("sentiment").labels
     seen = set()
     for r in task_rows("sentiment", {"test": 200}, seed=3)["test"]:
-        assert r["reference"] in labels
+        words = r["prompt"].removeprefix("review: ").removesuffix(" =").split()
+        first, joiner, last = words[1], words[2], words[4]
+        assert joiner in ("and", "but")
+        # the verdict is the last aspect's; "but" joins opposite polarities, "and" equal ones
+        assert r["reference"] == ("positive" if last in _POSITIVE else "negative")
+        assert (first in _POSITIVE) == (last in _POSITIVE) or joiner == "but"
+        assert (first in _POSITIVE) != (last in _POSITIVE) or joiner == "and"
+        assert first in _POSITIVE + _NEGATIVE
         seen.add(r["reference"])
     assert seen == set(labels)  # both classes show up
 
