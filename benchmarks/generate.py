@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="prompts to label (≥ 1000)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
+    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per prompt")
     parser.add_argument("--layers", type=int, default=8, help="model layers")
     parser.add_argument("--hidden", type=int, default=512, help="model hidden size")
     parser.add_argument("--heads", type=int, default=8, help="attention heads")
@@ -84,7 +84,7 @@ def bench_distray(model: str, data: Path, work: Path, args: argparse.Namespace, 
             "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens},
             "filters": {"truncated": "keep", "drop_empty": False},
         },
-        "resources": {"num_cpus": max(4, (os.cpu_count() or 1) + 2)},
+        "resources": {"num_cpus": (os.cpu_count() or 1) + 4},
     })
     t0 = time.perf_counter()
     res = run(cfg)
@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from distray.config import config_from_dict
     from distray.ray_utils import init_ray
 
-    init_ray(config_from_dict({"resources": {"num_cpus": max(4, (os.cpu_count() or 1) + 2)}}))
+    init_ray(config_from_dict({"resources": {"num_cpus": (os.cpu_count() or 1) + 4}}))
     print("(a) distray generate, one prompt (start-up) ...", flush=True)
     one = bench_distray(model, work / "one.jsonl", work, args, 1, "one")
     print(f"    {one}", flush=True)

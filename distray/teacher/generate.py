@@ -212,12 +212,14 @@ class _Sink:
             rejects, self.rejects_dir, self.tmp_dir,
             schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects",
         )
+        # Rows stopped before the engine (too long for it) cost no request.
+        asked = [r for r in answered if not str(r.get(ERROR) or "").startswith("prompt_too_long")]
         stats = {
             "rows": len(rows),
             "accepted": len(accepted),
             "rejected": len(rejects),
             "reasons": json.dumps(dict(reasons)),
-            "teacher_requests": len(answered),
+            "teacher_requests": len(asked),
             "cache_hits": len(rows) - len(answered),
             "http_attempts": sum(int(r.get("_attempts") or 0) for r in answered),
             "prompt_tokens": sum(int(r.get(F.PROMPT_TOKENS) or 0) for r in answered),

@@ -285,6 +285,27 @@ def test_cache_and_multi_teacher_and_rerun(ray_cluster, tmp_path, fake_openai) -
     assert sorted(r["response"] for r in data2) == sorted(r["response"] for r in data)
 
 
+def test_builtin_task_splits_into_train_and_validation(ray_cluster, tmp_path, fake_openai) -> None:
+    from distray.config import config_from_dict
+    from distray.paths import RunPaths
+    from distray.teacher import run
+
+    server = fake_openai()
+    cfg = config_from_dict({
+        "run": {"name": "splits", "output_dir": str(tmp_path / "runs")},
+        "data": {"builtin": {"name": "reverse", "n_train": 5, "n_validation": 2, "n_test": 2}},
+        "teacher": api_teacher(server),
+    })
+    res = run(cfg)
+    p = RunPaths(cfg.run_dir)
+    train = pq.read_table(f"{p.generate_data}/train").to_pylist()
+    val = pq.read_table(f"{p.generate_data}/validation").to_pylist()
+    assert len(train) == 5 and len(val) == 2 and res.accepted == 7
+    assert all(r["input_id"].startswith("reverse-train-") for r in train)
+    assert all(r["input_id"].startswith("reverse-validation-") for r in val)
+    assert set(res.splits) == {"train", "validation"} and server.calls == 7
+
+
 def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> None:
     """SIGKILL a `distray generate` process after some shards are written; the rerun finishes
     the rest, never asks the teacher again for a written row, and leaves every row once."""
