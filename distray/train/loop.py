@@ -256,14 +256,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             write_text(plan.metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
 
+    # Validation batches are kept in memory after the first pass when small: restarting a Ray
+    # Data stream costs seconds, often more than the forward passes. All workers take the same
+    # decision (an all-reduce), or a worker would wait forever on a shard the others left.
+    val_cache: list[dict[str, Any]] | None = None
+    val_cache_limit = 256
+    val_cacheable = True
+
     def evaluate() -> dict[str, float]:
+        nonlocal val_cache, val_cacheable
         assert val_shard is not None
         engine.eval()
         sums = [0.0, 0.0, 0.0, 0.0]
+        seen: list[dict[str, Any]] = []
+        batches = (
+            val_cache
+            if val_cache is not None
+            else val_shard.iter_torch_batches(batch_size=micro, collate_fn=collator, prefetch_batches=1)
+        )
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(
-                batch_size=micro, collate_fn=collator, prefetch_batches=1
-            ):
+            for batch in batches:
+                if val_cache is None and val_cacheable and len(seen) <= val_cache_limit:
+                    seen.append(batch)
                 batch = _batch_to(batch, device)
                 parts = compute_loss(
                     _forward(engine, batch),
@@ -279,6 +293,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[2] += float(parts.logit_sum)
                 sums[3] += float(parts.logit_count)
         engine.train()
+        if val_cache is None and val_cacheable:
+            val_cacheable = allreduce([float(len(seen) > val_cache_limit)])[0] == 0
+            val_cache = seen if val_cacheable else None
         s = allreduce(sums)
         val_sft = s[0] / max(s[1], 1.0)
         out = {"val_sft_loss": val_sft}
