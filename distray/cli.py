@@ -62,18 +62,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _setup_logging(verbose: bool) -> None:
-    # Only the CLI and jobs/ configure handlers; library modules just log. Third-party INFO
-    # chatter (httpx per request, filelock, ...) stays at WARNING unless --verbose.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_distray", False):
-            root.removeHandler(h)
-    handler._distray = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("distray").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Only the CLI and jobs/ configure handlers; library modules just log. distray's own logger
+    # gets its own handler and does not propagate: importing ray.serve.llm replaces the root
+    # logger's handlers with a JSON formatter, which would otherwise swallow our dense lines.
+    # Third-party INFO chatter (httpx per request, filelock, ...) stays at WARNING unless -v.
+    def make() -> logging.Handler:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._distray = True  # type: ignore[attr-defined]
+        return handler
+
+    for name in ("", "distray"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if getattr(h, "_distray", False):
+                lg.removeHandler(h)
+        lg.addHandler(make())
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    ours = logging.getLogger("distray")
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
 
 
 def _load(config: str | None, overrides: Sequence[str]) -> Any:

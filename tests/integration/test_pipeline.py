@@ -42,7 +42,12 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
             "engine_kwargs": ENGINE,
             "batch_size": 64,
         },
-        "generate": {"sampling": {"max_tokens": 12}, "logprobs": 3},
+        # A teacher trained for 6 steps answers badly; keep every answer so the chain has data.
+        "generate": {
+            "sampling": {"max_tokens": 12},
+            "logprobs": 3,
+            "filters": {"drop_empty": False, "truncated": "keep"},
+        },
         "student": {"model": str(tmp / "cache" / "student")},
         "train": {
             "loss": "kd",
