@@ -77,6 +77,23 @@ def _vllm_cross_check(base: str, model_dir: str, prompts: list[list[dict[str, st
     return {k: r.get(k) for k in keys}
 
 
+def _deploy_ray_stock(model: str, engine: dict[str, Any], batching_ms: float | None) -> None:
+    """Ray's own `build_openai_app`, same engine settings, mounted at /stock (for decomposition)."""
+    from ray import serve as ray_serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    extra = {"stream_batching_interval_ms": batching_ms} if batching_ms is not None else {}
+    llm = LLMConfig(
+        model_loading_config={"model_id": "student", "model_source": model},
+        engine_kwargs={"enforce_eager": True, **engine},
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        experimental_configs=extra,
+    )
+    ray_serve.run(build_openai_app({"llm_configs": [llm]}), name="ray-stock", route_prefix="/stock",
+                  blocking=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF model folder; default a tiny model built here")
@@ -87,6 +104,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--stream-batching-ms", type=float, default=None,
                     help="serve.stream_batching_interval_ms for distray (default: Ray's 50 ms)")
+    ap.add_argument("--access-log", action="store_true", help="serve.access_log for distray")
+    ap.add_argument("--ray-stock", action="store_true",
+                    help="also measure Ray's stock build_openai_app (no distray ingress) at /stock")
     ap.add_argument("--out", default="runs/bench-serve.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -124,18 +144,25 @@ def main() -> None:
         sport = _free_port()
         cfg = config_from_dict({
             "run": {"output_dir": tmp, "name": "bench-serve"},
+            # logical CPUs: distray's engine (2) plus, with --ray-stock, Ray's app (2 + 1 ingress)
+            "resources": {"num_cpus": 8},
             "serve": {"model": model, "port": sport, "max_tokens_cap": 4096,
-                      "engine_kwargs": engine,
+                      "engine_kwargs": engine, "access_log": args.access_log,
                       "stream_batching_interval_ms": args.stream_batching_ms},
         })
         t0 = time.perf_counter()
         serve.deploy(cfg)
         distray_start_s = time.perf_counter() - t0
+        if args.ray_stock:
+            _deploy_ray_stock(model, engine, args.stream_batching_ms)
         _wait(f"http://127.0.0.1:{vport}/v1/models", 600, proc)
         targets = {
             "vllm": EndpointConfig(name="vllm", base_url=f"http://127.0.0.1:{vport}/v1", model="student"),
             "distray": serve.served_endpoints(cfg)[0],
         }
+        if args.ray_stock:
+            targets["ray_stock"] = EndpointConfig(
+                name="ray_stock", base_url=f"http://127.0.0.1:{sport}/stock/v1", model="student")
         prompts = bench.generated_prompts(args.num_prompts, seed=0)
         load = dict(concurrency=args.concurrency, max_tokens=args.max_tokens, timeout_s=300.0,
                     ignore_eos=True)
@@ -145,7 +172,7 @@ def main() -> None:
 
         rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
         for r in range(args.rounds):
-            order = ["vllm", "distray"] if r % 2 == 0 else ["distray", "vllm"]
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
             for name in order:
                 p = bench.run_point(targets[name], prompts, **load)
                 print(f"round {r + 1}/{args.rounds} {name}: {p.line().split(' | ', 1)[1]}", flush=True)
@@ -175,6 +202,13 @@ def main() -> None:
             cross = {"error": f"{type(e).__name__}: {e}"}
     finally:
         serve.shutdown()
+        if args.ray_stock:
+            try:
+                from ray import serve as ray_serve
+
+                ray_serve.delete("ray-stock")
+            except Exception:
+                pass
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -188,6 +222,13 @@ def main() -> None:
     keys = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
             "median_tpot_ms", "median_e2el_ms")
     medians = {n: {k: med(n, k) for k in keys} for n in targets}
+    if "ray_stock" in medians:
+        ratios_stock = {
+            "request_throughput": medians["distray"]["request_throughput"] / medians["ray_stock"]["request_throughput"],
+            "p50_ttft": medians["distray"]["median_ttft_ms"] / medians["ray_stock"]["median_ttft_ms"],
+        }
+    else:
+        ratios_stock = None
     ratios = {
         "request_throughput": medians["distray"]["request_throughput"] / medians["vllm"]["request_throughput"],
         "p50_ttft": medians["distray"]["median_ttft_ms"] / medians["vllm"]["median_ttft_ms"],
@@ -202,6 +243,8 @@ def main() -> None:
         "distray_startup_s": distray_start_s,
         "medians": medians,
         "ratios_distray_over_vllm": ratios,
+        "ratios_distray_over_ray_stock": ratios_stock,
+        "distray_access_log": args.access_log,
         "rounds": rounds,
         "cross_check_one_point": cross,
         "errors": {n: sum(r["errors"] for r in rounds[n]) for n in targets},
@@ -215,6 +258,11 @@ def main() -> None:
         f"p50 TTFT {ratios['p50_ttft']:.2f}x ({medians['distray']['median_ttft_ms']:.0f} vs "
         f"{medians['vllm']['median_ttft_ms']:.0f} ms) -> {args.out}"
     )
+    if ratios_stock:
+        print(
+            f"distray/Ray stock build_openai_app: request throughput "
+            f"{ratios_stock['request_throughput']:.2f}x, p50 TTFT {ratios_stock['p50_ttft']:.2f}x"
+        )
     if "vllm_bench_serve" in cross:
         v, o = cross["vllm_bench_serve"], cross["distray_bench"]
         print(

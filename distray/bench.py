@@ -386,7 +386,7 @@ async def _run_point_async(
             gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, len(inputs))
             arrivals = np.cumsum(gaps) - gaps[0]
             tasks = []
-            for inp, at in zip(inputs, arrivals):
+            for inp, at in zip(inputs, arrivals, strict=True):
                 delay = start + float(at) - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -417,7 +417,7 @@ def run_point(
         )
     )
     m = compute_metrics(outputs, duration)
-    errors = []
+    errors: list[str] = []
     for o in outputs:
         if not o.success and len(errors) < 3:
             errors.append((o.error or "unknown error").strip().splitlines()[-1][:300])
@@ -535,7 +535,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
             ax1.plot(x_tok, [p.p99_ttft_ms for p in pts], marker=marker, linestyle="--",
                      color=line.get_color(), alpha=0.6, label=f"{label} p99")
             ax2.plot(x_req, [p.median_e2el_ms for p in pts], marker=marker, color=line.get_color(), label=label)
-            for p, x, y in zip(pts, x_req, [p.median_e2el_ms for p in pts]):
+            for p, x, y in zip(pts, x_req, [p.median_e2el_ms for p in pts], strict=True):
                 ax2.annotate(p.load, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax1.set(xlabel="output throughput (tok/s)", ylabel="TTFT (ms)", title="TTFT vs throughput")
     ax2.set(xlabel="request throughput (req/s)", ylabel="median end-to-end latency (ms)",
@@ -550,7 +550,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
     out["latency_vs_throughput.png"] = buf.getvalue()
 
     fig, axes = plt.subplots(1, len(endpoints), figsize=(5.5 * len(endpoints), 4), squeeze=False)
-    for ax, name in zip(axes[0], endpoints):
+    for ax, name in zip(axes[0], endpoints, strict=True):
         for p in (p for p in points if p.endpoint == name):
             if p.ttfts_ms:
                 xs = np.sort(p.ttfts_ms)

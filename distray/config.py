@@ -530,6 +530,11 @@ class ServeConfig(Section):
         "(fewer messages at high load, later first token); 0 sends each token at once. "
         "None: Ray's default (50 ms). vllm backend only.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="One log line per request in every Serve replica (Ray Serve's access "
+        "log, shipped through Ray's log pipeline); off by default.",
+    )
 
 
 class EndpointConfig(Section):

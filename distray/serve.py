@@ -405,9 +405,10 @@ def _vllm_app(
     endpoint_map["health"] = lambda app: app.get("/health")
     app = _harden(init(), digest)
     ingress_cls = make_fastapi_ingress(DistrayIngress, endpoint_map=endpoint_map, app=app)
-    options = OpenAiIngress.get_deployment_options(llm_configs)
+    options = OpenAiIngress.get_deployment_options(llm_configs)  # type: ignore[arg-type]
     options.update(ingress_options)
-    return serve.deployment(ingress_cls, **options).bind(
+    deployment: Any = serve.deployment(ingress_cls, **options)
+    return deployment.bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
         limits=limits,
@@ -467,14 +468,15 @@ class _HFModel:
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
+        self.tok: Any = AutoTokenizer.from_pretrained(path)
+        model: Any = AutoModelForCausalLM.from_pretrained(path)
+        self.model: Any = model.to(self.device).eval()  # type: ignore[arg-type]
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.eos = {i for i in [self.tok.eos_token_id] if i is not None}
         self.lock = threading.Lock()
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids: Any = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
@@ -575,7 +577,7 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
         async def completions(self, body: _HFCompletionRequest) -> Any:
             name, m = self._model(body.model)
             budget = output_budget(body.max_tokens, body.n, self.limits.max_tokens_cap)
-            p = body.prompt
+            p: Any = body.prompt
             if isinstance(p, list) and p and isinstance(p[0], str):
                 if len(p) != 1:
                     raise RequestRejected("the hf backend takes one prompt per request", param="prompt")
@@ -583,7 +585,7 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
             if isinstance(p, list):
                 if any(not 0 <= t < len(m.tok) for t in p):
                     raise RequestRejected("a prompt token id is out of vocabulary", param="prompt")
-                prompt_ids = list(p)
+                prompt_ids: list[int] = list(p)
             else:
                 prompt_ids = m.text_ids(p)
             return await self._respond(name, m, body, prompt_ids, budget, chat=False)
@@ -613,10 +615,10 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
                 out: list[int] = []
                 sent = ""
                 while True:
-                    tok = await asyncio.to_thread(next, it, sentinel)
+                    tok: Any = await asyncio.to_thread(next, it, sentinel)
                     if tok is sentinel:
                         finish = "length" if len(out) >= budget else "stop"
-                        text = m.tok.decode(out, skip_special_tokens=True)
+                        text: str = m.tok.decode(out, skip_special_tokens=True)
                         yield text[len(sent):], finish, len(out)
                         return
                     out.append(tok)
@@ -645,7 +647,7 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
             obj = "chat.completion" if chat else "text_completion"
             if not body.stream:
                 text, finish, done = "", "stop", 0
-                async for delta, fin, done in pieces():
+                async for delta, fin, done in pieces():  # noqa: B007 (done: the last count)
                     text += delta
                     finish = fin or finish
                 return JSONResponse({"id": rid, "object": obj, "created": created, "model": name,
@@ -665,7 +667,7 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
                     yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                       "finish_reason": None}]})
                 done = 0
-                async for delta, fin, done in pieces():
+                async for delta, fin, done in pieces():  # noqa: B007 (done: the last count)
                     if delta or fin:
                         yield event({**head, "choices": [choice(delta, fin, True)]})
                 if include_usage:
@@ -674,7 +676,8 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-    return HFServer.bind(models=models, limits=limits)
+    server: Any = HFServer
+    return server.bind(models=models, limits=limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,8 +890,12 @@ def deploy(
             f"could not start Serve's HTTP proxy on {cfg.serve.host}:{cfg.serve.port}: {e}; "
             "pick a free port with serve.port=..."
         ) from e
+    _check_proxy_address(cfg)
     try:
-        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        serve.run(
+            app, name=app_name, route_prefix=route_prefix, blocking=False,
+            logging_config={"enable_access_log": cfg.serve.access_log},
+        )
         _deployed_apps.add(app_name)
     except Exception as e:
         raise StageError(
@@ -897,6 +904,28 @@ def deploy(
         ) from e
     _wait_healthy(endpoint_url(cfg) + route_prefix.rstrip("/"), ready_timeout_s)
     return served_endpoints(cfg, models, route_prefix=route_prefix)
+
+
+def _check_proxy_address(cfg: DistrayConfig) -> None:
+    """Fail when Serve already runs on this cluster with another host/port than the config's.
+
+    `serve.start` silently keeps the running proxy's settings; the URL distray prints and bench
+    measures would then be wrong.
+    """
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        assert client is not None
+        host, port = client.http_config.host, client.http_config.port
+    except Exception:  # an internal API: when it moves, skip the check rather than fail
+        return
+    if (host, port) != (cfg.serve.host, cfg.serve.port):
+        raise ConfigError(
+            f"Serve already runs on this Ray cluster at {host}:{port}, not at `serve.host`:"
+            f"`serve.port` ({cfg.serve.host}:{cfg.serve.port}); set serve.host={host} "
+            f"serve.port={port}, or stop the running Serve first (`serve shutdown`)"
+        )
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -976,6 +1005,12 @@ def run(cfg: DistrayConfig) -> ServeResult:
         result.base_url, result.startup_s,
     )
     if cfg.serve.detached:
+        if not (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")):
+            logger.warning(
+                "serve.detached with a Ray started by this process: the app stops when the "
+                "process exits; start a cluster (`ray start --head`) and set RAY_ADDRESS, or "
+                "run in the foreground"
+            )
         return result
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGTERM)
