@@ -116,7 +116,7 @@ def export_checkpoint(
     dtype = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         base_model, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
     if lora is not None:

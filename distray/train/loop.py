@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -122,7 +121,7 @@ def _load_model(plan: WorkerPlan, cfg: DistrayConfig, dtype: Any) -> tuple[Any, 
         from transformers.integrations import HfDeepSpeedConfig
 
         keepalive = HfDeepSpeedConfig(plan.ds_config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         plan.model, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code if cfg.student else False
     )
     model.config.use_cache = False
@@ -159,6 +158,8 @@ def _batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 
 def _forward(engine: Any, batch: dict[str, Any]) -> Any:
+    # use_cache=False matters beyond memory: with a cache object transformers does not read
+    # packed `position_ids` as sequence boundaries.
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
@@ -187,11 +188,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = WorkerPlan(**config["plan"])
     tc = cfg.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     _worker_logging(rank)
 
     if plan.use_gpu:
-        device = ray.train.torch.get_device()
+        from ray.train.torch import get_device
+
+        device = get_device()
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -310,7 +310,8 @@ def _teacher_tokenizers(cfg: DistrayConfig) -> dict[str, Any]:
         if os.path.isdir(t.model) and any(
             os.path.isfile(os.path.join(t.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")
         ):
-            out[t.model] = AutoTokenizer.from_pretrained(t.model, trust_remote_code=t.trust_remote_code)
+            remote_code = bool(getattr(t, "trust_remote_code", False))
+            out[t.model] = AutoTokenizer.from_pretrained(t.model, trust_remote_code=remote_code)
     return out
 
 
@@ -501,6 +502,174 @@ def run(cfg: DistrayConfig) -> TrainResult:
     )
 
 
+@dataclass
+class _Datasets:
+    """Lazy Ray Datasets for one run, and the cheap id-only twins used to count rows."""
+
+    train: Any
+    validation: Any | None
+    count_train: Any
+    count_validation: Any | None
+    columns: list[str]
+    use_teacher_ids: bool = False
+    with_topk: bool = False
+
+
+def _with_holdout(d: _Datasets, fraction: float, seed: int) -> _Datasets:
+    """Split `train` into train / validation by a hash of the row id."""
+    keep = _holdout_filter(fraction, seed, keep_holdout=True)
+    drop = _holdout_filter(fraction, seed, keep_holdout=False)
+    return _Datasets(
+        train=d.train.map_batches(drop, batch_format="pyarrow"),
+        validation=d.train.map_batches(keep, batch_format="pyarrow"),
+        count_train=d.count_train.map_batches(drop, batch_format="pyarrow"),
+        count_validation=d.count_train.map_batches(keep, batch_format="pyarrow"),
+        columns=d.columns,
+        use_teacher_ids=d.use_teacher_ids,
+        with_topk=d.with_topk,
+    )
+
+
+def _teacher_datasets(
+    cfg: DistrayConfig, data: Any, validation_data: Any, model: str, tokenizer_dir: str
+) -> _Datasets:
+    """Teacher-data datasets, after the top-k and vocabulary checks (driver side, no workers)."""
+    tc = cfg.train
+    if isinstance(data, str):
+        columns = _parquet_columns(data)
+        d = _Datasets(_teacher_dataset(data, columns), None, _teacher_dataset(data, [ID]), None, columns)
+    else:
+        columns = list(data.columns())
+        d = _Datasets(data, None, data.select_columns([ID]), None, columns)
+    d.with_topk = tc.is_logit_loss
+    if d.with_topk and not (TOPK_TOKEN_IDS in columns and TOPK_LOGPROBS in columns):
+        raise DataError(
+            f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the teacher data has no "
+            f"{TOPK_TOKEN_IDS}/{TOPK_LOGPROBS} columns (columns: {columns}); regenerate with "
+            "generate.logprobs set, or use train.loss: sft"
+        )
+    d.use_teacher_ids = RESPONSE_TOKEN_IDS in columns
+    if isinstance(data, str):
+        sample = _sample_rows(data)
+        if d.with_topk and sample and not any(r.get(TOPK_TOKEN_IDS) for r in sample):
+            raise DataError(
+                f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the first "
+                f"{len(sample)} rows of `{data}` have none (teacher {sample[0].get('teacher')!r}); "
+                "regenerate with generate.logprobs set, or use train.loss: sft"
+            )
+        if d.use_teacher_ids:
+            from transformers import AutoConfig, AutoTokenizer
+
+            problem = check_vocab(
+                AutoTokenizer.from_pretrained(tokenizer_dir),
+                int(AutoConfig.from_pretrained(model).vocab_size),
+                sample,
+                _teacher_tokenizers(cfg),
+                student_name=model,
+            )
+            if problem and tc.is_logit_loss:
+                raise DataError(
+                    f"{problem}. Logit distillation (train.loss: {tc.loss}) needs teacher and "
+                    "student to share one tokenizer: pick a student of the teacher's family, or "
+                    "use train.loss: sft"
+                )
+            if problem:
+                logger.warning("%s; SFT re-tokenises the teacher's answer text instead", problem)
+                d.use_teacher_ids = False
+    if validation_data is None:
+        return _with_holdout(d, tc.validation_fraction, cfg.run.seed) if tc.validation_fraction > 0 else d
+    if isinstance(validation_data, str):
+        d.validation = _teacher_dataset(validation_data, _parquet_columns(validation_data))
+        d.count_validation = _teacher_dataset(validation_data, [ID])
+    else:
+        d.validation = validation_data
+        d.count_validation = validation_data.select_columns([ID])
+    return d
+
+
+def _reference_datasets(cfg: DistrayConfig, data: Any, validation_data: Any) -> _Datasets:
+    """Ground-truth SFT datasets: input rows with a `reference`, as {id, messages, response}."""
+    train = _reference_dataset(data, cfg)
+    d = _Datasets(train, None, train, None, [ID, MESSAGES, RESPONSE])
+    if validation_data is not None:
+        d.validation = d.count_validation = _reference_dataset(validation_data, cfg)
+    elif cfg.train.validation_fraction > 0:
+        d = _with_holdout(d, cfg.train.validation_fraction, cfg.run.seed)
+    return d
+
+
+def _result_from(
+    m: dict[str, Any], *, student_dir: str, checkpoint: str, metrics_path: str, plot: str | None,
+    n_train: int, n_val: int, t_start: float, tc: TrainConfig, use_gpu: bool,
+) -> TrainResult:
+    return TrainResult(
+        student_dir=student_dir,
+        checkpoint_dir=checkpoint,
+        metrics_path=metrics_path,
+        loss_plot=plot,
+        steps=int(m.get("step", 0)),
+        epochs=int(m.get("epoch", 0)),
+        train_rows=n_train,
+        validation_rows=n_val,
+        train_loss=m.get("train_loss"),
+        val_loss=m.get("val_loss"),
+        best_val_loss=m.get("best_val_loss"),
+        tokens_per_s=float(m.get("tokens_per_s", 0.0)),
+        train_time_s=float(m.get("train_time_s", 0.0)),
+        elapsed_s=time.perf_counter() - t_start,
+        truncated=int(m.get("truncated", 0)),
+        no_target=int(m.get("no_target", 0)),
+        resumed_from_step=int(m.get("resumed_from_step", 0)),
+        num_workers=tc.num_workers,
+        zero_stage=tc.zero_stage,
+        use_gpu=use_gpu,
+        loss=tc.loss,
+    )
+
+
+def _fit(
+    cfg: DistrayConfig, plan: dict[str, Any], datasets: dict[str, Any], out_dir: str, use_gpu: bool
+) -> Any:
+    """Run the TorchTrainer; the Ray Train Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distray.ray_utils import worker_env
+    from distray.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    run_config: Any = ray.train.RunConfig(
+        # A fixed name under the run folder: rerunning finds the snapshot and resumes.
+        name="checkpoints",
+        storage_path=out_dir,
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and worker errors
+        raise StageError(
+            f"training failed after {tc.max_failures} restart(s) (train.max_failures): {e}. "
+            f"Rerun the same command to resume from the latest checkpoint in {out_dir}/checkpoints"
+        ) from e
+    if result.checkpoint is None:
+        raise StageError(f"training reported no checkpoint into {out_dir}/checkpoints")
+    return result
+
+
 def train_model(
     cfg: DistrayConfig,
     data: Any,
@@ -515,9 +684,9 @@ def train_model(
 
     Args:
         cfg: the run config; `train` and `student` sections are read.
-        data: teacher data (a Parquet folder in TEACHER_DATA_SCHEMA) when `answers="teacher"`;
-            input rows with `reference` (JSONL/Parquet file or folder, or a Ray Dataset of input
-            rows) when `answers="reference"`.
+        data: teacher data (a Parquet folder in TEACHER_DATA_SCHEMA, or a Ray Dataset of such
+            rows) when `answers="teacher"`; input rows with `reference` (JSONL/Parquet file or
+            folder, or a Ray Dataset of input rows) when `answers="reference"`.
         out_dir: gets `checkpoints/`, `student/`, `metrics.jsonl`, `loss.png`. Reusing a folder
             resumes from its latest checkpoint.
         validation_data: same kind as `data`; None holds out `train.validation_fraction` of
@@ -531,7 +700,11 @@ def train_model(
         Paths and figures of the run.
 
     Raises:
-        ConfigError, DataError, StageError: as `run`.
+        ConfigError: no student folder; a logit loss on references; batch settings that
+            contradict each other.
+        DataError: no rows; teacher data without top-k for a logit loss; teacher and student
+            vocabularies that differ (logit losses), all before any worker starts.
+        StageError: training failed after `train.max_failures` restarts.
     """
     t_start = time.perf_counter()
     tc = cfg.train
@@ -548,117 +721,39 @@ def train_model(
             "references has none; use train.loss: sft"
         )
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    from distray.ray_utils import cluster_has_gpu, init_ray, worker_env
+    from distray.ray_utils import cluster_has_gpu, init_ray
 
     init_ray(cfg)
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
 
     out_dir = out_dir.rstrip("/")
     if "://" not in out_dir:
         out_dir = os.path.abspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-    seed = cfg.run.seed
-    frac = tc.validation_fraction
 
-    # ---- datasets (lazy; executed on the cluster, streamed to workers) ----
-    use_teacher_ids = with_topk = False
+    # ---- datasets (lazy: executed on the cluster and streamed to the workers) ----
     if answers == "teacher":
-        if isinstance(data, str):
-            columns = _parquet_columns(data)
-            train_ds = _teacher_dataset(data, columns)
-            count_ds = _teacher_dataset(data, [ID])
-        else:
-            train_ds = data
-            columns = list(data.columns())
-            count_ds = data.select_columns([ID])
-        has_ids = RESPONSE_TOKEN_IDS in columns
-        with_topk = tc.is_logit_loss
-        if with_topk and not (TOPK_TOKEN_IDS in columns and TOPK_LOGPROBS in columns):
-            raise DataError(
-                f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the teacher data "
-                f"has no {TOPK_TOKEN_IDS}/{TOPK_LOGPROBS} columns (columns: {columns}); "
-                "regenerate with generate.logprobs set, or use train.loss: sft"
-            )
-        use_teacher_ids = has_ids
-        if with_topk and isinstance(data, str):
-            sample = _sample_rows(data)
-            if sample and not any(r.get(TOPK_TOKEN_IDS) for r in sample):
-                raise DataError(
-                    f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the first "
-                    f"{len(sample)} rows of `{data}` have none (teacher "
-                    f"{sample[0].get('teacher')!r}); regenerate with generate.logprobs set, or use "
-                    "train.loss: sft"
-                )
-        if has_ids and isinstance(data, str):
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-            vocab_size = int(AutoConfig.from_pretrained(model).vocab_size)
-            problem = check_vocab(
-                tok, vocab_size, _sample_rows(data), _teacher_tokenizers(cfg), student_name=model
-            )
-            if problem:
-                if tc.is_logit_loss:
-                    raise DataError(
-                        f"{problem}. Logit distillation (train.loss: {tc.loss}) needs teacher and "
-                        "student to share one tokenizer: pick a student of the teacher's family, "
-                        "or use train.loss: sft"
-                    )
-                logger.warning("%s; SFT re-tokenises the teacher's answer text instead", problem)
-                use_teacher_ids = False
-        if validation_data is not None:
-            val_ds = (
-                _teacher_dataset(validation_data, _parquet_columns(validation_data))
-                if isinstance(validation_data, str)
-                else validation_data
-            )
-            val_count_ds = (
-                _teacher_dataset(validation_data, [ID])
-                if isinstance(validation_data, str)
-                else validation_data.select_columns([ID])
-            )
-        elif frac > 0:
-            keep = _holdout_filter(frac, seed, keep_holdout=True)
-            drop = _holdout_filter(frac, seed, keep_holdout=False)
-            val_ds = train_ds.map_batches(keep, batch_format="pyarrow")
-            val_count_ds = count_ds.map_batches(keep, batch_format="pyarrow")
-            train_ds = train_ds.map_batches(drop, batch_format="pyarrow")
-            count_ds = count_ds.map_batches(drop, batch_format="pyarrow")
-        else:
-            val_ds = val_count_ds = None
+        d = _teacher_datasets(cfg, data, validation_data, model, tokenizer_dir)
     else:
-        columns = [ID, MESSAGES, RESPONSE]
-        train_ds = _reference_dataset(data, cfg)
-        if validation_data is not None:
-            val_ds = _reference_dataset(validation_data, cfg)
-        elif frac > 0:
-            val_ds = train_ds.map_batches(_holdout_filter(frac, seed, True), batch_format="pyarrow")
-            train_ds = train_ds.map_batches(_holdout_filter(frac, seed, False), batch_format="pyarrow")
-        else:
-            val_ds = None
-        count_ds, val_count_ds = train_ds, val_ds
+        d = _reference_datasets(cfg, data, validation_data)
     if max_rows is not None:
-        train_ds = train_ds.limit(max_rows)
-        count_ds = count_ds.limit(max_rows)
+        d.train, d.count_train = d.train.limit(max_rows), d.count_train.limit(max_rows)
 
     # ---- sizes and the step plan ----
     use_gpu = tc.use_gpu if tc.use_gpu is not None else cluster_has_gpu()
     world = tc.num_workers
-    n_train = count_ds.count()
+    n_train = d.count_train.count()
     if n_train == 0:
-        raise DataError(
-            f"no training rows in `{data}`"
-            + (" with a `reference` answer" if answers == "reference" else "")
-        )
-    n_val = val_count_ds.count() if val_count_ds is not None else 0
-    if val_ds is not None and n_val < world:
+        what = " with a `reference` answer" if answers == "reference" else ""
+        raise DataError(f"no training rows{what} in `{data}`")
+    n_val = d.count_validation.count() if d.count_validation is not None else 0
+    if d.validation is not None and n_val < world:
         logger.warning(
             "validation has %d rows, fewer than the %d workers; training without validation loss",
             n_val,
             world,
         )
-        val_ds, n_val = None, 0
+        d.validation, n_val = None, 0
     ds_config = build_deepspeed_config(tc, world, use_gpu=use_gpu)
     micro = int(ds_config["train_micro_batch_size_per_gpu"])
     accum = int(ds_config["gradient_accumulation_steps"])
@@ -676,10 +771,10 @@ def train_model(
         "steps_per_epoch": steps_per_epoch,
         "micro_batches_per_epoch": micro_per_epoch,
         "epochs": epochs,
-        "use_teacher_ids": use_teacher_ids,
-        "with_topk": with_topk,
-        "has_validation": val_ds is not None,
-        "seed": seed,
+        "use_teacher_ids": d.use_teacher_ids,
+        "with_topk": d.with_topk,
+        "has_validation": d.validation is not None,
+        "seed": cfg.run.seed,
         "use_gpu": use_gpu,
     }
     logger.info(
@@ -698,50 +793,18 @@ def train_model(
         tc.loss,
         "GPU/nccl" if use_gpu else "CPU/gloo",
     )
+    keep_cols = [c for c in TRAIN_COLUMNS if c in d.columns]
+    datasets = {"train": d.train.select_columns(keep_cols)}
+    if d.validation is not None:
+        datasets["validation"] = d.validation.select_columns(keep_cols)
+    result = _fit(cfg, plan, datasets, out_dir, use_gpu)
 
-    from distray.train.loop import train_loop_per_worker
-
-    keep_cols = [c for c in TRAIN_COLUMNS if c in columns]
-    datasets = {"train": train_ds.select_columns(keep_cols)}
-    if val_ds is not None:
-        datasets["validation"] = val_ds.select_columns(keep_cols)
-    resources = {"CPU": tc.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name="checkpoints",
-            storage_path=out_dir,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env(cfg)},
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # ray.train.TrainingFailedError and worker errors
-        raise StageError(
-            f"training failed after {tc.max_failures} restart(s): {e}. Rerun the same command to "
-            f"resume from the latest checkpoint in {out_dir}/checkpoints"
-        ) from e
-    if result.checkpoint is None:
-        raise StageError(f"training reported no checkpoint into {out_dir}/checkpoints")
-    m = dict(result.metrics or {})
-
-    # ---- export (a Ray task: runs on the cluster, next to storage, after the workers left) ----
+    # ---- export: a Ray task on the cluster, next to storage, once the workers are gone ----
     from distray.train.export import export_checkpoint
 
     student_dir = f"{out_dir}/student"
     lora = cfg.student.lora.model_dump() if (cfg.student and cfg.student.lora) else None
-    export_task = ray.remote(num_cpus=1)(export_checkpoint)
+    export_task: Any = ray.remote(num_cpus=1)(export_checkpoint)
     ray.get(
         export_task.remote(
             result.checkpoint.path,
@@ -753,35 +816,19 @@ def train_model(
         )
     )
     plot = plot_loss(metrics_path, f"{out_dir}/loss.png")
-    res = TrainResult(
-        student_dir=student_dir,
-        checkpoint_dir=result.checkpoint.path,
-        metrics_path=metrics_path,
-        loss_plot=plot,
-        steps=int(m.get("step", 0)),
-        epochs=int(m.get("epoch", 0)),
-        train_rows=n_train,
-        validation_rows=n_val,
-        train_loss=m.get("train_loss"),
-        val_loss=m.get("val_loss"),
-        best_val_loss=m.get("best_val_loss"),
-        tokens_per_s=float(m.get("tokens_per_s", 0.0)),
-        train_time_s=float(m.get("train_time_s", 0.0)),
-        elapsed_s=time.perf_counter() - t_start,
-        truncated=int(m.get("truncated", 0)),
-        no_target=int(m.get("no_target", 0)),
-        resumed_from_step=int(m.get("resumed_from_step", 0)),
-        num_workers=world,
-        zero_stage=tc.zero_stage,
-        use_gpu=use_gpu,
-        loss=tc.loss,
+    m = dict(result.metrics or {})
+    res = _result_from(
+        m, student_dir=student_dir, checkpoint=result.checkpoint.path, metrics_path=metrics_path,
+        plot=plot, n_train=n_train, n_val=n_val, t_start=t_start, tc=tc, use_gpu=use_gpu,
     )
-    if res.truncated:
+    if res.truncated or res.no_target:
         logger.warning(
-            "%d of %d training examples were cut to train.max_seq_len (%d)",
+            "%d of %d training examples were cut to train.max_seq_len (%d); %d kept no answer "
+            "token at all",
             res.truncated,
             m.get("examples", 0),
             tc.max_seq_len,
+            res.no_target,
         )
     logger.info(
         "train done: %d steps, train_loss %s, val_loss %s, %.0f tok/s → student %s, metrics %s, "

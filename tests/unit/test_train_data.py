@@ -13,8 +13,8 @@ import torch
 from distray.config import TrainConfig
 from distray.errors import ConfigError, DataError
 from distray.train.data import ChatEncoder, Collator, holdout_flags, in_holdout, pack_examples
-from distray.train.losses import IGNORE_INDEX
 from distray.train.loop import lr_lambda
+from distray.train.losses import IGNORE_INDEX
 from distray.train.trainer import build_deepspeed_config, check_vocab, plan_steps
 
 MSGS = [{"role": "user", "content": "rev abc"}]
@@ -157,7 +157,7 @@ def test_step_plan_and_lr_schedule():
         plan_steps(3, 2, 4, 2, epochs=1, max_steps=None)
     lrs = [lr_lambda(s, 2, 10, 0.1) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and abs(lrs[-1] - 0.1) < 0.05
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
 
 
 def test_vocab_check_names_both_sizes(tok, tmp_path):
