@@ -182,8 +182,13 @@ _NOUNS = [
     "food", "service", "staff", "room", "view", "price", "music", "coffee",
     "soup", "bed", "wifi", "location", "pizza", "tea", "pool", "bar",
 ]  # fmt: skip
-_POSITIVE = ["great", "superb", "lovely", "friendly", "fresh", "clean", "cheap", "perfect", "warm", "quiet"]
-_NEGATIVE = ["awful", "rude", "cold", "dirty", "slow", "noisy", "bland", "broken", "stale", "pricey"]
+# 24 words per polarity: enough that 200 labelled examples leave a few unseen in the deciding
+# position, few enough that a 0.4M-parameter character-level student learns them all from a few
+# thousand teacher-labelled prompts.
+_POSITIVE = """great superb lovely friendly fresh clean cheap perfect warm quiet tasty cozy
+bright calm charming cheerful crisp elegant excellent gentle helpful neat polite sunny""".split()
+_NEGATIVE = """awful rude cold dirty slow noisy bland broken stale pricey greasy gloomy
+harsh lousy messy moldy musty nasty shabby smelly soggy stuffy tacky dusty""".split()
 # ordered noun pairs × (polarity, joiner) × first adjective × last adjective
 _SENTIMENT_PROMPTS = len(_NOUNS) * (len(_NOUNS) - 1) * 4 * len(_POSITIVE) * len(_NEGATIVE)
 SENTIMENT_LABELS = ["positive", "negative"]
