@@ -12,7 +12,8 @@ the same sampling (greedy, `--max-tokens`):
 - (b) bare `vllm.LLM.generate` on all prompts in one process, same engine settings;
 - (c) the seed's loop: HF `generate` one prompt at a time, timed on `--hf-sample` prompts and
   extrapolated to all of them (the per-prompt cost does not depend on the others);
-- (d) batched HF `generate`, `--hf-batch` prompts per call, on all prompts.
+- (d) batched HF `generate`, `--hf-batch` prompts per call, on all prompts (or the first
+  `--hf-batched-prompts`, extrapolated like (c)).
 
 "Excluding start-up" means: (b) the `generate` call alone (not `LLM(...)`); (c)/(d) the generate
 calls (not the model load); (a) the wall time of the full run minus the wall time of the same
@@ -46,8 +47,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=512, help="model hidden size")
     parser.add_argument("--heads", type=int, default=8, help="attention heads")
     parser.add_argument("--batch-size", type=int, default=64, help="distray teacher.batch_size")
-    parser.add_argument("--hf-sample", type=int, default=24, help="prompts timed for (c)")
+    parser.add_argument("--hf-sample", type=int, default=8, help="prompts timed for (c)")
     parser.add_argument("--hf-batch", type=int, default=64, help="prompts per call for (d)")
+    parser.add_argument(
+        "--hf-batched-prompts", type=int, default=256,
+        help="time (d) on the first N prompts and extrapolate (0: all)",
+    )
     parser.add_argument("--model", default=None, help="use this HF folder instead of building one")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--out", default="runs/bench-generate.json", help="JSON results")
@@ -144,6 +149,7 @@ def bench_hf_batched(model: str, prompts: list[list[int]], args: argparse.Namesp
     """(d): batched HF generate with left padding, tokens counted up to each row's eos."""
     import torch
 
+    prompts = prompts[: args.hf_batched_prompts] if args.hf_batched_prompts else prompts
     t0 = time.perf_counter()
     m = _hf_model(model)
     t1 = time.perf_counter()
@@ -169,7 +175,7 @@ def bench_hf_batched(model: str, prompts: list[list[int]], args: argparse.Namesp
     t2 = time.perf_counter()
     del m
     gc.collect()
-    return {"startup_s": t1 - t0, "generate_s": t2 - t1, "completion_tokens": tokens}
+    return {"startup_s": t1 - t0, "generate_s": t2 - t1, "completion_tokens": tokens, "prompts_timed": len(prompts)}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,12 +205,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print("(b) bare vllm.LLM.generate ...", flush=True)
     results["b_vllm"] = bench_vllm(model, prompts, args)
     print(f"    {results['b_vllm']}", flush=True)
-    print("(c) HF generate, one prompt at a time ...", flush=True)
-    results["c_hf_loop"] = bench_hf_loop(model, prompts, args, eos, pad)
-    print(f"    {results['c_hf_loop']}", flush=True)
-    print("(d) HF generate, batched ...", flush=True)
-    results["d_hf_batched"] = bench_hf_batched(model, prompts, args, eos, pad)
-    print(f"    {results['d_hf_batched']}", flush=True)
 
     from distray.config import config_from_dict
     from distray.ray_utils import init_ray
@@ -218,6 +218,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"    {full}", flush=True)
     results["a_distray"] = {**full, "startup_s": one["wall_s"], "generate_s": max(full["wall_s"] - one["wall_s"], 1e-9)}
 
+    # HF last: (a) and (b) run back to back, so drifting load from other processes hits both alike.
+    print("(c) HF generate, one prompt at a time ...", flush=True)
+    results["c_hf_loop"] = bench_hf_loop(model, prompts, args, eos, pad)
+    print(f"    {results['c_hf_loop']}", flush=True)
+    print("(d) HF generate, batched ...", flush=True)
+    results["d_hf_batched"] = bench_hf_batched(model, prompts, args, eos, pad)
+    print(f"    {results['d_hf_batched']}", flush=True)
+
     n = len(prompts)
     a, b, c, d = results["a_distray"], results["b_vllm"], results["c_hf_loop"], results["d_hf_batched"]
     # (c) timed on a sample: tokens/s carries over; its wall for all prompts is extrapolated.
@@ -227,7 +235,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "b": {"excl": b["completion_tokens"] / b["generate_s"], "incl": b["completion_tokens"] / (b["startup_s"] + b["generate_s"])},
         "c": {"excl": c["completion_tokens"] / c["generate_s"],
               "incl": (c["completion_tokens"] * n / c["prompts_timed"]) / (c["startup_s"] + c_total_s)},
-        "d": {"excl": d["completion_tokens"] / d["generate_s"], "incl": d["completion_tokens"] / (d["startup_s"] + d["generate_s"])},
+        "d": {"excl": d["completion_tokens"] / d["generate_s"],
+              "incl": (d["completion_tokens"] * n / d["prompts_timed"])
+              / (d["startup_s"] + d["generate_s"] * n / d["prompts_timed"])},
     }
     ratios = {
         f"a/{x}_{mode}": tps["a"][mode] / tps[x][mode]
@@ -239,8 +249,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens_per_s": {k: {m: round(v, 1) for m, v in d_.items()} for k, d_ in tps.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "raw": results,
-        "note": "(c) timed on the first --hf-sample prompts and extrapolated; 'excl' excludes "
-        "start-up (a: minus a one-prompt run's wall)",
+        "note": "(c) timed on the first --hf-sample prompts (and (d) on --hf-batched-prompts, "
+        "when set) and extrapolated to all prompts; 'excl' excludes start-up (a: minus the wall "
+        "of the same run on one prompt)",
     }
     print("\noutput tokens/s   excl. start-up   incl. start-up")
     names = {"a": "a distray generate", "b": "b bare vLLM", "c": "c HF one-at-a-time", "d": "d HF batched"}

@@ -220,6 +220,12 @@ def _finalize(batch: Any) -> Any:
         err = r.get("__inference_error__") or None
         row = {k: v for k, v in r.items() if k in _PASS or (k.startswith("_") and not k.startswith("__"))}
         row[F.PROMPT] = row.pop("_orig_prompt", None)
+        if row.get(F.MESSAGES) is not None:
+            # Rows that went through the engine stage as pickled objects may carry numpy
+            # arrays here; plain lists of dicts keep the Arrow schema exact.
+            row[F.MESSAGES] = [
+                {"role": str(m["role"]), "content": str(m["content"])} for m in list(row[F.MESSAGES])
+            ]
         for k in ("_prompt_text", "_prompt_token_ids"):
             row.pop(k, None)
         if err:
