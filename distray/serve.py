@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -327,6 +327,47 @@ def _harden(app: Any, digest: str | None) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _first_token_server_cls() -> Any:
+    """Ray's `LLMServer` with the first streamed chunk sent as soon as it exists.
+
+    Ray Serve LLM groups a stream's chunks every `stream_batching_interval_ms` (50 ms by
+    default) to cut per-message overhead, but its batcher also holds the *first* chunk for a
+    full interval, adding up to 50 ms to every request's time to first token. Here the first
+    flush happens when the first chunk arrives (with whatever the engine produced in the same
+    step, e.g. the role chunk and the first token); later chunks are batched as Ray does.
+    """
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.llm._internal.serve.utils.batcher import Batcher
+
+    class _FirstTokenBatcher(Batcher):  # type: ignore[type-arg]
+        async def stream(self) -> AsyncGenerator[Any, None]:
+            if not self.interval_s:  # 0 (no batching) or None (one batch): Ray's behaviour
+                async for batch in super().stream():
+                    yield batch
+                return
+            item = asyncio.ensure_future(self.queue.get())
+            done = asyncio.ensure_future(self.done_event.wait())
+            await asyncio.wait({item, done}, return_when=asyncio.FIRST_COMPLETED)
+            done.cancel()
+            first = [item.result()] if item.done() and not item.cancelled() else []
+            if not item.done():
+                item.cancel()
+            await asyncio.sleep(0)  # let the reader enqueue chunks of the same engine step
+            rest, _ = self.check_done_and_drain()
+            if first or rest:
+                yield self._merge_results(first + rest)
+            # Ray's interval batching for the rest; it returns at once when the stream already
+            # ended (and re-raises an engine error).
+            async for batch in super().stream():
+                yield batch
+
+    class DistrayLLMServer(LLMServer):
+        def _batch_output_stream(self, generator: Any) -> Any:
+            return _FirstTokenBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()
+
+    return DistrayLLMServer
+
+
 def _vllm_app(
     models: dict[str, dict[str, Any]], limits: Limits, digest: str | None, ingress_options: dict[str, Any]
 ) -> Any:
@@ -408,8 +449,12 @@ def _vllm_app(
     options = OpenAiIngress.get_deployment_options(llm_configs)  # type: ignore[arg-type]
     options.update(ingress_options)
     deployment: Any = serve.deployment(ingress_cls, **options)
+    server_cls = _first_token_server_cls()
     return deployment.bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
+        llm_deployments={
+            c.model_id: build_llm_deployment(c, name_prefix="LLMServer:", deployment_cls=server_cls)
+            for c in llm_configs
+        },
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
         limits=limits,
         model_paths=model_paths,

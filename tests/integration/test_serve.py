@@ -45,8 +45,6 @@ def served(ray_cluster, tiny_model: str, tmp_path_factory: pytest.TempPathFactor
                 "model": tiny_model, "port": free_port(), "api_key_env": KEY_ENV,
                 "max_tokens_cap": 64, "max_prompt_tokens": 200,
                 "engine_kwargs": {"max_model_len": 512},
-                # every token its own SSE chunk, so ITL/TPOT are measurable in test_bench
-                "stream_batching_interval_ms": 0,
             },
         })
         (ep,) = serve.deploy(cfg, ready_timeout_s=600)
@@ -207,3 +205,43 @@ def test_hf_backend_serves_the_same_routes(served, tiny_model) -> None:
         assert httpx.get(ep.base_url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
     finally:
         serve.shutdown("distray-hf")
+
+
+def test_foreground_run_prints_the_url_and_ctrl_c_shuts_down(tiny_model, tmp_path) -> None:
+    """`distray serve` in the foreground (hf backend, its own Ray): URL printed, SIGINT exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    cfg = {"run": {"output_dir": str(tmp_path)}, "resources": {"num_cpus": 2},
+           "serve": {"model": tiny_model, "port": port, "backend": "hf"}}
+    code = (
+        "import json, sys\n"
+        "from distray.config import config_from_dict\n"
+        "from distray import serve\n"
+        "serve.run(config_from_dict(json.loads(sys.argv[1])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        line = ""
+        assert proc.stdout is not None
+        while time.monotonic() < deadline and "ready at" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert f"ready at http://127.0.0.1:{port}/v1" in line
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        assert "shutting down" in rest
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
