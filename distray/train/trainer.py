@@ -738,6 +738,11 @@ def train_model(
         d = _reference_datasets(cfg, data, validation_data)
     if max_rows is not None:
         d.train, d.count_train = d.train.limit(max_rows), d.count_train.limit(max_rows)
+    for ds in (d.train, d.validation, d.count_train, d.count_validation):
+        if ds is not None:
+            # Progress bars of every epoch's stream would bury the step lines; training reports
+            # progress itself.
+            ds.context.enable_progress_bars = False
 
     # ---- sizes and the step plan ----
     use_gpu = tc.use_gpu if tc.use_gpu is not None else cluster_has_gpu()

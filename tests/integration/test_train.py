@@ -87,7 +87,7 @@ def teacher_data(tmp_path_factory, tiny_teacher_model) -> dict[str, Path]:
     }
 
 
-def _cfg(tmp_path: Path, student: str, teacher: str | None = None, **train) -> DistrayConfig:
+def _cfg(tmp_path: Path, student: str, teacher: str | None = None, lora: dict | None = None, **train) -> DistrayConfig:
     base = {
         "loss": "sft",
         "lr": 3e-3,
@@ -103,7 +103,7 @@ def _cfg(tmp_path: Path, student: str, teacher: str | None = None, **train) -> D
     base.update(train)
     data = {
         "run": {"name": "t", "output_dir": str(tmp_path)},
-        "student": {"model": student},
+        "student": {"model": student, "lora": lora},
         "train": base,
         "generate": {"logprobs": K},
     }
@@ -203,11 +203,11 @@ def _train_worker_pids() -> list[int]:
     ]
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path, tiny_model, teacher_data):
+def test_killed_worker_resumes_from_checkpoint_lora(ray_cluster, tmp_path, tiny_model, teacher_data):
     from distray.train import train_model
 
-    cfg = _cfg(tmp_path, tiny_model, max_steps=12, checkpoint_every_steps=2, max_failures=2, log_every_steps=1,
-               validation_fraction=0.0)
+    cfg = _cfg(tmp_path, tiny_model, lora={"r": 8, "alpha": 16}, max_steps=12, checkpoint_every_steps=2,
+               max_failures=2, log_every_steps=1, validation_fraction=0.0, lr=1e-2)
     out = tmp_path / "kill"
     box: dict = {}
 
@@ -240,6 +240,14 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path, tiny_model
     assert res.resumed_from_step >= 2  # restarted from a checkpoint, not from step 0
     steps = [r["step"] for r in _metrics(res.metrics_path) if "loss" in r]
     assert steps == list(range(1, 13))
+    # LoRA adapters are merged into plain weights of the student's own architecture.
+    from safetensors.torch import load_file
+
+    exported = load_file(str(Path(res.student_dir) / "model.safetensors"))
+    base = load_file(str(Path(tiny_model) / "model.safetensors"))
+    assert set(exported) == set(base)
+    changed = [k for k in base if not torch.equal(base[k], exported[k])]
+    assert any("q_proj" in k for k in changed) and not any("norm" in k for k in changed)
 
 
 def test_vocab_mismatch_fails_before_workers_start(ray_cluster, tmp_path, teacher_data, tiny_teacher_model):
