@@ -210,30 +210,6 @@ class DistillationJob:
 
         return run(self._config, stages=stages, force=force)
 
-    def _absolute_config(self) -> DistrayConfig:
-        # A job runs in its own working dir; local paths that exist here are made absolute so a
-        # cluster on this machine (or one with the same shared mount) finds them.
-        data = self._config.model_dump(mode="json")
-
-        def fix(section: dict[str, Any] | None, key: str) -> None:
-            if section and isinstance(section.get(key), str) and "://" not in section[key]:
-                section[key] = os.path.abspath(section[key])
-
-        fix(data["run"], "output_dir")
-        for key in ("train", "validation", "test"):
-            if data["data"].get(key) and Path(data["data"][key]).exists():
-                fix(data["data"], key)
-        for t in [data.get("teacher"), *data.get("teachers", [])]:
-            if t and Path(t["model"]).exists():
-                fix(t, "model")
-        if data.get("student") and (Path(data["student"]["model"]).exists() or data["demo"]["train_teacher"]):
-            fix(data["student"], "model")
-        if data.get("teacher") and data["demo"]["train_teacher"]:
-            fix(data["teacher"], "model")
-        if data["evaluate"].get("baseline") and Path(data["evaluate"]["baseline"]).exists():
-            fix(data["evaluate"], "baseline")
-        return DistrayConfig.model_validate(data)
-
     def submit(
         self,
         address: str = "http://127.0.0.1:8265",
@@ -247,7 +223,10 @@ class DistillationJob:
         """
         from ray.job_submission import JobSubmissionClient
 
-        cfg = self._absolute_config()
+        from distray.pipeline import absolutize
+
+        # The job runs in its own working dir: local paths must be absolute to mean the same.
+        cfg = absolutize(self._config)
         work = Path(tempfile.mkdtemp(prefix="distray-job-"))
         (work / "distray_config.yaml").write_text(dump_config(cfg))
         pkg = Path(__file__).resolve().parent

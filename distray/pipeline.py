@@ -42,6 +42,42 @@ class PipelineResult:
     headline: dict[str, Any] = field(default_factory=dict)
 
 
+def absolutize(cfg: DistrayConfig) -> DistrayConfig:
+    """Make relative local paths absolute.
+
+    Ray workers (Train workers, engine actors) run in their own working directories, so a path
+    relative to where the user typed the command would point nowhere there. Cloud URIs and hub
+    ids (`org/name` that is not a local folder) are left alone.
+    """
+    data = cfg.model_dump(mode="json")
+    demo_models = bool(data["demo"]["train_teacher"])
+
+    def fix(section: dict[str, Any] | None, key: str, *, model: bool = False) -> None:
+        if not section:
+            return
+        value = section.get(key)
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            return
+        if model and not (Path(value).exists() or demo_models or value.startswith((".", "~"))):
+            return  # a hub id such as meta-llama/Llama-3.1-8B-Instruct
+        section[key] = str(Path(value).expanduser().resolve())
+
+    fix(data["run"], "output_dir")
+    for key in ("train", "validation", "test"):
+        fix(data["data"], key)
+    for t in [data.get("teacher"), *data.get("teachers", [])]:
+        if t and t.get("kind") != "openai":
+            fix(t, "model", model=True)
+    if data.get("student"):
+        fix(data["student"], "model", model=True)
+        fix(data["student"], "tokenizer", model=True)
+    fix(data["evaluate"], "baseline", model=True)
+    fix(data["generate"], "cache_dir")
+    fix(data["serve"], "model", model=True)
+    fix(data["bench"], "prompts")
+    return DistrayConfig.model_validate(data)
+
+
 def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
     """Fill what the stages read from the run folder: built-in task files, demo stand-ins.
 
@@ -52,6 +88,7 @@ def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
     Returns:
         The config every stage receives (also written as config.resolved.yaml).
     """
+    cfg = absolutize(cfg)
     paths = RunPaths(cfg.run_dir)
     b = cfg.data.builtin
     if b is not None:
