@@ -598,7 +598,7 @@ class DemoConfig(Section):
     teacher_train_rows: int = Field(
         default=20000, ge=1, description="Ground-truth rows for the teacher."
     )
-    teacher_steps: int = Field(default=1500, ge=1, description="Teacher training steps.")
+    teacher_steps: int = Field(default=500, ge=1, description="Teacher training steps.")
     teacher_lr: float = Field(default=3e-3, gt=0, description="Teacher learning rate.")
     student_layers: int = Field(
         default=2, ge=1, description="Student layers (make the student folder)."
