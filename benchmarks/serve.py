@@ -10,7 +10,14 @@ from other processes hits both; the figures quoted are medians over rounds. The 
 distray's bench client (vLLM's request functions), closed loop at `--concurrency`.
 
 One point is also measured with `vllm.benchmarks.serve.main` (vLLM's own `bench serve`, same
-prompts via its custom dataset) against bare vLLM, to cross-check distray's bench client.
+prompts via its custom dataset) against bare vLLM, alternating with distray's client, to
+cross-check distray's bench client.
+
+`--ray-stock` adds Ray's own `build_openai_app` (same engine settings, mounted at /stock) as a
+third target, which splits the gap: distray / Ray stock is the cost of distray's ingress
+(auth, caps, error bodies, health, first-chunk flush); Ray stock / vLLM is Ray Serve's.
+`--model` takes any HF folder; on small CPU models the per-request Serve overhead dominates,
+so the ratios there are a worst case.
 
 Writes JSON (default runs/bench-serve.json) and prints the ratios (distray / vLLM).
 """

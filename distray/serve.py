@@ -10,8 +10,12 @@ Two backends share one hardened FastAPI front (`serve.backend`):
 
 - `vllm`: Ray Serve LLM (`ray.serve.llm`): one `LLMServer` deployment per model (vLLM engine,
   autoscaled from `serve.min_replicas/max_replicas/target_ongoing_requests`) behind an
-  `OpenAiIngress` subclass.
+  `OpenAiIngress` subclass. Streamed chunks are grouped every `serve.stream_batching_interval_ms`
+  as Ray does, except the first, which is sent at once (lower time to first token).
 - `hf`: a plain Serve deployment running transformers, for machines without vLLM.
+
+Python: `deploy(cfg, models) -> [EndpointConfig]` and `shutdown()` for the pipeline (deploy, then
+`bench.bench_endpoints`, then shut down); `run(cfg) -> ServeResult` for `distray serve`.
 
 Safety (both backends): binds `serve.host` (127.0.0.1 by default); with `serve.api_key_env` set,
 every route but `/health` needs `Authorization: Bearer <key>` (401 otherwise); `max_tokens` × `n`
