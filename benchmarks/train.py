@@ -16,7 +16,10 @@ with the same global batch (`--global-batch` sequences per optimizer step), the 
 
 Throughput is non-padding tokens per second in steady state: the median over logging windows
 of (a), skipping the first window (Ray Data and DeepSpeed start-up), and the median over steps
-of (b), skipping the first two. Prints a/b and writes JSON (default runs/bench-train.json).
+of (b), skipping the first two. Prints a/b for the medians and for the 90th percentiles (on a
+machine shared with other jobs the p90 is the speed of the least-contended stretches, closer to
+what each side does alone) and writes JSON (default runs/bench-train.json) with the 1-minute
+load average beside the figures.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 K = 5
+
+
+def _p90(xs: list[float]) -> float:
+    """90th percentile: the speed of the least-contended stretches on a shared machine."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
 
 
 def write_data(model_dir: str, out_dir: Path, rows: int, answer_chars: int) -> Path:
@@ -135,6 +144,7 @@ def plain_loop(model_dir: str, data_dir: Path, args: argparse.Namespace, threads
         step_tok_s.append(int(b["n_tokens"]) / (time.perf_counter() - t0))
     steady = step_tok_s[2:] or step_tok_s
     return {"threads": threads, "tokens_per_s_median": statistics.median(steady),
+            "tokens_per_s_p90": _p90(steady),
             "steps": len(step_tok_s), "tokens_per_s_per_step": step_tok_s}
 
 
@@ -174,6 +184,7 @@ def distray_run(model_dir: str, data_dir: Path, work: Path, args: argparse.Names
     steady = windows[1:] or windows
     return {
         "tokens_per_s_median": statistics.median(steady),
+        "tokens_per_s_p90": _p90(steady),
         "tokens_per_s_per_window": windows,
         "tokens_per_s_incl_startup": res.tokens_per_s,
         "steps": res.steps,
@@ -204,6 +215,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"plain PyTorch loop ({best_threads} threads, after): {plains[-1]['tokens_per_s_median']:.0f} tok/s", flush=True)
     plain = max(plains, key=lambda r: r["tokens_per_s_median"])
     ratio = dist["tokens_per_s_median"] / plain["tokens_per_s_median"]
+    ratio_p90 = dist["tokens_per_s_p90"] / max(r["tokens_per_s_p90"] for r in plains)
     import torch
 
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
@@ -218,13 +230,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0],
+        "load_avg_1m_at_end": os.getloadavg()[0],
         "plain": plain,
         "plain_runs": [{k: v for k, v in r.items() if k != "tokens_per_s_per_step"} for r in plains],
         "distray": dist,
         "ratio_distray_over_plain": ratio,
+        "ratio_distray_over_plain_p90": ratio_p90,
     }
-    print(f"ratio distray / plain = {ratio:.2f}  (goal ≥ 0.8 on CPU)")
+    print(f"ratio distray / plain = {ratio:.2f} (medians), {ratio_p90:.2f} (p90s)  (goal ≥ 0.8 on CPU)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
