@@ -77,6 +77,8 @@ class GenerateResult:
     completion_tokens: int = 0
     output_tokens_per_s: float = 0.0
     generate_wall_s: float = 0.0
+    engine_busy_s: float = 0.0
+    engine_output_tokens_per_s: float = 0.0
     wall_s: float = 0.0
     gpu_hours: float = 0.0
     cost_usd: float = 0.0
@@ -94,7 +96,8 @@ class GenerateResult:
             + (f" ({reasons})" if reasons else "")
             + f" | {self.teacher_requests} teacher requests, {self.cache_hits} cache hits | "
             f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens | "
-            f"{self.output_tokens_per_s:,.1f} out tok/s | {self.wall_s:.1f} s | "
+            f"{self.output_tokens_per_s:,.1f} out tok/s ({self.engine_output_tokens_per_s:,.1f} "
+            f"while engines busy) | {self.wall_s:.1f} s | "
             f"${self.cost_usd:.4f} | data {self.data_dir} | rejects {self.rejects_dir} | "
             f"stats {self.stats_path}"
         )
@@ -226,6 +229,8 @@ class _Sink:
             "completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in answered),
             "accepted_completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in accepted),
             "valid_inputs": 0,
+            "engine_t0": min((r["_t0"] for r in answered if r.get("_t0") and r.get("_t1")), default=None),
+            "engine_t1": max((r["_t1"] for r in answered if r.get("_t0") and r.get("_t1")), default=None),
         }
         return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
 
@@ -244,6 +249,7 @@ def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarr
         W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects")
         reasons = Counter(_reason_code(r["reason"]) for r in rows)
         stats: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names}
+        stats["engine_t0"] = stats["engine_t1"] = None
         # `rows` counts every input row read; `rejected` only the rejects new to this run.
         stats.update(
             rows=batch.num_rows, rejected=len(rows), reasons=json.dumps(dict(reasons)),
@@ -256,15 +262,22 @@ def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarr
 
 def _sum_stats(ds: Any) -> dict[str, Any]:
     """Consume a stats dataset (this runs the pipeline) and add up its rows."""
-    total: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names if k != "reasons"}
+    spans = ("engine_t0", "engine_t1")
+    total: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names if k != "reasons" and k not in spans}
     reasons: Counter[str] = Counter()
+    t0s: list[float] = []
+    t1s: list[float] = []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             for k in total:
                 total[k] += int(row[k] or 0)
             counts: dict[str, int] = json.loads(row["reasons"] or "{}")
             reasons.update(counts)
+            if row.get("engine_t0") is not None and row.get("engine_t1") is not None:
+                t0s.append(row["engine_t0"])
+                t1s.append(row["engine_t1"])
     total["reasons"] = dict(reasons)
+    total["engine_busy_s"] = round(max(t1s) - min(t0s), 3) if t0s else 0.0
     return total
 
 
@@ -429,6 +442,7 @@ class _Stage:
         part["output_tokens_per_s"] = round(part["completion_tokens"] / wall, 2) if wall > 0 else 0.0
         self.add(part, split=split, teacher=teacher.label, pass_="teacher")
         self.result.generate_wall_s += wall
+        self.result.engine_busy_s += part["engine_busy_s"]
         self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
         self.gpu_s += wall * _gpus_per_teacher(teacher, self.on_gpu)
         if isinstance(teacher, OpenAITeacher):
@@ -443,6 +457,9 @@ class _Stage:
         r.rejected_by_reason = dict(self.reasons)
         r.wall_s = time.perf_counter() - t_start
         r.output_tokens_per_s = r.completion_tokens / r.generate_wall_s if r.generate_wall_s > 0 else 0.0
+        r.engine_output_tokens_per_s = (
+            r.completion_tokens / r.engine_busy_s if r.engine_busy_s > 0 else 0.0
+        )
         r.gpu_hours = self.gpu_s / 3600
         r.cost_usd = self.api_cost_usd + r.gpu_hours * self.cfg.generate.gpu_hour_usd
         r.total_data_rows = len(W.load_done_ids([self.paths.generate_data]))

@@ -169,5 +169,9 @@ STATS_SCHEMA = pa.schema(
         ("completion_tokens", pa.int64()),
         ("accepted_completion_tokens", pa.int64()),
         ("valid_inputs", pa.int64()),
+        # Wall-clock span the engines worked on this batch's rows (first request in, last
+        # token out); min/max over batches give a run's engine-busy time.
+        ("engine_t0", pa.float64()),
+        ("engine_t1", pa.float64()),
     ]
 )

@@ -22,6 +22,7 @@ __all__ = [
     "finish_reason",
     "topk_from_vllm",
     "empty_result",
+    "engine_span",
 ]
 
 #: Columns an engine stage fills (beside the row's own); `error` is null when it went well.
@@ -164,6 +165,21 @@ def topk_from_vllm(
         ids_out.append([it[2] for it in best])
         lps_out.append([it[3] if math.isfinite(it[3]) else -1e30 for it in best])
     return ids_out, lps_out
+
+
+def engine_span(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """`{"_t0", "_t1"}`: wall-clock time a request reached a vLLM engine and got its last token.
+
+    vLLM's request stats mix a frontend wall-clock arrival time with engine-core monotonic
+    stamps; the last token's wall time is arrival + first-token latency + (last − first token).
+    Summed over a run, these give how long the engines were busy (stats `engine_busy_s`).
+    """
+    if not metrics or not metrics.get("arrival_time"):
+        return {}
+    t0 = float(metrics["arrival_time"])
+    first, last = metrics.get("first_token_ts") or 0.0, metrics.get("last_token_ts") or 0.0
+    t1 = t0 + float(metrics.get("first_token_latency") or 0.0) + max(0.0, float(last) - float(first))
+    return {"_t0": t0, "_t1": t1}
 
 
 def empty_result(row: dict[str, Any], error: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ row's sample depends on its batch-mates (unlike vLLM's per-request seeds).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -118,10 +119,12 @@ class HFGenerator:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tok)
         if s.seed is not None:
             torch.manual_seed(s.seed + int(rows[0].get(F.SAMPLE_INDEX) or 0))
+        t0 = time.time()
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
             )
+        t1 = time.time()
         seqs = out.sequences[:, width:].tolist()
         topk = None
         if self.k is not None and out.logits:
@@ -155,6 +158,7 @@ class HFGenerator:
                 r[F.TOPK_TOKEN_IDS] = None
                 r[F.TOPK_LOGPROBS] = None
             r[ERROR] = None
+            r["_t0"], r["_t1"] = t0, t1
 
 
 def generate(

@@ -208,6 +208,7 @@ class OpenAIClient:
         t = self.t
         error = "request_failed: no attempt made"
         attempt = 0
+        row["_t0"] = time.time()
         for attempt in range(t.max_retries + 1):
             retry_after = None
             async with self._sem:
@@ -256,6 +257,7 @@ class OpenAIClient:
         row[F.TOPK_LOGPROBS] = top_lps
         row[ERROR] = None
         row[ATTEMPTS] = attempts
+        row["_t1"] = time.time()
         self.ok += 1
         return row
 

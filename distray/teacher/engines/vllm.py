@@ -193,6 +193,7 @@ def generate(
         topk = common.topk_from_vllm(row.get("logprobs"), logprobs) if logprobs else None
         out[F.TOPK_TOKEN_IDS], out[F.TOPK_LOGPROBS] = topk if topk else (None, None)
         out[ERROR] = None
+        out.update(common.engine_span(row.get("metrics")))
         return out
 
     processor = build_processor(
