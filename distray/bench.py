@@ -376,7 +376,7 @@ async def _run_point_async(
             return await request_func(request_func_input=inp, session=session)
 
     async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s), trust_env=False
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s), trust_env=True
     ) as session:
         start = time.perf_counter()
         if rate_rps is None:
