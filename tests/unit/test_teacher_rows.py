@@ -145,3 +145,12 @@ def test_openai_logprobs_need_token_ids() -> None:
 def test_expand_keeps_reference_and_prompt(k: int) -> None:
     rows = expand_rows([{"id": "q", "messages": MSGS, "prompt": "p", "reference": "5"}], teacher(), SamplingConfig(n=k), None, with_cache_key=True)
     assert len(rows) == k and all(r["reference"] == "5" and r["prompt"] == "p" and r["_cache_key"] for r in rows)
+
+
+def test_public_api_is_pinned() -> None:
+    import distray.teacher as T
+
+    assert sorted(T.__all__) == sorted(
+        ["run", "GenerateResult", "generate_dataset", "read_prompts", "OUTPUT_SCHEMA"]
+    )
+    assert [f.name for f in T.OUTPUT_SCHEMA] == F.TEACHER_DATA_SCHEMA.names + ["error"]

@@ -17,6 +17,10 @@ Why not ray.data.llm's HttpRequestProcessor: in Ray 2.60 it sends a whole batch 
 in-flight bound), retries without jitter or Retry-After and not on 500, and raises on the first
 row that exhausts its retries, which would fail the whole dataset instead of rejecting one row.
 
+Prompts are sent as chat messages; the endpoint applies its own template and counts tokens, so
+`generate.max_prompt_tokens` is not checked here: an over-long prompt comes back as HTTP 400,
+which becomes a `request_failed` reject.
+
 Logprobs: `top_logprobs` per position come back as token strings. Token ids are only known when
 the server returns them as `token_id:<n>` (vLLM's `return_tokens_as_token_ids`, which distray
 requests through `teacher.extra_body` for such endpoints); otherwise the logprob columns stay null.
