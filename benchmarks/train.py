@@ -180,7 +180,7 @@ def distray_run(model_dir: str, data_dir: Path, work: Path, args: argparse.Names
     res = train_model(cfg, str(data_dir), str(work / "train"))
     wall = time.perf_counter() - t0
     recs = [json.loads(x) for x in Path(res.metrics_path).read_text().splitlines() if x.strip()]
-    windows = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
+    windows = [r["tokens_per_s"] for r in recs if "loss" in r]
     steady = windows[1:] or windows
     return {
         "tokens_per_s_median": statistics.median(steady),

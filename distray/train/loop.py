@@ -467,6 +467,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if last_ckpt_step == state.step and resumed_from == state.step and ckpt is not None:
         # Nothing new happened (the run had already finished); report the figures anyway.
         ray.train.report(summary())
+    # The run's figures as the last metrics line (what the report shows); kept out of the
+    # checkpointed history so a resumed run writes it once.
+    state.history = [r for r in state.history if not r.get("final")]
+    state.history.append({"final": True, **summary()})
+    write_metrics()
 
 
 def _record_eval(state: TrainState, ev: dict[str, float], tc: Any, rank: int) -> bool:

@@ -63,7 +63,12 @@ Answers = Literal["teacher", "reference"]
 
 @dataclass
 class TrainResult:
-    """What a training run produced, and its figures."""
+    """What a training run produced, and its figures.
+
+    `epochs` counts completed passes over the data; `tokens_per_s` is non-padding tokens over
+    all workers per second of training (start-up, evaluation and checkpoints excluded);
+    `resumed_from_step` is the step the last (re)start continued from, 0 for a fresh run.
+    """
 
     student_dir: str
     checkpoint_dir: str | None
@@ -449,7 +454,7 @@ def plot_loss(metrics_path: str, out_png: str) -> str | None:
         return None
     recs = [json.loads(line) for line in read_text(metrics_path).splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_step" in r]
     if not train and not val:
         return None
     import matplotlib

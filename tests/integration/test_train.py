@@ -157,6 +157,7 @@ def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tin
     assert train_losses[-1] < train_losses[0] * 0.8, train_losses
     assert all("logit_loss" in r and "tokens_per_s" in r for r in recs if "loss" in r)
     assert res.val_loss is not None and res.loss_plot and Path(res.loss_plot).stat().st_size > 1000
+    assert recs[-1]["final"] and recs[-1]["step"] == 12 and recs[-1]["val_loss"] == res.val_loss
     # The exported folder loads with from_pretrained and scores the validation data as the
     # workers did after the last step.
     assert (Path(res.student_dir) / "model.safetensors").is_file()
