@@ -376,15 +376,18 @@ def build_report(run_dir: str) -> str:
             bench_pngs = []
     if exists(bench_summary) or bench_json is not None or bench_pngs:
         out.append("## Serving load benchmark (bench)\n")
+        text = ""
         if exists(bench_summary):
             text = read_text(bench_summary).strip()
             # Demote the summary's own headings under this section's.
             text = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.splitlines())
             out.append(text + "\n")
-        for png in bench_pngs:
+        # Plots the summary does not show already.
+        extra = [p for p in bench_pngs if f"bench/{os.path.basename(p)}" not in text]
+        for png in extra:
             rel = "bench/" + os.path.basename(png)
             out.append(f"![{os.path.splitext(os.path.basename(png))[0]}]({rel})")
-        if bench_pngs:
+        if extra:
             out.append("")
         if bench_json is not None:
             out.append("Every figure: [bench/results.json](bench/results.json)\n")
