@@ -362,11 +362,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=plan.seed * 1000 + state.epoch,
         )
         for i, batch in enumerate(it):
+            if stop:
+                # Every worker stops at the same step (max_steps, or early stopping on an
+                # all-reduced loss), so all of them leave the stream together.
+                break
             if i >= steps_in_epoch:
                 # The tail that does not fill an accumulation group; drained so the Ray Data
                 # epoch completes in step on every worker.
                 continue
-            if i < skip or stop:
+            if i < skip:
+                # Resuming mid-epoch: the micro-batches the checkpointed run already used.
                 continue
             batch = _batch_to(batch, device)
             parts = compute_loss(
