@@ -18,10 +18,9 @@ the same sampling (greedy, `--max-tokens`):
 "Excluding start-up" means: (b) the `generate` call alone (not `LLM(...)`); (c)/(d) the generate
 calls (not the model load); (a) the run's `engine_busy_s`, from the first request reaching the
 vLLM replica to its last token (vLLM's own request timestamps), which counts any time the
-pipeline leaves the engine waiting but not the replica's start-up. The JSON also keeps (a)'s
-full wall minus the wall of the same run on one prompt, a second estimate that is noisy where
-engine start-up time varies (a loaded machine). Ray itself is started before any timing.
-Prints a/b, a/c, a/d both ways and writes JSON (default runs/bench-generate.json).
+pipeline leaves the engine waiting but not the replica's start-up. Ray itself is started before
+any timing. (a) and (b) run in `--rounds` alternating rounds (b a, a b, ...) and the medians are
+quoted. Prints a/b, a/c, a/d both ways and writes JSON (default runs/bench-generate.json).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +57,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="use this HF folder instead of building one")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating (a)/(b) rounds; medians")
     parser.add_argument("--out", default="runs/bench-generate.json", help="JSON results")
 
 
@@ -199,56 +200,66 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n_params = json.loads((Path(model) / "distray_tiny.json").read_text())["parameters"] if (Path(model) / "distray_tiny.json").exists() else None
     data = work / "prompts.jsonl"
     rows = _prompts(args.prompts, data)
-    (work / "one.jsonl").write_text(data.read_text().splitlines()[0] + "\n")
     tok = load_tokenizer(model)
     prompts = [render_prompt(tok, [{"role": "user", "content": r["prompt"]}], True)[1] for r in rows]
     eos = sorted(eos_ids(model))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     print(f"model {model} ({n_params:,} params), {len(prompts)} prompts, max_tokens {args.max_tokens}", flush=True)
 
-    results: dict[str, Any] = {}
-    print("(b) bare vllm.LLM.generate ...", flush=True)
-    results["b_vllm"] = bench_vllm(model, prompts, args)
-    print(f"    {results['b_vllm']}", flush=True)
-
     from distray.config import config_from_dict
     from distray.ray_utils import init_ray
 
     init_ray(config_from_dict({"resources": {"num_cpus": (os.cpu_count() or 1) + 4}}))
-    print("(a) distray generate, one prompt (start-up) ...", flush=True)
-    one = bench_distray(model, work / "one.jsonl", work, args, 1, "one")
-    print(f"    {one}", flush=True)
-    print("(a) distray generate, all prompts ...", flush=True)
-    full = bench_distray(model, data, work, args, args.prompts, "all")
-    print(f"    {full}", flush=True)
-    # Excluding start-up: from the first request reaching the engine to its last token
-    # (`engine_busy_s`, from vLLM's request stats). Also kept: full wall minus a one-prompt run.
-    results["a_distray"] = {
-        **full, "startup_s": full["wall_s"] - full["engine_busy_s"],
-        "generate_s": full["engine_busy_s"],
-        "wall_minus_one_prompt_s": max(full["wall_s"] - one["wall_s"], 1e-9),
-    }
-
-    # HF last: (a) and (b) run back to back, so drifting load from other processes hits both alike.
-    print("(c) HF generate, one prompt at a time ...", flush=True)
-    results["c_hf_loop"] = bench_hf_loop(model, prompts, args, eos, pad)
-    print(f"    {results['c_hf_loop']}", flush=True)
-    print("(d) HF generate, batched ...", flush=True)
-    results["d_hf_batched"] = bench_hf_batched(model, prompts, args, eos, pad)
-    print(f"    {results['d_hf_batched']}", flush=True)
-
     n = len(prompts)
-    a, b, c, d = results["a_distray"], results["b_vllm"], results["c_hf_loop"], results["d_hf_batched"]
-    # (c) timed on a sample: tokens/s carries over; its wall for all prompts is extrapolated.
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        # A B, B A, ...: load drifting in from other processes hits both sides alike.
+        order = ("b", "a") if r % 2 == 0 else ("a", "b")
+        got: dict[str, Any] = {}
+        for side in order:
+            if side == "b":
+                print(f"round {r + 1}: (b) bare vllm.LLM.generate ...", flush=True)
+                got["b_vllm"] = bench_vllm(model, prompts, args)
+            else:
+                print(f"round {r + 1}: (a) distray generate ...", flush=True)
+                full = bench_distray(model, data, work, args, n, f"r{r}")
+                # Excluding start-up: first request in to last token out of the replica
+                # (`engine_busy_s`, from vLLM's request stats).
+                got["a_distray"] = {
+                    **full, "startup_s": full["wall_s"] - full["engine_busy_s"],
+                    "generate_s": full["engine_busy_s"],
+                }
+            print(f"    {got}", flush=True)
+        rounds.append(got)
+
+    print("(c) HF generate, one prompt at a time ...", flush=True)
+    c = bench_hf_loop(model, prompts, args, eos, pad)
+    print(f"    {c}", flush=True)
+    print("(d) HF generate, batched ...", flush=True)
+    d = bench_hf_batched(model, prompts, args, eos, pad)
+    print(f"    {d}", flush=True)
+
+    def tps_a(a: dict[str, Any]) -> dict[str, float]:
+        return {"excl": a["completion_tokens"] / a["generate_s"], "incl": a["completion_tokens"] / a["wall_s"]}
+
+    def tps_b(b: dict[str, Any]) -> dict[str, float]:
+        return {"excl": b["completion_tokens"] / b["generate_s"],
+                "incl": b["completion_tokens"] / (b["startup_s"] + b["generate_s"])}
+
+    def median(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    per_round = [{"a": tps_a(g["a_distray"]), "b": tps_b(g["b_vllm"])} for g in rounds]
+    # (c)/(d) timed on samples: tokens/s carries over; their walls for all prompts are extrapolated.
     c_total_s = c["generate_s"] * n / c["prompts_timed"]
+    d_total_s = d["generate_s"] * n / d["prompts_timed"]
     tps = {
-        "a": {"excl": a["completion_tokens"] / a["generate_s"], "incl": a["completion_tokens"] / a["wall_s"]},
-        "b": {"excl": b["completion_tokens"] / b["generate_s"], "incl": b["completion_tokens"] / (b["startup_s"] + b["generate_s"])},
+        "a": {m: median([p["a"][m] for p in per_round]) for m in ("excl", "incl")},
+        "b": {m: median([p["b"][m] for p in per_round]) for m in ("excl", "incl")},
         "c": {"excl": c["completion_tokens"] / c["generate_s"],
               "incl": (c["completion_tokens"] * n / c["prompts_timed"]) / (c["startup_s"] + c_total_s)},
         "d": {"excl": d["completion_tokens"] / d["generate_s"],
-              "incl": (d["completion_tokens"] * n / d["prompts_timed"])
-              / (d["startup_s"] + d["generate_s"] * n / d["prompts_timed"])},
+              "incl": (d["completion_tokens"] * n / d["prompts_timed"]) / (d["startup_s"] + d_total_s)},
     }
     ratios = {
         f"a/{x}_{mode}": tps["a"][mode] / tps[x][mode]
@@ -256,13 +267,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     report = {
         "model": model, "parameters": n_params, "prompts": n, "max_tokens": args.max_tokens,
-        "batch_size": args.batch_size, "cpus": os.cpu_count(),
+        "batch_size": args.batch_size, "cpus": os.cpu_count(), "rounds": args.rounds,
         "output_tokens_per_s": {k: {m: round(v, 1) for m, v in d_.items()} for k, d_ in tps.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "raw": results,
-        "note": "(c) timed on the first --hf-sample prompts (and (d) on --hf-batched-prompts, "
-        "when set) and extrapolated to all prompts; 'excl' excludes start-up (a: minus the wall "
-        "of the same run on one prompt)",
+        "a_over_b_per_round": [
+            {m: round(p["a"][m] / p["b"][m], 3) for m in ("excl", "incl")} for p in per_round
+        ],
+        "raw": {"rounds": rounds, "c_hf_loop": c, "d_hf_batched": d},
+        "note": "(a)/(b): medians over rounds; (c) timed on the first --hf-sample prompts and (d) "
+        "on --hf-batched-prompts, extrapolated to all prompts; 'excl' excludes start-up (a: the "
+        "replica's busy span from vLLM's request stats)",
     }
     print("\noutput tokens/s   excl. start-up   incl. start-up")
     names = {"a": "a distray generate", "b": "b bare vLLM", "c": "c HF one-at-a-time", "d": "d HF batched"}
