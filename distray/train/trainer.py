@@ -719,7 +719,10 @@ def train_model(
         model = cfg.student.model
     if not os.path.isdir(model):
         raise ConfigError(f"student model `{model}` is not a local folder; set student.model")
-    tokenizer_dir = (cfg.student.tokenizer if cfg.student else None) or model
+    # Workers do not share the driver's working directory: hand them absolute paths.
+    model = os.path.abspath(model)
+    tokenizer_dir = os.path.abspath((cfg.student.tokenizer if cfg.student else None) or model)
+    data, validation_data = _abs_local(data), _abs_local(validation_data)
     if answers == "reference" and tc.is_logit_loss:
         raise ConfigError(
             f"`train.loss` ({tc.loss}) needs teacher logprobs, but training on ground-truth "
@@ -853,6 +856,13 @@ def train_model(
         out_dir,
     )
     return res
+
+
+def _abs_local(source: Any) -> Any:
+    """An absolute path for a local path string; URIs and Ray Datasets unchanged."""
+    if isinstance(source, str) and "://" not in source:
+        return os.path.abspath(source)
+    return source
 
 
 def _f(x: float | None) -> str:
