@@ -90,6 +90,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    # Ray 2.60 turns token auth on when ~/.ray/auth_token exists; head and clients must agree,
+    # and this throwaway cluster binds 127.0.0.1 only.
+    env["RAY_AUTH_MODE"] = "disabled"
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -106,7 +111,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+            if httpx.get(f"{address}/api/version", timeout=2).status_code < 500:
                 break
         except httpx.HTTPError:
             pass
@@ -122,6 +127,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+    if saved_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
