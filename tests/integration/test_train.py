@@ -145,18 +145,26 @@ def _metrics(path: str) -> list[dict]:
 
 
 def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tiny_model, tiny_teacher_model, teacher_data):
-    from distray.train import train_model
+    import shutil
+
+    from distray.paths import RunPaths
+    from distray.train import run
 
     cfg = _cfg(tmp_path, tiny_model, tiny_teacher_model, loss="kd", alpha=0.5, temperature=2.0, zero_stage=2,
                eval_every_steps=6)
-    out = str(tmp_path / "train")
-    res = train_model(cfg, str(teacher_data["train"]), out, validation_data=str(teacher_data["validation"]))
+    # The stage reads generate's layout: generate/data/train and generate/data/validation.
+    paths = RunPaths(cfg.run_dir)
+    for split in ("train", "validation"):
+        shutil.copytree(teacher_data[split], f"{paths.generate_data}/{split}")
+    res = run(cfg)
+    assert res.student_dir == paths.student and res.metrics_path == paths.train_metrics
+    assert res.train_rows == 96 and res.validation_rows == 16
     recs = _metrics(res.metrics_path)
     train_losses = [r["loss"] for r in recs if "loss" in r]
     assert res.steps == 12 and len(train_losses) == 6
     assert train_losses[-1] < train_losses[0] * 0.8, train_losses
     assert all("logit_loss" in r and "tokens_per_s" in r for r in recs if "loss" in r)
-    assert res.val_loss is not None and res.loss_plot and Path(res.loss_plot).stat().st_size > 1000
+    assert res.val_loss is not None and res.loss_plot == paths.loss_plot and Path(res.loss_plot).stat().st_size > 1000
     assert recs[-1]["final"] and recs[-1]["step"] == 12 and recs[-1]["val_loss"] == res.val_loss
     # The exported folder loads with from_pretrained and scores the validation data as the
     # workers did after the last step.
@@ -165,10 +173,10 @@ def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tin
     reloaded = _eval_loss(res.student_dir, teacher_data["validation"], cfg)
     assert reloaded == pytest.approx(res.val_loss, rel=1e-3)
 
-    # Rerunning with the same folder continues from the last checkpoint (as after a driver kill).
+    # Rerunning the stage continues from the last checkpoint (as after a driver kill).
     cfg2 = _cfg(tmp_path, tiny_model, tiny_teacher_model, loss="kd", alpha=0.5, temperature=2.0, zero_stage=2,
                 eval_every_steps=6, max_steps=16)
-    res2 = train_model(cfg2, str(teacher_data["train"]), out, validation_data=str(teacher_data["validation"]))
+    res2 = run(cfg2)
     assert res2.resumed_from_step == 12 and res2.steps == 16
     steps = [r["step"] for r in _metrics(res2.metrics_path) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 16
