@@ -209,7 +209,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from distray.config import config_from_dict
     from distray.ray_utils import init_ray
 
-    init_ray(config_from_dict({"resources": {"num_cpus": (os.cpu_count() or 1) + 4}}))
+    # address="local": a fresh Ray of our own, even when other Ray clusters run on this machine.
+    init_ray(config_from_dict({"resources": {"num_cpus": (os.cpu_count() or 1) + 4}}), address="local")
     n = len(prompts)
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
