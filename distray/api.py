@@ -236,7 +236,17 @@ class DistillationJob:
         if stages:
             entry += f" --stages {','.join(stages)}"
         self._client = JobSubmissionClient(address)
-        self._job_id = self._client.submit_job(entrypoint=entry, runtime_env=env)
+        # Right after `ray start` the dashboard answers before its job agent is up; Ray says
+        # "No available agent to submit job, please try again later", so do that, briefly.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self._job_id = self._client.submit_job(entrypoint=entry, runtime_env=env)
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
         logger.info("submitted Ray job %s to %s", self._job_id, address)
         return self._job_id
 
