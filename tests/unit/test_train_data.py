@@ -173,3 +173,14 @@ def test_vocab_check_names_both_sizes(tok, tmp_path):
     assert msg and str(len(tok)) in msg and str(len(other)) in msg and "teacher-dir" in msg
     out_of_range = [{"response": "x", "response_token_ids": [len(tok) + 5]}]
     assert "outside" in check_vocab(tok, len(tok), out_of_range)
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    from distray.train.loop import TrainState, _record_eval
+
+    tc = TrainConfig(early_stopping_patience=2)
+    st = TrainState()
+    stops = [_record_eval(st, {"val_loss": v}, tc, rank=1) for v in (3.0, 2.0, 2.5, 1.5, 1.6, 1.7)]
+    assert stops == [False, False, False, False, False, True]
+    assert st.best_val_loss == 1.5 and st.last_val_loss == 1.7
+    assert [r["val_step"] for r in st.history] == [0] * 6
