@@ -101,6 +101,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+            # Every port of its own: the session's other local Ray holds the defaults (the
+            # job agent's 52365 among them), and a clash leaves "No available agent".
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
