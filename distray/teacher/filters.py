@@ -29,6 +29,7 @@ from distray.answers import (
     extract_final_number,
     normalize_answer,
     numbers_equal,
+    token_f1,
 )
 from distray.config import FilterConfig
 
@@ -56,7 +57,11 @@ def _short(text: str, n: int = 60) -> str:
 
 
 def verify(
-    response: str, reference: str | None, verifier: str, labels: Sequence[str] | None = None
+    response: str,
+    reference: str | None,
+    verifier: str,
+    labels: Sequence[str] | None = None,
+    min_f1: float = 0.5,
 ) -> Rejection | None:
     """Check an answer against its reference with one verifier.
 
@@ -67,6 +72,7 @@ def verify(
             (one of `labels`, and equal to the reference when there is one), contains
             (normalised reference appears in the answer).
         labels: allowed answers for `label`.
+        min_f1: the least token F1 against the reference for `f1`.
 
     Returns:
         None when the answer passes (rows without a reference pass every verifier except
@@ -107,6 +113,11 @@ def verify(
             return Rejection(
                 "verifier_mismatch", f"answer does not contain reference {_short(reference)!r}"
             )
+        return None
+    if verifier == "f1":
+        f1 = token_f1(response, reference)
+        if f1 < min_f1:
+            return Rejection("verifier_mismatch", f"token F1 {f1:.2f} < {min_f1} against the reference")
         return None
     raise ValueError(f"unknown verifier {verifier!r}")
 
@@ -166,7 +177,7 @@ def check_response(
             return Rejection("not_json", f"answer is not JSON ({e.msg} at char {e.pos})")
         except RecursionError:
             return Rejection("not_json", "answer nests too deeply to parse as JSON")
-    return verify(response, row.get("reference"), filters.verifier, labels)
+    return verify(response, row.get("reference"), filters.verifier, labels, filters.min_f1)
 
 
 def response_digest(response: str) -> bytes:

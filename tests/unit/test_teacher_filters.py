@@ -104,3 +104,9 @@ def test_duplicate_tracker_across_inputs_only() -> None:
     t2.seed([(d, "old")])
     assert t2.check([(d, "q9")]) == ["old"]
     assert len(t2) == 1
+
+
+def test_f1_verifier_uses_min_f1():
+    assert verify("the tower in paris", "the eiffel tower in paris", "f1") is None
+    assert verify("london bridge", "the eiffel tower in paris", "f1").reason == "verifier_mismatch"
+    assert verify("the tower", "the eiffel tower in paris", "f1", min_f1=0.9) is not None
