@@ -19,19 +19,14 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from distray import formats as F
+from distray.teacher.engines.common import RESULT_COLUMNS
+from distray.teacher.rows import ERROR
 
 __all__ = ["CACHED_COLUMNS", "AnswerCache"]
 
-#: What an entry holds: the engine's answer for one row.
-CACHED_COLUMNS = (
-    F.RESPONSE,
-    F.RESPONSE_TOKEN_IDS,
-    F.TOPK_TOKEN_IDS,
-    F.TOPK_LOGPROBS,
-    F.FINISH_REASON,
-    F.PROMPT_TOKENS,
-    F.COMPLETION_TOKENS,
-)
+#: What an entry holds: the engine's answer for one row (its result columns, minus `error`:
+#: failed requests are never cached).
+CACHED_COLUMNS = tuple(c for c in RESULT_COLUMNS if c != ERROR)
 
 
 @lru_cache(maxsize=8)
