@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest tests/integration/test_bench.py -x -q
 
-Uses the `served` deployment of test_serve.py (one deployment for both files).
+Uses the `served` fixture of test_serve.py (deployed for this module, shut down after it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 import time
 
 import pytest
-from test_serve import served  # noqa: F401  (the shared session deployment)
+from test_serve import served  # noqa: F401  (deployed once for this module)
 
 from distray import bench
 from distray.config import EndpointConfig

@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY_ENV = "DISTRAY_TEST_SERVE_KEY"
 KEY = "test-key-7f3a"
-_SERVED: dict[str, Any] = {}
 
 
 def free_port() -> int:
@@ -30,30 +29,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(ray_cluster, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny student behind distray's vLLM backend: {cfg, endpoint, url, headers}."""
+    """The tiny student behind distray's vLLM backend: {cfg, endpoint, url, headers}.
+
+    Module-scoped (test_bench.py imports it too): Serve's replicas hold logical CPUs, and a
+    deployment left up for the session would starve later tests (Ray Train waits for CPUs).
+    """
     from distray import serve
     from distray.config import config_from_dict
 
-    if not _SERVED:  # test_bench.py imports this fixture too: deploy once per session
-        os.environ[KEY_ENV] = KEY
-        cfg = config_from_dict({
-            "run": {"output_dir": str(tmp_path_factory.mktemp("serve-run")), "name": "t"},
-            "resources": {"num_cpus": 4},
-            "serve": {
-                "model": tiny_model, "port": free_port(), "api_key_env": KEY_ENV,
-                "max_tokens_cap": 64, "max_prompt_tokens": 200,
-                "engine_kwargs": {"max_model_len": 512},
-            },
-        })
-        (ep,) = serve.deploy(cfg, ready_timeout_s=600)
-        _SERVED.update(cfg=cfg, endpoint=ep, url=serve.endpoint_url(cfg),
-                       headers={"Authorization": f"Bearer {KEY}"})
-    yield _SERVED
-    if _SERVED:
-        serve.shutdown()
-        _SERVED.clear()
+    os.environ[KEY_ENV] = KEY
+    cfg = config_from_dict({
+        "run": {"output_dir": str(tmp_path_factory.mktemp("serve-run")), "name": "t"},
+        "resources": {"num_cpus": 4},
+        "serve": {
+            "model": tiny_model, "port": free_port(), "api_key_env": KEY_ENV,
+            "max_tokens_cap": 64, "max_prompt_tokens": 200,
+            "engine_kwargs": {"max_model_len": 512},
+        },
+    })
+    (ep,) = serve.deploy(cfg, ready_timeout_s=600)
+    yield {"cfg": cfg, "endpoint": ep, "url": serve.endpoint_url(cfg),
+           "headers": {"Authorization": f"Bearer {KEY}"}}
+    serve.shutdown()
 
 
 @pytest.fixture
