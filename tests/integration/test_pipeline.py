@@ -115,6 +115,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     address = f"http://127.0.0.1:{dash}"
     import httpx
 
+    def stop() -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -123,17 +131,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
+            stop()
             raise RuntimeError(f"ray start exited {proc.returncode}; see {log.name}")
         time.sleep(1)
     else:
+        stop()
         raise RuntimeError(f"Ray dashboard did not come up at {address}; see {log.name}")
     yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop()
     if saved_mode is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
