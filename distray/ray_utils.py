@@ -67,7 +67,10 @@ def init_ray(cfg: DistrayConfig | None = None, **kwargs: Any) -> None:
     num_cpus = (cfg.resources.num_cpus if cfg else None) or max(4, os.cpu_count() or 1)
     # Logical CPUs above the physical count on purpose: Serve's proxy and controller and the
     # engine actors each hold a CPU slot while mostly idle.
+    # address="local": a new embedded Ray, even when `ray start` left a cluster on this machine
+    # (plain ray.init() would join that one instead, which is what ray_address is for).
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env=runtime_env,
