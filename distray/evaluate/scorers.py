@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from distray.answers import (
     extract_choice,
@@ -34,20 +34,13 @@ from distray.answers import (
     numbers_equal,
     token_f1,
 )
+from distray.config import ScorerName
 from distray.errors import ConfigError
 
 __all__ = ["ScoreResult", "SCORERS", "score", "score_all"]
 
-SCORERS = (
-    "exact_match",
-    "numeric",
-    "choice",
-    "regex",
-    "bleu",
-    "rouge_l",
-    "f1",
-    "teacher_agreement",
-)
+#: The scorer names, as the config spells them (`evaluate.scorers`).
+SCORERS: tuple[str, ...] = get_args(ScorerName)
 
 
 @dataclass
