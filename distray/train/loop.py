@@ -168,6 +168,21 @@ def _forward(engine: Any, batch: dict[str, Any]) -> Any:
     return engine(**kwargs).logits
 
 
+def _batch_loss(engine: Any, batch: dict[str, Any], tc: Any) -> Any:
+    """The configured loss of one micro-batch (training and validation use the same)."""
+    from distray.train.losses import compute_loss
+
+    return compute_loss(
+        _forward(engine, batch),
+        batch["labels"],
+        loss=tc.loss,
+        alpha=tc.alpha,
+        temperature=tc.temperature,
+        topk_ids=batch.get("topk_ids"),
+        topk_logprobs=batch.get("topk_logprobs"),
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`).
 
@@ -182,7 +197,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from distray.formats import write_text
     from distray.train.data import ChatEncoder, Collator
-    from distray.train.losses import compute_loss
 
     cfg = DistrayConfig.model_validate(config["cfg"])
     plan = WorkerPlan(**config["plan"])
@@ -282,15 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if val_cache is None and val_cacheable and len(seen) <= val_cache_limit:
                     seen.append(batch)
                 batch = _batch_to(batch, device)
-                parts = compute_loss(
-                    _forward(engine, batch),
-                    batch["labels"],
-                    loss=tc.loss,
-                    alpha=tc.alpha,
-                    temperature=tc.temperature,
-                    topk_ids=batch.get("topk_ids"),
-                    topk_logprobs=batch.get("topk_logprobs"),
-                )
+                parts = _batch_loss(engine, batch, tc)
                 sums[0] += float(parts.sft_sum)
                 sums[1] += float(parts.sft_count)
                 sums[2] += float(parts.logit_sum)
@@ -374,15 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Resuming mid-epoch: the micro-batches the checkpointed run already used.
                 continue
             batch = _batch_to(batch, device)
-            parts = compute_loss(
-                _forward(engine, batch),
-                batch["labels"],
-                loss=tc.loss,
-                alpha=tc.alpha,
-                temperature=tc.temperature,
-                topk_ids=batch.get("topk_ids"),
-                topk_logprobs=batch.get("topk_logprobs"),
-            )
+            parts = _batch_loss(engine, batch, tc)
             engine.backward(parts.loss)
             engine.step()
             loss_v = float(parts.loss.detach())
