@@ -235,7 +235,13 @@ class DistillationJob:
         entry = "python -m distray run distray_config.yaml"
         if stages:
             entry += f" --stages {','.join(stages)}"
-        self._client = JobSubmissionClient(address)
+        # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address (inside a
+        # Ray job or after a local run they point elsewhere); the address asked for wins here.
+        saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+        try:
+            self._client = JobSubmissionClient(address)
+        finally:
+            os.environ.update(saved)
         # Right after `ray start` the dashboard answers before its job agent is up; Ray says
         # "No available agent to submit job, please try again later", so do that, briefly.
         deadline = time.monotonic() + 120

@@ -76,9 +76,6 @@ def init_ray(cfg: DistrayConfig | None = None, **kwargs: Any) -> None:
         runtime_env=runtime_env,
         **kwargs,
     )
-    # Processes this driver starts later (Ray Train's helpers, subprocess stages) look for "the"
-    # local cluster and fail when a machine runs several; point them at this one.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logger.info("started a local Ray (%d logical CPUs)", num_cpus)
 
 
