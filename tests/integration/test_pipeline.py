@@ -169,7 +169,8 @@ def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
     assert metrics
     assert Path(paths.bench_results).is_file()
     report = Path(paths.report).read_text()
-    assert "retention" in report.lower()
+    # The tiny teacher scores 0%, so no retention % is defined; the comparison table must be there.
+    assert "## Teacher vs student vs baseline" in report
     assert list(Path(paths.run_dir).rglob("*.png"))
 
     # 2. The `ray job submit` entrypoint on the same config: every stage is found done.
