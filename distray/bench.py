@@ -64,6 +64,17 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 # --------------------------------------------------------------------------------------------
 
 
+def _png_bytes(fig: Any) -> bytes:
+    """Lay out, render and close a matplotlib figure; its PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def compute_metrics(outputs: Sequence[Any], duration_s: float) -> dict[str, float | int]:
     """Summarise request outcomes the way `vllm.benchmarks.serve.calculate_metrics` does.
 
@@ -543,11 +554,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    out["latency_vs_throughput.png"] = buf.getvalue()
+    out["latency_vs_throughput.png"] = _png_bytes(fig)
 
     fig, axes = plt.subplots(1, len(endpoints), figsize=(5.5 * len(endpoints), 4), squeeze=False)
     for ax, name in zip(axes[0], endpoints, strict=True):
@@ -558,11 +565,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
         ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title=f"TTFT distribution: {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    out["ttft_distribution.png"] = buf.getvalue()
+    out["ttft_distribution.png"] = _png_bytes(fig)
     return out
 
 
