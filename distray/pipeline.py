@@ -18,16 +18,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distray.config import DistrayConfig, EndpointConfig, write_resolved
+from distray.config import DistrayConfig, write_resolved
 from distray.errors import ConfigError
 from distray.formats import exists, read_text
 from distray.paths import RunPaths
 
-__all__ = ["STAGES", "PipelineResult", "resolve", "run", "stage_done", "headline"]
+__all__ = [
+    "STAGES", "PipelineResult", "changed_settings", "fetch_hub_models", "headline", "resolve", "run",
+    "stage_done",
+]
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("generate", "train", "evaluate", "bench", "report")
+
+# The settings each stage's outputs are made from, besides those of the stages before it that it
+# reads (evaluate and bench read train's student, train reads generate's data). A finished stage
+# whose settings changed since its outputs were written is not skipped silently: `run` stops
+# and says which settings changed. `resources` and `run.name`/`output_dir` change no output.
+_OWN_INPUTS: dict[str, tuple[str, ...]] = {
+    "generate": ("data", "task", "teacher", "teachers", "generate", "demo", "run.seed"),
+    "train": ("student", "train"),
+    "evaluate": ("evaluate",),
+    "bench": ("serve", "bench"),
+}
+_READS = {"generate": (), "train": ("generate",), "evaluate": ("generate", "train"),
+          "bench": ("generate", "train")}
 
 
 @dataclass
@@ -78,17 +94,101 @@ def absolutize(cfg: DistrayConfig) -> DistrayConfig:
     return DistrayConfig.model_validate(data)
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], stage: str) -> list[str]:
+    """Dotted settings that `stage`'s outputs depend on and that differ between two configs.
+
+    Returns:
+        Lines `key: old → new`, sorted; empty when the stage's outputs are still current.
+    """
+    prefixes = [p for s in (*_READS[stage], stage) for p in _OWN_INPUTS[s]]
+    a, b = _flat(old), _flat(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in prefixes) and a.get(key) != b.get(key):
+            lines.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
+    return lines
+
+
+def _previous_config(cfg: DistrayConfig) -> dict[str, Any] | None:
+    import yaml
+
+    path = f"{cfg.run_dir}/config.resolved.yaml"
+    if not exists(path):
+        return None
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fetch_hub_model(value: str, field: str, cfg: DistrayConfig) -> str:
+    """Download a hub id (`org/name`) once into `<output_dir>/_models/` and return the folder.
+
+    The student is read by every Ray Train worker and exported from a folder, so it must be a
+    folder; vLLM teachers download hub ids themselves and are left alone.
+    """
+    base = cfg.run.output_dir
+    if "://" in base:  # workers cannot load from a bucket: use this machine's cache
+        base = str(Path("~/.cache/distray").expanduser())
+    target = Path(base) / "_models" / value.replace("/", "--")
+    if (target / "config.json").is_file():
+        return str(target)
+    logger.info("%s: downloading `%s` from the Hugging Face hub into %s", field, value, target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            repo_id=value, local_dir=str(target),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+        )
+    except Exception as e:
+        raise ConfigError(
+            f"`{field}` is `{value}`, which is not a local folder, and downloading it from the "
+            f"Hugging Face hub failed ({type(e).__name__}: {str(e)[:200]}); download it yourself "
+            f"(`huggingface-cli download {value} --local-dir DIR`) and set {field}=DIR"
+        ) from e
+    return str(target)
+
+
+def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
+    """Replace hub ids in the student, tokenizer, baseline and serve model by local folders."""
+    data = cfg.model_dump(mode="json")
+    places = [("student", "model"), ("student", "tokenizer"), ("evaluate", "baseline"), ("serve", "model")]
+    changed = False
+    for section, key in places:
+        value = (data.get(section) or {}).get(key)
+        if not isinstance(value, str) or "://" in value or Path(value).exists():
+            continue
+        if value.startswith((".", "/", "~")) or value.count("/") != 1:
+            continue  # a missing local path: the stage that reads it says so
+        data[section][key] = _fetch_hub_model(value, f"{section}.{key}", cfg)
+        changed = True
+    return DistrayConfig.model_validate(data) if changed else cfg
+
+
 def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
     """Fill what the stages read from the run folder: built-in task files, demo stand-ins.
 
     With `data.builtin`, the task's JSONL files are written into `<run>/data/` (once) and
     `data.train/validation/test` point at them. With `demo.train_teacher`, the stand-in teacher,
-    the student's initial weights and the baseline are built when missing.
+    the student's initial weights and the baseline are built when missing. A student (or
+    baseline, or served model) given as a hub id is downloaded once into `<output_dir>/_models/`.
 
     Returns:
         The config every stage receives (also written as config.resolved.yaml).
     """
     cfg = absolutize(cfg)
+    cfg = fetch_hub_models(cfg)
     paths = RunPaths(cfg.run_dir)
     b = cfg.data.builtin
     if b is not None:
@@ -129,24 +229,37 @@ def stage_done(cfg: DistrayConfig, stage: str) -> bool:
 def _clear(cfg: DistrayConfig, stage: str) -> None:
     p = RunPaths(cfg.run_dir)
     folder = {"generate": p.generate, "train": p.train, "evaluate": p.evaluate, "bench": p.bench}.get(stage)
-    if folder and "://" not in folder and Path(folder).exists():
-        logger.info("--force: removing %s", folder)
+    if not folder or not exists(folder):
+        return
+    logger.info("--force: removing %s", folder)
+    if "://" in folder:
+        from distray.formats import filesystem_for
+
+        fs, inner = filesystem_for(folder)
+        fs.delete_dir(inner)
+    else:
         shutil.rmtree(folder)
 
 
+BENCH_APP = "distray-bench"
+
+
 def _run_bench(cfg: DistrayConfig) -> Any:
-    """Deploy the student (and teacher) on Ray Serve, benchmark them, shut Serve down."""
+    """Deploy the student (and teacher) as their own Serve app, benchmark them, delete the app.
+
+    The app has its own name and route prefix, so a `distray serve` app already running on the
+    cluster (the default name, at `/`) is neither replaced nor deleted.
+    """
     from distray import bench, serve
 
     if cfg.bench.endpoints:
         return bench.run(cfg)
-    endpoints = serve.deploy(cfg)
+    endpoints = serve.deploy(cfg, app_name=BENCH_APP, route_prefix=f"/{BENCH_APP}")
     try:
-        eps = [EndpointConfig.model_validate(e if isinstance(e, dict) else e.model_dump()) for e in endpoints]
-        bcfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"endpoints": eps})})
+        bcfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"endpoints": endpoints})})
         return bench.run(bcfg)
     finally:
-        serve.shutdown()
+        serve.shutdown(BENCH_APP)
 
 
 def _stage_fn(stage: str) -> Any:
@@ -177,7 +290,7 @@ def headline(run_dir: str) -> dict[str, Any]:
     if not exists(path):
         return {}
     metrics = json.loads(read_text(path))
-    return dict(metrics.get("comparison") or metrics.get("headline") or {})
+    return dict(metrics.get("headline") or {})
 
 
 def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False) -> PipelineResult:
@@ -201,6 +314,21 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
     init_ray(cfg)
     cfg = resolve(cfg)
+    previous = _previous_config(cfg)
+    if previous is not None:
+        new = cfg.model_dump(mode="json")
+        for stage in STAGES[:-1]:
+            if stage not in wanted or force or not stage_done(cfg, stage):
+                continue
+            diff = changed_settings(previous, new, stage)
+            if diff:
+                more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+                raise ConfigError(
+                    f"stage {stage}: its outputs in {cfg.run_dir} were made with other settings: "
+                    + "; ".join(diff[:5]) + more
+                    + f". Pass --force to rerun {stage} and the stages after it with the new "
+                    "settings, or set a new run.name to keep both runs"
+                )
     resolved = write_resolved(cfg)
     logger.info("run folder %s (config: %s)", cfg.run_dir, resolved)
     result = PipelineResult(run_dir=cfg.run_dir, report_path=None)
