@@ -24,7 +24,7 @@ from distray.formats import exists, read_text
 from distray.paths import RunPaths
 
 __all__ = [
-    "STAGES", "PipelineResult", "changed_settings", "fetch_hub_models", "headline", "resolve", "run",
+    "STAGES", "PipelineResult", "changed_settings", "check_vocabularies", "fetch_hub_models", "headline", "resolve", "run",
     "stage_done",
 ]
 
@@ -174,6 +174,40 @@ def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
         data[section][key] = _fetch_hub_model(value, f"{section}.{key}", cfg)
         changed = True
     return DistrayConfig.model_validate(data) if changed else cfg
+
+
+def check_vocabularies(cfg: DistrayConfig) -> None:
+    """Before generate: logit KD with a local teacher whose tokenizer is not the student's stops.
+
+    The train stage checks the generated token ids again (API and hub teachers are only
+    checked there); this catches the common mistake before the teacher's hours are spent.
+
+    Raises:
+        ConfigError: naming both models, both vocabulary sizes and a token that differs.
+    """
+    if not cfg.train.is_logit_loss or cfg.student is None:
+        return
+    student = (cfg.student.tokenizer or cfg.student.model)
+    if not Path(student, "config.json").is_file() and not Path(student, "tokenizer.json").is_file():
+        return  # not built yet (demo) or not local: train checks it
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distray.train.trainer import _teacher_tokenizers, check_vocab
+
+    teachers = _teacher_tokenizers(cfg)
+    if not teachers:
+        return
+    problem = check_vocab(
+        AutoTokenizer.from_pretrained(student),
+        int(AutoConfig.from_pretrained(cfg.student.model).vocab_size),
+        [], teachers, student_name=cfg.student.model,
+    )
+    if problem:
+        raise ConfigError(
+            f"{problem}. `train.loss: {cfg.train.loss}` distils the teacher's logits, which needs "
+            "one tokenizer for teacher and student: pick a student of the teacher's family, or "
+            "set train.loss=sft (sequence-level distillation on the teacher's text)"
+        )
 
 
 def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
@@ -329,6 +363,8 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
                     + f". Pass --force to rerun {stage} and the stages after it with the new "
                     "settings, or set a new run.name to keep both runs"
                 )
+    if "generate" in wanted and (force or not stage_done(cfg, "generate")):
+        check_vocabularies(cfg)
     resolved = write_resolved(cfg)
     logger.info("run folder %s (config: %s)", cfg.run_dir, resolved)
     result = PipelineResult(run_dir=cfg.run_dir, report_path=None)

@@ -117,3 +117,21 @@ def test_force_clears_the_stage_folder(tmp_path: Path) -> None:
     pipeline._clear(cfg, "generate")
     assert not pipeline.stage_done(cfg, "generate")
     pipeline._clear(cfg, "generate")  # nothing left: no error
+
+
+def test_logit_kd_with_another_tokenizer_stops_before_generate(tmp_path: Path) -> None:
+    from distray.tiny import make_tiny
+
+    student = make_tiny(tmp_path / "student", layers=1)
+    same = make_tiny(tmp_path / "teacher", layers=1)
+    other = make_tiny(tmp_path / "other", layers=1, vocab_size=300)
+    kd = {"loss": "kd"}
+    gen = {"logprobs": 5}
+    ok = _cfg(tmp_path, teacher={"model": same}, student={"model": student}, train=kd, generate=gen)
+    pipeline.check_vocabularies(ok)  # same tokenizer: passes
+    bad = _cfg(tmp_path, teacher={"model": other}, student={"model": student}, train=kd, generate=gen)
+    with pytest.raises(ConfigError) as e:
+        pipeline.check_vocabularies(bad)
+    assert "train.loss=sft" in str(e.value) and "300" in str(e.value)
+    # Sequence-level distillation does not need one tokenizer.
+    pipeline.check_vocabularies(_cfg(tmp_path, teacher={"model": other}, student={"model": student}))
