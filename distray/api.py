@@ -68,7 +68,9 @@ HYPERPARAMETERS: dict[str, str] = {
     "enable_chain_of_thought": "task.chain_of_thought",
 }
 
-#: The seed's evaluation metric names → distray scorers ("accuracy" is the task's own).
+#: The seed's evaluation metric names → distray scorers. "accuracy" is the task's primary
+#: scorer (the first of `evaluate.scorers` that is not teacher_agreement); None means
+#: "always measured" (latency, memory and throughput come with every evaluation).
 METRICS: dict[str, str | None] = {
     "accuracy": None,
     "exact_match": "exact_match",
@@ -86,7 +88,54 @@ METRICS: dict[str, str | None] = {
     "throughput": None,
 }
 
-_ACCURACY_BY_TASK = {"math": "numeric", "nli": "choice", "qa": "exact_match"}
+
+def _scorers_with(configured: list[str], metrics: list[str]) -> list[str]:
+    """`configured` scorers plus those `metrics` ask for (seed names; see METRICS), in order.
+
+    "accuracy" is the task's primary scorer: the first configured one that is not
+    teacher_agreement (exact_match when there is none).
+
+    Raises:
+        ConfigError: a metric name METRICS does not know.
+    """
+    primary = next((s for s in configured if s != "teacher_agreement"), "exact_match")
+    out = list(configured)
+    for m in metrics:
+        if m not in METRICS:
+            close = difflib.get_close_matches(m, list(METRICS), n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}? " if close else ""
+            raise ConfigError(f"metric `{m}` is unknown; {hint}valid names: {', '.join(METRICS)}")
+        s = primary if m == "accuracy" else METRICS[m]
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def _is_local_address(address: str) -> bool:
+    """True when a Ray address names this machine (127.0.0.1, localhost, ::1)."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _local_paths(cfg: DistrayConfig) -> dict[str, str]:
+    """Config fields that hold a local (non-URI) absolute path the job's nodes must see."""
+    fields = {
+        "run.output_dir": cfg.run.output_dir,
+        "data.train": cfg.data.train,
+        "data.validation": cfg.data.validation,
+        "data.test": cfg.data.test,
+        "student.model": cfg.student.model if cfg.student else None,
+        "evaluate.baseline": cfg.evaluate.baseline,
+    }
+    if cfg.teacher is not None and cfg.teacher.kind != "openai":
+        fields["teacher.model"] = cfg.teacher.model
+    for i, t in enumerate(cfg.teachers):
+        if t.kind != "openai":
+            fields[f"teachers[{i}].model"] = t.model
+    # absolutize made local paths absolute; hub ids stay relative and URIs carry a scheme.
+    return {k: v for k, v in fields.items() if v and "://" not in v and Path(v).is_absolute()}
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -220,39 +269,70 @@ class DistillationJob:
 
         The job's working dir holds the resolved config and a copy of the distray package, so
         the cluster needs only Ray and the stack installed, as `ray job submit --working-dir .`.
+        Ray uploads it during submission; the local temporary copy is removed afterwards.
+        `runtime_env` passes through (`env_vars`, `pip`, `py_modules`, ...) except
+        `working_dir`, which distray sets: add your own code with `py_modules`, and data as
+        absolute paths or URIs in the config.
+
+        Data paths (`data.*`), `run.output_dir` and local model folders are made absolute on
+        this machine, so the cluster must see the same filesystem (a shared/NFS mount at the
+        same path), or the config must use cloud URIs (s3://, gs://) for them. A warning is
+        logged when `address` is not this machine and the config has such local paths.
+
+        Raises:
+            UsageError: `runtime_env` sets `working_dir`.
         """
         from ray.job_submission import JobSubmissionClient
 
         from distray.pipeline import absolutize
 
+        if runtime_env and "working_dir" in runtime_env:
+            raise UsageError(
+                f"`runtime_env['working_dir']` ({runtime_env['working_dir']!r}) is set by distray "
+                "(it ships the config and the distray package); drop it, and add your code with "
+                "`runtime_env['py_modules']` and data as absolute paths or URIs in the config"
+            )
         # The job runs in its own working dir: local paths must be absolute to mean the same.
         cfg = absolutize(self._config)
-        work = Path(tempfile.mkdtemp(prefix="distray-job-"))
-        (work / "distray_config.yaml").write_text(dump_config(cfg))
-        pkg = Path(__file__).resolve().parent
-        shutil.copytree(pkg, work / "distray", ignore=shutil.ignore_patterns("__pycache__"))
-        env = {"working_dir": str(work), **(runtime_env or {})}
+        if not _is_local_address(address):
+            local = _local_paths(cfg)
+            if local:
+                logger.warning(
+                    "submitting to %s with local paths %s: the cluster's nodes must see them at "
+                    "the same path (shared/NFS filesystem), or use cloud URIs (s3://, gs://)",
+                    address, ", ".join(f"{k}={v}" for k, v in local.items()),
+                )
         entry = "python -m distray run distray_config.yaml"
         if stages:
             entry += f" --stages {','.join(stages)}"
-        # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address (inside a
-        # Ray job or after a local run they point elsewhere); the address asked for wins here.
-        saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+        work = Path(tempfile.mkdtemp(prefix="distray-job-"))
         try:
-            self._client = JobSubmissionClient(address)
-        finally:
-            os.environ.update(saved)
-        # Right after `ray start` the dashboard answers before its job agent is up; Ray says
-        # "No available agent to submit job, please try again later", so do that, briefly.
-        deadline = time.monotonic() + 120
-        while True:
+            (work / "distray_config.yaml").write_text(dump_config(cfg))
+            pkg = Path(__file__).resolve().parent
+            shutil.copytree(pkg, work / "distray", ignore=shutil.ignore_patterns("__pycache__"))
+            env = {**(runtime_env or {}), "working_dir": str(work)}
+            # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address (inside
+            # a Ray job or after a local run they point elsewhere); the address asked for wins.
+            keys = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+            saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
             try:
-                self._job_id = self._client.submit_job(entrypoint=entry, runtime_env=env)
-                break
-            except RuntimeError as e:
-                if "No available agent" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+                self._client = JobSubmissionClient(address)
+            finally:
+                os.environ.update(saved)
+            # Right after `ray start` the dashboard answers before its job agent is up; Ray says
+            # "No available agent to submit job, please try again later", so do that, briefly.
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    self._job_id = self._client.submit_job(entrypoint=entry, runtime_env=env)
+                    break
+                except RuntimeError as e:
+                    if "No available agent" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(2)
+        finally:
+            # submit_job has uploaded the working dir as a package by the time it returns.
+            shutil.rmtree(work, ignore_errors=True)
         logger.info("submitted Ray job %s to %s", self._job_id, address)
         return self._job_id
 
@@ -301,39 +381,65 @@ class DistillationJob:
     ) -> dict[str, Any]:
         """Score teacher, distilled student and baseline on `test_data`; returns a plain dict.
 
+        Trains nothing: the distilled student must exist (`run(["generate", "train"])`).
+
         Args:
-            test_data: test prompts with references; default `data.test`.
-            metrics: seed names (`accuracy`, `bleu_score`, `inference_time`, ...; see METRICS).
-                Latency, memory and throughput are always measured.
-            baseline_model: model to compare against; default the student before distillation.
+            test_data: test prompts with references; default `data.test` (or the built-in
+                task's test split).
+            metrics: seed names (`accuracy`, `bleu_score`, `inference_time`, ...; see METRICS),
+                added to the config's `evaluate.scorers` (the preset's stay). `accuracy` is the
+                task's primary scorer. Latency, memory and throughput are always measured.
+            baseline_model: model to compare against; default `evaluate.baseline`, else the
+                baseline `run()` trained on `demo.baseline_labels` labels (when the demo built
+                one), else the student before distillation (`student.model`).
 
         Returns:
-            `{"models": {name: {metric: value}}, "comparison": {...}, "metrics_path": ...}`.
+            `{"metrics_path", "report_path", "predictions": {model: parquet},
+            "plots": [png], "models": {model: {figure: value}},
+            "comparison": {"scorer", "teacher_<scorer>", "student_<scorer>",
+            "baseline_<scorer>", "accuracy_retention_pct", "latency_reduction_pct",
+            "memory_reduction_pct", "accuracy_gain_pts"}}`; metrics.json at `metrics_path`
+            has every figure.
+
+        Raises:
+            ConfigError: an unknown metric name (with the valid ones), no test data.
+            StageError: the distilled student is not trained yet.
         """
         from distray.evaluate.runner import run as evaluate_run
-        from distray.pipeline import resolve
 
-        scorers: list[str] = []
-        for m in metrics or ["accuracy"]:
-            if m not in METRICS:
-                close = difflib.get_close_matches(m, list(METRICS), n=3, cutoff=0.5)
-                raise ConfigError(
-                    f"metric `{m}` is unknown; "
-                    + (f"did you mean {' or '.join(close)}?" if close else f"choose from {', '.join(METRICS)}")
-                )
-            s = METRICS[m] if m != "accuracy" else _ACCURACY_BY_TASK.get(self._config.task.type, "exact_match")
-            if s and s not in scorers:
-                scorers.append(s)
+        return _plain(evaluate_run(self._evaluate_config(test_data, metrics, baseline_model)))
+
+    def _evaluate_config(
+        self, test_data: str | None, metrics: list[str] | None, baseline_model: str | None
+    ) -> DistrayConfig:
+        """The config `evaluate()` hands the evaluate stage (see there)."""
+        from distray.demo import baseline_dir
+        from distray.formats import exists
+        from distray.pipeline import absolutize, resolve
+
         data = self._config.model_dump(mode="json")
-        if test_data is not None:
-            data["data"]["test"] = str(test_data)
-        if scorers:
-            data["evaluate"]["scorers"] = scorers
+        ev = data["evaluate"]
+        ev["scorers"] = _scorers_with(ev["scorers"], metrics or ["accuracy"])
         if baseline_model is not None:
-            data["evaluate"]["baseline"] = baseline_model
+            ev["baseline"] = baseline_model
+        # demo=False: evaluate trains nothing (no stand-in teacher, no baseline); it uses the
+        # baseline run() built when there is one.
         cfg = resolve(config_from_dict(data, "(DistillationJob.evaluate)"), demo=False)
-        result = evaluate_run(cfg)
-        return _plain(result)
+        update: dict[str, Any] = {}
+        if test_data is not None:
+            # resolve points data.test at a built-in task's split; the caller's file wins.
+            update["data"] = cfg.data.model_copy(update={"test": str(test_data)})
+        base = baseline_dir(cfg)
+        wants_default = cfg.evaluate.baseline is None and "baseline" in cfg.evaluate.models
+        if wants_default and exists(f"{base}/model.safetensors"):
+            update["evaluate"] = cfg.evaluate.model_copy(update={"baseline": base})
+        elif wants_default and cfg.demo.train_teacher:
+            logger.warning(
+                "evaluate: the demo baseline %s is not built yet, so the baseline is the untrained "
+                "student.model; run job.run() first to train it on %d labels",
+                base, cfg.demo.baseline_labels,
+            )
+        return absolutize(cfg.model_copy(update=update)) if update else cfg
 
 
 def _plain(result: Any) -> dict[str, Any]:
