@@ -23,14 +23,15 @@ sweep around it, a fail-fast warm-up, and the report:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PERCENTILES = (90, 99)
 # Latency metrics as vLLM names them: ttft (time to first token), tpot (time per output token
@@ -234,8 +237,9 @@ def generated_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 def load_prompts(cfg: DistrayConfig, n: int) -> tuple[list[list[dict[str, str]]], str]:
     """The fixed prompt set: `bench.prompts`, else the run's test data, else generated.
 
-    Rows are read with the data contract (`formats.iter_input_rows`, the task's system prompt
-    and template applied); a final assistant turn (the reference) is not sent. Fewer rows than
+    Rows are read with the data contract (`formats.iter_input_rows`) and the prompts generate
+    and evaluate send (`tasks.task_prompts`: `{labels}` filled, the chain-of-thought
+    instruction added); a final assistant turn (the reference) is not sent. Fewer rows than
     `n` are cycled.
 
     Returns:
@@ -245,7 +249,9 @@ def load_prompts(cfg: DistrayConfig, n: int) -> tuple[list[list[dict[str, str]]]
         DataError: the named prompt file has no valid rows.
     """
     from distray.formats import MESSAGES, exists, iter_input_rows
+    from distray.tasks import task_prompts
 
+    system_prompt, prompt_template = task_prompts(cfg.task)
     candidates = [cfg.bench.prompts, cfg.data.test]
     task_test = RunPaths(cfg.run_dir).task_split("test")
     candidates.append(task_test)
@@ -254,7 +260,7 @@ def load_prompts(cfg: DistrayConfig, n: int) -> tuple[list[list[dict[str, str]]]
             continue
         rows = []
         for row, _rej in iter_input_rows(
-            path, system_prompt=cfg.task.system_prompt, prompt_template=cfg.task.prompt_template
+            path, system_prompt=system_prompt, prompt_template=prompt_template
         ):
             if row is not None:
                 rows.append(row[MESSAGES])
@@ -407,6 +413,21 @@ async def _run_point_async(
     return list(outputs), duration
 
 
+def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run `coro` to completion from synchronous code and return its result.
+
+    `asyncio.run` refuses to start inside a thread whose event loop is already running
+    (a Jupyter notebook calling `job.run()`); there the coroutine gets its own loop in a
+    worker thread, and this call blocks until it is done, as it does outside a notebook.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distray-bench") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def run_point(
     ep: EndpointConfig,
     prompts: list[list[dict[str, str]]],
@@ -421,7 +442,7 @@ def run_point(
     """Run one sweep point (all `prompts`) against one endpoint and summarise it."""
     if (concurrency is None) == (rate_rps is None):
         raise ValueError("give exactly one of concurrency and rate_rps")
-    outputs, duration = asyncio.run(
+    outputs, duration = _run_sync(
         _run_point_async(
             ep, prompts, concurrency=concurrency, rate_rps=rate_rps, max_tokens=max_tokens,
             timeout_s=timeout_s, ignore_eos=ignore_eos, seed=seed,
@@ -457,7 +478,6 @@ def bench_endpoints(
     ignore_eos: bool = True,
     seed: int = 0,
     out_dir: str | None = None,
-    link_prefix: str = "",
     prompts_source: str = "",
 ) -> BenchResult:
     """Warm up every endpoint, then run the sweep against each in turn.
@@ -472,7 +492,6 @@ def bench_endpoints(
         ignore_eos: ask vLLM-based servers to generate all `max_tokens` (stable TPOT/throughput).
         seed: Poisson schedule seed.
         out_dir: where results.json, plots and summary.md go; None writes nothing.
-        link_prefix: prefix of image links in summary.md (`bench/` when report.md sits above).
         prompts_source: described in results.json and the summary.
 
     Raises:
@@ -510,7 +529,7 @@ def bench_endpoints(
             "concurrency": list(concurrency), "request_rates": list(request_rates),
             "timeout_s": timeout_s, "seed": seed,
         }
-        _write_outputs(result, endpoints, settings, out_dir, link_prefix)
+        _write_outputs(result, endpoints, settings, out_dir)
     return result
 
 
@@ -569,8 +588,12 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
     return out
 
 
-def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any], link_prefix: str = "") -> str:
-    """The benchmark as markdown: settings, one table row per sweep point, ratios, plots."""
+def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any]) -> str:
+    """The benchmark as markdown: settings, one table row per sweep point, ratios, plots.
+
+    Image links are relative to the summary's own folder (it sits next to the plots), so the
+    file reads on its own; report.md rewrites them when it includes the summary.
+    """
     eps = ", ".join(f"`{e.name}` ({e.base_url}, model `{e.model}`)" for e in endpoints)
     lines = [
         "## Serving benchmark",
@@ -606,17 +629,16 @@ def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], s
         lines += [f"- {p.endpoint} {p.load}: {e}" for p, e in errs]
     lines += [
         "",
-        f"![latency vs throughput]({link_prefix}latency_vs_throughput.png)",
+        "![latency vs throughput](latency_vs_throughput.png)",
         "",
-        f"![TTFT distribution]({link_prefix}ttft_distribution.png)",
+        "![TTFT distribution](ttft_distribution.png)",
         "",
     ]
     return "\n".join(lines)
 
 
 def _write_outputs(
-    result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any], out_dir: str,
-    link_prefix: str,
+    result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any], out_dir: str
 ) -> None:
     from distray.formats import write_text
 
@@ -642,7 +664,7 @@ def _write_outputs(
         _write_bytes(path, png)
         result.plots.append(path)
     result.summary_md = f"{out_dir}/summary.md"
-    write_text(result.summary_md, summary_markdown(result, endpoints, settings, link_prefix))
+    write_text(result.summary_md, summary_markdown(result, endpoints, settings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +710,7 @@ def run(cfg: DistrayConfig) -> BenchResult:
         result = bench_endpoints(
             endpoints, prompts, concurrency=b.concurrency, request_rates=b.request_rates,
             max_tokens=b.max_tokens, timeout_s=b.timeout_s, ignore_eos=b.ignore_eos,
-            seed=cfg.run.seed, out_dir=paths.bench, link_prefix="bench/", prompts_source=source,
+            seed=cfg.run.seed, out_dir=paths.bench, prompts_source=source,
         )
     finally:
         if deployed:

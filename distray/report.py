@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any
 
 from distray.formats import exists, filesystem_for, list_files, read_text, write_text
@@ -264,6 +265,27 @@ def _headline(metrics: dict[str, Any]) -> str | None:
     return text
 
 
+# A markdown link or image target: `](target)` or `](target "title")`.
+_LINK_TARGET = re.compile(r"\]\(([^)\s]+)")
+
+
+def _rebase_links(markdown: str, folder: str) -> str:
+    """Prefix `folder/` to the relative link targets of a markdown file from `folder`, so
+    its images still resolve when the text is included in a file one level up.
+
+    Absolute targets (URLs, `/...`, `#anchors`) are left alone, and so are targets that
+    already start with `folder/` (summaries written before the links became relative).
+    """
+
+    def fix(m: re.Match[str]) -> str:
+        target = m.group(1)
+        if "://" in target or target.startswith(("/", "#", "mailto:", f"{folder}/")):
+            return m.group(0)
+        return f"]({folder}/{target}"
+
+    return _LINK_TARGET.sub(fix, markdown)
+
+
 def _kv_table(d: dict[str, Any], keys: list[str] | None = None) -> str:
     lines = ["| figure | value |", "|---|---|"]
     for k in keys or list(d):
@@ -305,10 +327,13 @@ def build_report(run_dir: str) -> str:
         task = cfg.get("task") or {}
         data = cfg.get("data") or {}
         builtin = (data.get("builtin") or {}).get("name")
+        # The distilled student is the train stage's export; `student.model` is where it started.
+        trained = paths.student if exists(f"{paths.student}/config.json") else None
         bits = [
             f"- task: `{task.get('type', 'custom')}`" + (f" (built-in `{builtin}`)" if builtin else ""),
             f"- teacher: `{teacher.get('model')}` ({teacher.get('kind')})" if isinstance(teacher, dict) else None,
-            f"- student: `{student.get('model')}`" if student else None,
+            f"- student: `{trained}`" if trained else None,
+            f"- student init: `{student.get('model')}`" if student.get("model") else None,
             f"- train loss: `{(cfg.get('train') or {}).get('loss')}`",
             "- config: [config.resolved.yaml](config.resolved.yaml)",
         ]
@@ -378,7 +403,8 @@ def build_report(run_dir: str) -> str:
         out.append("## Serving load benchmark (bench)\n")
         text = ""
         if exists(bench_summary):
-            text = read_text(bench_summary).strip()
+            # The summary's links are relative to bench/; report.md sits one level up.
+            text = _rebase_links(read_text(bench_summary).strip(), "bench")
             # Demote the summary's own headings under this section's.
             text = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.splitlines())
             out.append(text + "\n")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
@@ -15,12 +16,14 @@ from distray.bench import (
     PERCENTILES,
     BenchResult,
     SweepPoint,
+    _run_sync,
     compute_metrics,
     generated_prompts,
     load_prompts,
     summary_markdown,
 )
 from distray.config import EndpointConfig, config_from_dict
+from distray.tasks import COT_INSTRUCTION
 
 
 @dataclass
@@ -99,11 +102,13 @@ def test_summary_has_one_row_per_point_and_a_student_teacher_ratio() -> None:
     r = BenchResult(points=[_point("student", 4, 8.0, 0.05), _point("teacher", 4, 2.0, 0.2)],
                     endpoints=["student", "teacher"], prompts_source="test.jsonl")
     eps = [EndpointConfig(name=n, base_url="http://127.0.0.1:8000/v1", model=n) for n in r.endpoints]
-    md = summary_markdown(r, eps, {"num_prompts": 4, "max_tokens": 5, "ignore_eos": True}, "bench/")
+    md = summary_markdown(r, eps, {"num_prompts": 4, "max_tokens": 5, "ignore_eos": True})
     rows = [line for line in md.splitlines() if line.startswith("| student") or line.startswith("| teacher")]
     assert len(rows) == 2 and "c=4" in rows[0]
     assert "Student vs teacher at c=4: 4.00× request throughput, 0.25× p50 TTFT" in md
-    assert "![latency vs throughput](bench/latency_vs_throughput.png)" in md
+    # Relative to bench/, where summary.md sits next to the plots (report.md rebases them).
+    assert "![latency vs throughput](latency_vs_throughput.png)" in md
+    assert "![TTFT distribution](ttft_distribution.png)" in md
     assert r.point("teacher", concurrency=4).endpoint == "teacher"
 
 
@@ -140,3 +145,36 @@ def test_prompts_fall_back_to_generated(tmp_path) -> None:
     cfg = config_from_dict({"run": {"output_dir": str(tmp_path)}})
     prompts, source = load_prompts(cfg, 3)
     assert source.startswith("generated") and len(prompts) == 3
+
+
+def test_prompts_are_the_ones_generate_sends(tmp_path) -> None:
+    # chain_of_thought and {labels} change the prompts generate/evaluate send; bench must match.
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"prompt": "great soup", "reference": "positive"}) + "\n")
+    cfg = config_from_dict({
+        "run": {"output_dir": str(tmp_path)},
+        "data": {"test": str(path)},
+        "task": {
+            "system_prompt": "Classify the review.", "prompt_template": "{prompt}\nOne of {labels}:",
+            "labels": ["positive", "negative"], "chain_of_thought": True,
+        },
+    })
+    (messages,), _ = load_prompts(cfg, 1)
+    assert messages[0]["role"] == "system"
+    assert messages[0]["content"].startswith("Classify the review.")
+    assert COT_INSTRUCTION in messages[0]["content"]
+    assert messages[-1] == {"role": "user", "content": "great soup\nOne of positive, negative:"}
+
+
+def test_run_sync_works_inside_a_running_event_loop() -> None:
+    # A notebook cell runs inside an event loop, where asyncio.run() refuses to start.
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    assert _run_sync(answer()) == 42  # no loop running: plain asyncio.run
+
+    async def notebook_cell() -> int:
+        return _run_sync(answer())
+
+    assert asyncio.run(notebook_cell()) == 42

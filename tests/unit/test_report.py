@@ -121,3 +121,38 @@ def test_report_tolerates_missing_figures(tmp_path: Path, missing: str) -> None:
     (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps(m))
     md = Path(build_report(str(tmp_path))).read_text()
     assert "| Metric |" in md
+
+
+def test_bench_summary_images_resolve_from_report_md(tmp_path: Path) -> None:
+    # bench/summary.md links its plots relative to bench/ (it reads on its own there);
+    # report.md, one level up, must point into bench/.
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "summary.md").write_text(
+        "## Serving benchmark\n\n"
+        "![latency vs throughput](latency_vs_throughput.png)\n\n"
+        "![TTFT distribution](ttft_distribution.png)\n\n"
+        "![old](bench/old.png) [vLLM](https://docs.vllm.ai/x.png)\n"
+    )
+    for name in ("latency_vs_throughput.png", "ttft_distribution.png", "old.png"):
+        (tmp_path / "bench" / name).write_bytes(PNG_MAGIC)
+    md = Path(build_report(str(tmp_path))).read_text()
+    assert "![latency vs throughput](bench/latency_vs_throughput.png)" in md
+    assert "![TTFT distribution](bench/ttft_distribution.png)" in md
+    assert "](bench/old.png)" in md and "bench/bench/" not in md  # summaries from before
+    assert "](https://docs.vllm.ai/x.png)" in md
+    assert md.count("ttft_distribution.png") == 1  # not repeated as an extra plot
+
+
+def test_report_names_the_trained_student_and_its_init(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = {"student": {"model": "/cache/student-init"}, "train": {"loss": "kd"}}
+    (tmp_path / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    md = Path(build_report(str(tmp_path))).read_text()
+    assert "- student init: `/cache/student-init`" in md
+    assert "- student: " not in md  # not trained yet
+    (tmp_path / "train" / "student").mkdir(parents=True)
+    (tmp_path / "train" / "student" / "config.json").write_text("{}")
+    md = Path(build_report(str(tmp_path))).read_text()
+    assert f"- student: `{tmp_path}/train/student`" in md
+    assert "- student init: `/cache/student-init`" in md
