@@ -6,8 +6,8 @@
     distray data check prompts.jsonl --rejects rejects.jsonl
 
 The CLI only builds the config and calls each stage's `run(cfg)`; stage modules are imported
-when their command runs, so `distray --help` stays fast and a stage that is missing does not
-break the others. Exit codes: 0 success, 2 usage or config error, 1 run failure.
+when their command runs, so `distray --help` does not load vLLM, Ray or DeepSpeed.
+Exit codes: 0 success, 2 usage or config error, 1 run failure.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-#: Stage command → (module, function) it calls with the loaded config.
+#: Stage command → (module, function) it calls with the loaded config. `distray run` takes its
+#: stage names from `distray.pipeline.STAGES` instead (no `serve`: its bench stage deploys).
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("distray.teacher.generate", "run"),
     "train": ("distray.train.trainer", "run"),
@@ -90,31 +91,50 @@ def _load(config: str | None, overrides: Sequence[str]) -> Any:
     return load_config(config, list(overrides))
 
 
-def _import_stage(command: str, module_name: str, attr: str) -> Callable[..., Any]:
-    """The stage function, or `StageNotBuilt` when its module does not exist yet.
+def _resolve_for(command: str, cfg: Any) -> Any:
+    """The config a stage command runs with: what it would see inside `distray run`, with only
+    the demo stand-ins (`demo.train_teacher`) that this stage needs built.
 
-    Only a missing stage module (or a missing parent package of it) counts as "not built";
-    an ImportError raised inside an existing module is a real bug and propagates.
+    generate and train need the stand-in teacher and the student's initial weights; evaluate
+    also the baseline student; serve and bench use the trained student and build nothing (so
+    `distray serve` on a fresh run fails at once, saying to train first, instead of training
+    the demo teacher for minutes).
+
+    Raises:
+        ConfigError: serve/bench would deploy a demo teacher that is not built yet.
     """
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise StageNotBuilt(
-                f"`distray {command}` is not built yet: module {module_name} does not exist"
-            ) from e
-        raise
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise StageNotBuilt(
-            f"`distray {command}` is not built yet: {module_name}.{attr}() is missing"
-        )
-    return fn  # type: ignore[no-any-return]
+    from distray.pipeline import resolve
+
+    if command in ("serve", "bench"):
+        cfg = resolve(cfg, demo=False)
+        _check_demo_teacher(command, cfg)
+        return cfg
+    if command == "evaluate" or not cfg.demo.train_teacher or "baseline" not in cfg.evaluate.models:
+        return resolve(cfg)
+    # generate/train: `resolve` has no switch for the baseline, and the demo builds it only
+    # when evaluate.models names it; resolve without it, then give the list back.
+    models = list(cfg.evaluate.models)
+    slim = cfg.evaluate.model_copy(update={"models": [m for m in models if m != "baseline"]})
+    out = resolve(cfg.model_copy(update={"evaluate": slim}))
+    return out.model_copy(update={"evaluate": out.evaluate.model_copy(update={"models": models})})
 
 
-class StageNotBuilt(DistrayError):
-    """A CLI command whose implementing module is not written yet (exit code 1)."""
+def _check_demo_teacher(command: str, cfg: Any) -> None:
+    """Fail fast when serve/bench would deploy the demo teacher before anything built it."""
+    from pathlib import Path
+
+    deploys = command == "serve" or not cfg.bench.endpoints
+    teacher = cfg.teacher
+    if not (deploys and cfg.serve.serve_teacher and cfg.demo.train_teacher and teacher is not None):
+        return
+    if "://" in teacher.model or (Path(teacher.model) / "config.json").exists():
+        return
+    raise ConfigError(
+        f"`teacher.model` `{teacher.model}` does not exist yet and `serve.serve_teacher` is true; "
+        "with demo.train_teacher the stand-in teacher is built by `distray generate`: run "
+        "`distray generate` and `distray train` first (or `distray run`), or set "
+        "serve.serve_teacher=false"
+    )
 
 
 _MAX_VALUE_CHARS = 300  # long enough for a few output paths, short enough for one line
@@ -167,12 +187,8 @@ def _print_result(command: str, result: Any, t0: float) -> None:
 def _cmd_stage(args: argparse.Namespace) -> int:
     module_name, attr = STAGES[args.command]
     cfg = _load(args.config, args.overrides)
-    fn = _import_stage(args.command, module_name, attr)
-    from distray.pipeline import resolve
-
-    # A stage alone sees what it would see inside `distray run`: built-in task files written,
-    # demo stand-ins built (each only once).
-    cfg = resolve(cfg)
+    fn = getattr(importlib.import_module(module_name), attr)
+    cfg = _resolve_for(args.command, cfg)
     t0 = time.perf_counter()
     result = fn(cfg)
     _print_result(args.command, result, t0)
@@ -184,26 +200,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     cfg = _load(args.config, args.overrides)
-    fn = _import_stage("run", "distray.pipeline", "run")
+    from distray import pipeline
+
     if stages:
-        # The pipeline names its own stages when it says so; else the stage commands + report.
-        known = getattr(sys.modules["distray.pipeline"], "STAGES", None) or [*STAGES, "report"]
-        unknown = [s for s in stages if s not in known]
+        unknown = [s for s in stages if s not in pipeline.STAGES]
         if unknown:
             raise UsageError(
                 f"--stages has unknown stage(s) {', '.join(unknown)}; choose from "
-                f"{', '.join(known)}"
+                f"{', '.join(pipeline.STAGES)}"
             )
     t0 = time.perf_counter()
-    result = fn(cfg, stages=stages, force=args.force)
+    result = pipeline.run(cfg, stages=stages, force=args.force)
     _print_result("run", result, t0)
     return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    fn = _import_stage("report", "distray.report", "build_report")
+    from distray.report import build_report
+
     t0 = time.perf_counter()
-    result = fn(args.run_dir)
+    result = build_report(args.run_dir)
     _print_result("report", result, t0)
     return EXIT_OK
 
@@ -221,32 +237,34 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     kwargs: dict[str, Any] = {}
     if args.config is not None:
-        # Rows are checked as the generate stage would see them (system prompt, template).
-        cfg = _load(args.config, [])
-        kwargs = {
-            "system_prompt": cfg.task.system_prompt,
-            "prompt_template": cfg.task.prompt_template,
-        }
+        from distray.tasks import task_prompts
+
+        # Rows are checked as the generate stage would see them: the same system prompt and
+        # template (`{labels}` filled, the chain-of-thought instruction added).
+        system_prompt, prompt_template = task_prompts(_load(args.config, []).task)
+        kwargs = {"system_prompt": system_prompt, "prompt_template": prompt_template}
     check = check_input(args.input, rejects_path=args.rejects, **kwargs)
     print(check.summary(), flush=True)
     return EXIT_OK
 
 
 def _cmd_data_make_task(args: argparse.Namespace) -> int:
-    fn = _import_stage("data make-task", "distray.tasks", "make_task")
+    from distray import tasks
+
     t0 = time.perf_counter()
-    result = fn(args.name, args.out, args.n, args.seed)
+    result = tasks.make_task(args.name, args.out, args.n, args.seed)
     _print_result("make-task", result if result is not None else args.out, t0)
     return EXIT_OK
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    fn = _import_stage("make-tiny", "distray.tiny", "make_tiny")
+    from distray import tiny
+
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads}
     if args.vocab is not None:
         kwargs["vocab_size"] = args.vocab
-    result = fn(args.out, **kwargs)
+    result = tiny.make_tiny(args.out, **kwargs)
     _print_result("make-tiny", result, t0)
     return EXIT_OK
 
@@ -266,6 +284,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
+    from distray.pipeline import STAGES as PIPELINE_STAGES
+
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     verbose = _Parser(add_help=False)
     verbose.add_argument(
@@ -297,15 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
         overrides(p)
         p.set_defaults(func=_cmd_stage)
 
+    run_stages = ", ".join(PIPELINE_STAGES)
     p = sub.add_parser(
         "run",
-        help="run the whole pipeline (generate, train, evaluate, serve, bench, report)",
-        description="Run the pipeline; stages whose outputs exist are skipped unless --force.",
+        help=f"run the whole pipeline: {run_stages} (bench deploys the models on Ray Serve)",
+        description=f"Run the pipeline's stages in order ({run_stages}); stages whose outputs "
+        "exist are skipped unless --force.",
         parents=[verbose],
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     overrides(p)
-    p.add_argument("--stages", metavar="a,b", help=f"only these stages, from {','.join(STAGES)}")
+    p.add_argument(
+        "--stages", metavar="a,b", help=f"only these stages, from {','.join(PIPELINE_STAGES)}"
+    )
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     p.set_defaults(func=_cmd_run)
 
@@ -345,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("name", metavar="NAME", help="task name, e.g. reverse, date, sentiment")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    c.add_argument("--n", required=True, type=_positive_int, metavar="N", help="rows to write")
+    c.add_argument(
+        "--n",
+        required=True,
+        type=_positive_int,
+        metavar="N",
+        help="training rows (train.jsonl); validation.jsonl and test.jsonl get 200 rows each",
+    )
     c.add_argument("--seed", type=int, default=0, metavar="S", help="generator seed (default 0)")
     c.set_defaults(func=_cmd_data_make_task)
     p.set_defaults(func=_needs_action(p))

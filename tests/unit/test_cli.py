@@ -198,6 +198,45 @@ def test_data_check_missing_input_exits_1(capsys: pytest.CaptureFixture[str], tm
     assert code == 1 and "does not exist" in err and "Traceback" not in err
 
 
+def test_data_check_applies_the_prompts_generate_sends(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import distray.formats
+    from distray.tasks import COT_INSTRUCTION
+
+    seen: dict[str, Any] = {}
+
+    class Check:
+        def summary(self) -> str:
+            return "1 valid, 0 rejected"
+
+    monkeypatch.setattr(
+        distray.formats, "check_input", lambda path, rejects_path, **kw: seen.update(kw) or Check()
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": {
+        "system_prompt": "Pick one of {labels}.", "labels": ["yes", "no"], "chain_of_thought": True,
+    }}))
+    code, _, _ = run_cli(capsys, "data", "check", str(tmp_path / "x.jsonl"), "--config", str(config))
+    assert code == 0
+    assert seen["system_prompt"] == f"Pick one of yes, no. {COT_INSTRUCTION}"
+    assert seen["prompt_template"] == "{prompt}"
+
+
+def test_make_task_help_says_what_it_writes(capsys: pytest.CaptureFixture[str]) -> None:
+    import inspect
+
+    from distray.tasks import make_task
+
+    defaults = inspect.signature(make_task).parameters
+    code, out, _ = run_cli(capsys, "data", "make-task", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    n_val, n_test = defaults["n_validation"].default, defaults["n_test"].default
+    assert n_val == n_test  # the help text says "each"
+    assert f"training rows (train.jsonl); validation.jsonl and test.jsonl get {n_val} rows each" in text
+
+
 def test_make_task_and_make_tiny_call_their_functions(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -246,15 +285,6 @@ def test_stage_runs_and_prints_one_summary_line(
     assert ok.CALLS[0].run.name == "r2"
 
 
-def test_stage_not_built_exits_1_and_says_so(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, config_file: Path
-) -> None:
-    monkeypatch.setitem(cli.STAGES, "serve", ("distray.not_written_yet", "run"))
-    code, _, err = run_cli(capsys, "serve", "--config", str(config_file))
-    assert code == 1
-    assert "`distray serve` is not built yet" in err
-
-
 def test_import_error_inside_a_stage_is_not_swallowed(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -287,7 +317,7 @@ def test_run_passes_stages_and_force(
     monkeypatch: pytest.MonkeyPatch,
     config_file: Path,
 ) -> None:
-    import types
+    import distray.pipeline
 
     calls: list[Any] = []
 
@@ -298,15 +328,96 @@ def test_run_passes_stages_and_force(
         def summary(self) -> str:
             return f"run folder {self.run_dir}"
 
-    fake = types.ModuleType("distray.pipeline")
-    fake.run = lambda cfg, stages, force: calls.append((stages, force)) or PipelineResult(cfg.run_dir)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "distray.pipeline", fake)
+    monkeypatch.setattr(
+        distray.pipeline,
+        "run",
+        lambda cfg, stages, force: calls.append((stages, force)) or PipelineResult(cfg.run_dir),
+    )
     code, out, _ = run_cli(capsys, "run", str(config_file), "--stages", "generate,train", "--force", "train.lr=1e-5")
     assert code == 0
     assert calls == [(["generate", "train"], True)]
     assert out.strip().startswith("run ok in ") and "run folder" in out
     code, _, err = run_cli(capsys, "run", str(config_file), "--stages", "generate,distil")
     assert code == 2 and "distil" in err
+    code, _, err = run_cli(capsys, "run", str(config_file), "--stages", "serve")
+    assert code == 2 and "choose from generate, train, evaluate, bench, report" in err
+
+
+def test_run_help_offers_the_pipelines_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    from distray.pipeline import STAGES
+
+    code, out, _ = run_cli(capsys, "run", "--help")
+    assert code == 0
+    assert f"only these stages, from {','.join(STAGES)}" in " ".join(out.split())
+    assert "serve" not in ",".join(STAGES)  # the pipeline has no serve stage: bench deploys
+
+
+# ---- which demo stand-ins a stage command builds ---------------------------------------------
+
+
+@pytest.fixture
+def demo_config(tmp_path: Path) -> Path:
+    """A quickstart-like config: built-in task, demo teacher/student folders not built yet."""
+    path = tmp_path / "demo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "demo", "output_dir": str(tmp_path / "runs")},
+                "data": {"builtin": {"name": "reverse", "n_train": 8, "n_validation": 0, "n_test": 4}},
+                "teacher": {"kind": "vllm", "model": str(tmp_path / "cache" / "teacher")},
+                "student": {"model": str(tmp_path / "cache" / "student-init")},
+                "serve": {"serve_teacher": True},
+                "demo": {"train_teacher": True},
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def demo_calls(monkeypatch: pytest.MonkeyPatch, fake_stages: Path) -> list[bool]:
+    """Each `prepare_demo` call, as whether it was asked for the baseline; every stage command
+    runs the fake stage."""
+    import distray.demo
+
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        distray.demo, "prepare_demo", lambda cfg: calls.append("baseline" in cfg.evaluate.models)
+    )
+    for name in cli.STAGES:
+        monkeypatch.setitem(cli.STAGES, name, ("fake_distray_stages.ok", "run"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("command", "builds"), [("generate", [False]), ("train", [False]), ("evaluate", [True])]
+)
+def test_stage_commands_build_only_the_demo_parts_they_need(
+    capsys: pytest.CaptureFixture[str], demo_config: Path, demo_calls: list[bool],
+    command: str, builds: list[bool],
+) -> None:
+    code, _, err = run_cli(capsys, command, "--config", str(demo_config))
+    assert code == 0, err
+    assert demo_calls == builds  # generate/train: teacher + student init, no baseline
+    import fake_distray_stages.ok as ok  # type: ignore[import-not-found]
+
+    assert ok.CALLS[-1].evaluate.models == ["teacher", "student", "baseline"]  # config unchanged
+    assert Path(ok.CALLS[-1].data.test).is_file()  # built-in task files written
+
+
+def test_serve_and_bench_build_no_demo_and_say_what_to_run(
+    capsys: pytest.CaptureFixture[str], demo_config: Path, demo_calls: list[bool]
+) -> None:
+    for command in ("serve", "bench"):
+        code, _, err = run_cli(capsys, command, "--config", str(demo_config))
+        assert code == 2
+        assert "`distray generate` and `distray train` first (or `distray run`)" in err
+    code, _, err = run_cli(capsys, "serve", "--config", str(demo_config), "serve.serve_teacher=false")
+    assert code == 0, err
+    ep = "bench.endpoints=[{name: s, base_url: 'http://127.0.0.1:1/v1', model: s}]"
+    code, _, err = run_cli(capsys, "bench", "--config", str(demo_config), ep)
+    assert code == 0, err  # measures given endpoints: deploys nothing, needs no teacher
+    assert demo_calls == []
 
 
 # ---- the public API ------------------------------------------------------------------------
@@ -325,3 +436,48 @@ def test_public_api_is_small_and_lazy() -> None:
         timeout=30,
     )
     assert proc.stdout.split() == ["False", "False"]  # importing distray stays cheap
+
+
+# ---- jobs/_entry.py (ray job submit entrypoints) ---------------------------------------------
+
+
+@pytest.fixture
+def entry() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "_entry.py"
+    spec = importlib.util.spec_from_file_location("distray_jobs_entry", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "x.yaml", "--force", "a=1"],
+        ["--config=x.yaml", "--force", "a=1"],
+        ["-c", "x.yaml", "--force", "a=1"],
+        ["-c=x.yaml", "--force", "a=1"],
+        ["-cx.yaml", "--force", "a=1"],
+        ["--force", "--config", "x.yaml", "a=1"],
+    ],
+)
+def test_job_entry_moves_every_config_form_first(entry: Any, args: list[str]) -> None:
+    out = entry.config_first(args)
+    assert out[0] == "x.yaml"
+    assert sorted(out[1:]) == ["--force", "a=1"]
+
+
+def test_job_entry_config_without_a_path_is_a_usage_error(
+    entry: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    for args in (["a=1", "--config"], ["--config", "--force"], ["--config="]):
+        assert entry.main("run", args) == cli.EXIT_USAGE
+        assert "--config needs a path" in capsys.readouterr().err
+    assert calls == []
+    assert entry.main("run", ["--config=x.yaml", "--stages", "generate"]) == 0
+    assert calls == [["run", "x.yaml", "--stages", "generate"]]
