@@ -109,14 +109,7 @@ def _resolve_for(command: str, cfg: Any) -> Any:
         cfg = resolve(cfg, demo=False)
         _check_demo_teacher(command, cfg)
         return cfg
-    if command == "evaluate" or not cfg.demo.train_teacher or "baseline" not in cfg.evaluate.models:
-        return resolve(cfg)
-    # generate/train: `resolve` has no switch for the baseline, and the demo builds it only
-    # when evaluate.models names it; resolve without it, then give the list back.
-    models = list(cfg.evaluate.models)
-    slim = cfg.evaluate.model_copy(update={"models": [m for m in models if m != "baseline"]})
-    out = resolve(cfg.model_copy(update={"evaluate": slim}))
-    return out.model_copy(update={"evaluate": out.evaluate.model_copy(update={"models": models})})
+    return resolve(cfg, baseline=command == "evaluate")
 
 
 def _check_demo_teacher(command: str, cfg: Any) -> None:

@@ -66,9 +66,9 @@ def train_on_labels(
     return student
 
 
-def prepare_demo(cfg: DistrayConfig) -> None:
+def prepare_demo(cfg: DistrayConfig, *, baseline: bool = True) -> None:
     """Build what the quickstart needs and does not have yet: the stand-in teacher, the student's
-    initial weights and the baseline student. Each is skipped when it exists already.
+    initial weights and (with `baseline`) the baseline student. Each is skipped when it exists.
 
     Raises:
         ConfigError: the demo is on without a built-in task or a local vLLM/HF teacher.
@@ -127,7 +127,7 @@ def prepare_demo(cfg: DistrayConfig) -> None:
             heads=demo.student_heads, max_position=128, seed=cfg.run.seed + 2,
             tokenizer_dir=str(teacher_dir),
         )
-    if "baseline" in cfg.evaluate.models and cfg.evaluate.baseline in (None, baseline_dir(cfg)):
+    if baseline and "baseline" in cfg.evaluate.models and cfg.evaluate.baseline in (None, baseline_dir(cfg)):
         rows = task_rows(
             b.name, {"test": b.n_test, "validation": b.n_validation, "train": b.n_train}, seed=b.seed
         )["train"][: demo.baseline_labels]

@@ -210,12 +210,12 @@ def check_vocabularies(cfg: DistrayConfig) -> None:
         )
 
 
-def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
+def resolve(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
     """Fill what the stages read from the run folder: built-in task files, demo stand-ins.
 
     With `data.builtin`, the task's JSONL files are written into `<run>/data/` (once) and
     `data.train/validation/test` point at them. With `demo.train_teacher`, the stand-in teacher,
-    the student's initial weights and the baseline are built when missing. A student (or
+    the student's initial weights and (with `baseline`) the baseline are built when missing. A student (or
     baseline, or served model) given as a hub id is downloaded once into `<output_dir>/_models/`.
 
     Returns:
@@ -239,7 +239,7 @@ def resolve(cfg: DistrayConfig, *, demo: bool = True) -> DistrayConfig:
     if demo and cfg.demo.train_teacher:
         from distray.demo import baseline_dir, prepare_demo
 
-        prepare_demo(cfg)
+        prepare_demo(cfg, baseline=baseline)
         if cfg.evaluate.baseline is None and "baseline" in cfg.evaluate.models:
             ev = cfg.evaluate.model_copy(update={"baseline": baseline_dir(cfg)})
             cfg = cfg.model_copy(update={"evaluate": ev})

@@ -56,7 +56,7 @@ def test_bench_stage_writes_the_run_outputs(served) -> None:  # noqa: F811
     assert r.summary_md == paths.bench_summary
     summary = open(paths.bench_summary).read()
     assert "| student | c=2 |" in summary and "| student | r=20/s |" in summary
-    assert "(bench/latency_vs_throughput.png)" in summary  # links resolve from report.md
+    assert "](latency_vs_throughput.png)" in summary  # relative to bench/ (report.md rebases them)
     assert [p.errors for p in r.points] == [0, 0]
 
 

@@ -382,7 +382,8 @@ def demo_calls(monkeypatch: pytest.MonkeyPatch, fake_stages: Path) -> list[bool]
 
     calls: list[bool] = []
     monkeypatch.setattr(
-        distray.demo, "prepare_demo", lambda cfg: calls.append("baseline" in cfg.evaluate.models)
+        distray.demo, "prepare_demo",
+        lambda cfg, baseline=True: calls.append(baseline and "baseline" in cfg.evaluate.models),
     )
     for name in cli.STAGES:
         monkeypatch.setitem(cli.STAGES, name, ("fake_distray_stages.ok", "run"))
