@@ -796,6 +796,14 @@ def resolve_models(cfg: DistrayConfig) -> dict[str, str]:
             )
         if "teacher" == cfg.serve.model_name:
             raise ConfigError("`serve.model_name` is `teacher`, which the teacher uses; rename it")
+        local_path = t.model.startswith((".", "/", "~")) or t.model.count("/") != 1
+        if local_path and "://" not in t.model and not os.path.isfile(os.path.join(t.model, "config.json")):
+            raise ConfigError(
+                f"`teacher.model` `{t.model}` is not a model folder (no config.json), and "
+                "`serve.serve_teacher` deploys it; fix the path (with the demo teacher: run "
+                "`distray generate` or `distray run` first, which build it), or set "
+                "serve.serve_teacher=false"
+            )
         models["teacher"] = t.model
     return models
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -90,12 +91,18 @@ def test_serving_the_teacher_needs_a_local_teacher(tmp_path) -> None:
     })
     with pytest.raises(ConfigError, match="kind vllm or hf"):
         resolve_models(cfg)
-    cfg = config_from_dict({
-        "run": {"output_dir": str(tmp_path)},
-        "teacher": {"kind": "vllm", "model": "/models/big"},
-        "serve": {"model": str(m), "serve_teacher": True},
-    })
-    assert resolve_models(cfg) == {"student": str(m), "teacher": "/models/big"}
+    def vllm_teacher(model: str) -> Any:
+        return config_from_dict({
+            "run": {"output_dir": str(tmp_path)},
+            "teacher": {"kind": "vllm", "model": model},
+            "serve": {"model": str(m), "serve_teacher": True},
+        })
+
+    assert resolve_models(vllm_teacher(str(m))) == {"student": str(m), "teacher": str(m)}
+    # A hub id is vLLM's to download; a missing local folder is named, with the fix.
+    assert resolve_models(vllm_teacher("org/big"))["teacher"] == "org/big"
+    with pytest.raises(ConfigError, match="/models/big.*serve_teacher=false"):
+        resolve_models(vllm_teacher("/models/big"))
 
 
 def test_served_endpoints_and_url(tmp_path) -> None:
