@@ -14,16 +14,16 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 __all__ = [
+    "final_answer",
     "extract_final_number",
     "normalize_number",
     "normalize_answer",
     "extract_choice",
     "token_f1",
     "numbers_equal",
-    "verify_answer",
+    "contains_answer",
 ]
 
 # A number as people write it: optional sign, thousands separators, decimals, a trailing %.
@@ -35,6 +35,31 @@ _ANSWER_MARKERS = (
     re.compile(r"\\boxed\{\s*"),
     re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*", re.IGNORECASE),
 )
+# The last line `distray.tasks.COT_INSTRUCTION` (and the math preset) ask for: "The answer is: X".
+# Stricter than the numeric markers above: a bare "answer" is common inside free-text reasoning.
+_FINAL_ANSWER_RE = re.compile(r"\bthe answer is\b\s*:?", re.IGNORECASE)
+
+
+def final_answer(text: str) -> str:
+    """The answer after the last "The answer is:" of an output; the whole text when the output
+    has no such marker.
+
+    Chain-of-thought outputs reason first and end with the answer line the CoT instruction asks
+    for; the reasoning often names other labels or numbers, so scorers and verifiers compare
+    only the answer. The marker is case-insensitive and its colon optional; the answer is the
+    rest of the marker's line (the next non-empty line when the marker ends its line).
+
+    Examples:
+        >>> final_answer("Not neutral: it follows.\\nThe answer is: entailment")
+        'entailment'
+        >>> final_answer("Paris")
+        'Paris'
+    """
+    hits = list(_FINAL_ANSWER_RE.finditer(text))
+    if not hits:
+        return text
+    lines = [ln.strip() for ln in text[hits[-1].end():].splitlines()]
+    return next((ln for ln in lines if ln), "")
 
 
 def normalize_number(text: str) -> str | None:
@@ -66,8 +91,8 @@ def normalize_number(text: str) -> str | None:
 def extract_final_number(text: str | None) -> str | None:
     """The final numeric answer of a GSM8K-style output, normalised.
 
-    Looks after an answer marker first (`#### 42`, `\\boxed{42}`, `The answer is 42`), else takes
-    the last number in the text.
+    Looks after the last answer marker first (`#### 42`, `\\boxed{42}`, `The answer is 42`, a
+    looser set than `final_answer`'s), else takes the last number in the text.
 
     Examples:
         >>> extract_final_number("The answer is 42.")
@@ -212,73 +237,14 @@ def token_f1(pred: str | None, ref: str | None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def verify_answer(
-    response: str | None,
-    reference: str | None,
-    filters: Any,
-    *,
-    labels: Sequence[str] | None = None,
-) -> str | None:
-    """Check a teacher answer the way `generate.filters` asks; the reject reason, or None.
+def contains_answer(response: str | None, reference: str | None) -> bool:
+    """True when the normalised reference appears in the normalised response as whole words.
 
-    Only the answer checks live here (emptiness and `verifier`); length, regex, JSON and
-    truncation are the generate stage's own filters (`distray.teacher.filters`). Reason codes
-    match that module's.
-
-    Args:
-        response: the teacher's answer.
-        reference: the row's ground truth, or None.
-        filters: a `FilterConfig` (reads drop_empty, verifier, min_f1), or a verifier name.
-        labels: `task.labels`, for the `label` verifier.
-
-    Returns:
-        None when the answer passes; else `empty`, `verifier_label` (names none of the labels),
-        `verifier_no_number` (numeric: no final number) or `verifier_mismatch` (differs from
-        the reference).
-
-    Verifiers (rows without a reference pass every verifier except `label`, which still needs
-    one of the labels):
-        numeric: the final number must exist and equal the reference's.
-        exact: normalize_answer(response) == normalize_answer(reference).
-        label: the answer names one of `labels`, the reference's label when there is one.
-        contains: the normalised reference appears in the normalised response.
-        f1: token F1 against the reference ≥ filters.min_f1 (0.5 when given a name).
+    Examples:
+        >>> contains_answer("The answer is 4.", "4"), contains_answer("14", "4")
+        (True, False)
+        >>> contains_answer("I know", "no")
+        False
     """
-    if isinstance(filters, str):
-        verifier, drop_empty, min_f1 = filters, True, 0.5
-    else:
-        verifier = getattr(filters, "verifier", "none")
-        drop_empty = getattr(filters, "drop_empty", True)
-        raw_f1 = getattr(filters, "min_f1", None)
-        min_f1 = 0.5 if raw_f1 is None else float(raw_f1)
-    text = response or ""
-    if drop_empty and not text.strip():
-        return "empty"
-    if verifier in ("none", None):
-        return None
-    if verifier == "label":
-        choice = extract_choice(text, labels)
-        if choice is None or (labels and choice not in labels):
-            return "verifier_label"
-        if reference is None:
-            return None
-        ref_choice = extract_choice(reference, labels) or reference
-        return None if normalize_answer(choice) == normalize_answer(ref_choice) else "verifier_mismatch"
-    if reference is None:
-        return None
-    if verifier == "numeric":
-        got = extract_final_number(text)
-        if got is None:
-            return "verifier_no_number"
-        ref = normalize_number(reference) or extract_final_number(reference)
-        return None if numbers_equal(got, ref) else "verifier_mismatch"
-    if verifier == "exact":
-        same = normalize_answer(text) == normalize_answer(reference)
-        return None if same else "verifier_mismatch"
-    if verifier == "contains":
-        ref_n = normalize_answer(reference)
-        found = bool(ref_n) and f" {ref_n} " in f" {normalize_answer(text)} "
-        return None if found else "verifier_mismatch"
-    if verifier == "f1":
-        return None if token_f1(text, reference) >= min_f1 else "verifier_mismatch"
-    raise ValueError(f"unknown verifier {verifier!r}; use none, numeric, exact, label, contains, f1")
+    ref_n = normalize_answer(reference)
+    return bool(ref_n) and f" {ref_n} " in f" {normalize_answer(response)} "

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 #: Appended to the system prompt when `task.chain_of_thought` is on (Azure's
-#: enable_chain_of_thought): reason first, then a last line the answer extractors read.
+#: enable_chain_of_thought): reason first, then a last line that `distray.answers.final_answer`
+#: cuts out for the scorers and the generate verifier.
 COT_INSTRUCTION = (
     "Think step by step and show your reasoning. Then give the final answer on the last line "
     "as 'The answer is: <answer>'."

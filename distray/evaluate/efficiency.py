@@ -332,17 +332,42 @@ def measure_api(
     max_tokens: int = 32,
     latency_samples: int = 5,
     timeout_s: float = 60.0,
+    max_retries: int = 3,
+    backoff_base_s: float = 0.5,
+    backoff_max_s: float = 30.0,
+    transport: Any = None,
 ) -> Efficiency:
     """Single-request latency of an OpenAI-compatible endpoint (parameters and memory unknown).
 
     Throughput is left to the caller: for an API model it is the prediction run's rows/s.
+    429, 408, 409, 5xx, timeouts and dropped connections are retried up to `max_retries` times
+    with the openai teacher's backoff (a Retry-After is a floor on the wait, up to
+    `backoff_max_s`). A request that still fails, or fails with another 4xx, leaves the latency
+    figures None, with a warning naming the URL and the error: the predictions are already
+    made, and one busy probe should not discard them.
+
+    Args:
+        base_url: the endpoint's `/v1` URL.
+        model: the model name to send.
+        prompts: chat prompts; requests cycle through them.
+        api_key: sent as a Bearer token when set.
+        max_tokens: greedy tokens per answer.
+        latency_samples: requests timed (after one warm-up).
+        timeout_s: timeout of one request.
+        max_retries: retries of one request.
+        backoff_base_s: first retry delay; doubles, with full jitter.
+        backoff_max_s: longest retry delay.
+        transport: an `httpx.BaseTransport` for the client (tests pass `httpx.MockTransport`).
     """
     import httpx
 
+    from distray.teacher.engines.openai import _RETRY_STATUS, _retry_after_s, backoff_s
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/chat/completions"
+    eff = Efficiency(backend="openai")
     lat: list[float] = []
-    with httpx.Client(timeout=timeout_s, headers=headers) as client:
+    with httpx.Client(timeout=timeout_s, headers=headers, transport=transport) as client:
         for i in range(latency_samples + 1):
             body = {
                 "model": model,
@@ -350,18 +375,35 @@ def measure_api(
                 "max_tokens": max_tokens,
                 "temperature": 0.0,
             }
-            t = time.perf_counter()
-            r = client.post(url, json=body)
-            r.raise_for_status()
+            for attempt in range(max_retries + 1):
+                retry_after = None
+                t = time.perf_counter()
+                try:
+                    r = client.post(url, json=body)
+                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    error, retryable = f"{type(e).__name__}: {e}", True
+                else:
+                    if r.status_code == 200:
+                        break
+                    error = f"HTTP {r.status_code}: {r.text[:200]}"
+                    retryable = r.status_code in _RETRY_STATUS or r.status_code >= 500
+                    retry_after = _retry_after_s(r.headers)
+                if not retryable or attempt == max_retries:
+                    logger.warning(
+                        "latency probe of %s failed after %d attempts (%s); latency_ms is left "
+                        "empty for this model", url, attempt + 1, error,
+                    )
+                    eff.method = {"latency_ms": f"not measured: {url} answered {error}"}
+                    return eff
+                # A Retry-After longer than backoff_max_s is not worth waiting for in a probe.
+                time.sleep(min(backoff_max_s, backoff_s(attempt, backoff_base_s, backoff_max_s, retry_after)))
             if i:  # the first request warms connections up
                 lat.append((time.perf_counter() - t) * 1000.0)
-    return Efficiency(
-        latency_ms=statistics.median(lat),
-        latency_p90_ms=percentile(lat, 90),
-        latency_samples=len(lat),
-        backend="openai",
-        method={"latency_ms": f"median of {len(lat)} sequential chat requests to {url}"},
-    )
+    eff.latency_ms = statistics.median(lat) if lat else None
+    eff.latency_p90_ms = percentile(lat, 90)
+    eff.latency_samples = len(lat)
+    eff.method = {"latency_ms": f"median of {len(lat)} sequential chat requests to {url}"}
+    return eff
 
 
 def main(argv: list[str] | None = None) -> None:

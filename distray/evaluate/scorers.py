@@ -7,16 +7,21 @@ and BLEU / ROUGE-L F-measure × 100 as papers quote them. Rows without a referen
 by the reference-based scorers (`n` says how many were scored); a scorer with nothing to score
 returns None rather than 0.
 
+Chain-of-thought answers end with "The answer is: X" (`distray.tasks.COT_INSTRUCTION`); the
+answer-level scorers (exact_match, choice, f1, teacher_agreement's match) compare X, as cut by
+`final_answer`, on both sides, so labels and words in the reasoning do not count. Text without
+that marker is compared whole; bleu and rouge_l always compare whole texts.
+
 | scorer | compares | per row |
 |---|---|---|
-| exact_match | normalize_answer(pred) == normalize_answer(ref) | 0/1 |
+| exact_match | normalize_answer(final_answer(pred)) == same of ref | 0/1 |
 | numeric | final number of pred == final number of ref | 0/1 |
-| choice | extract_choice(pred, labels) == choice of ref | 0/1 |
+| choice | extract_choice(final_answer(pred), labels) == choice of ref | 0/1 |
 | regex | group 1 of the pattern == ref (pattern with a group), else "pred matches" | 0/1 |
 | bleu | sacrebleu corpus BLEU (effective order) of preds against refs | sentence BLEU |
 | rouge_l | rouge-score ROUGE-L F-measure, mean | F-measure |
-| f1 | SQuAD token F1, mean | F1 |
-| teacher_agreement | normalize_answer(pred) == teacher's (and BLEU vs the teacher) | 0/1 |
+| f1 | SQuAD token F1 of the final answers, mean | F1 |
+| teacher_agreement | exact_match against the teacher's answer (and BLEU vs its text) | 0/1 |
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, get_args
 from distray.answers import (
     extract_choice,
     extract_final_number,
+    final_answer,
     normalize_answer,
     normalize_number,
     numbers_equal,
@@ -79,7 +85,11 @@ def _pairwise(
 
 
 def _exact(p: str, r: str) -> bool:
-    return normalize_answer(p) == normalize_answer(r)
+    return normalize_answer(final_answer(p)) == normalize_answer(final_answer(r))
+
+
+def _f1(p: str, r: str) -> float:
+    return token_f1(final_answer(p), final_answer(r))
 
 
 def _numeric(p: str, r: str) -> bool:
@@ -149,6 +159,7 @@ def score(
     if name == "choice":
 
         def _choice(p: str, r: str) -> bool:
+            p, r = final_answer(p), final_answer(r)
             ref_choice = extract_choice(r, labels) or normalize_answer(r)
             got = extract_choice(p, labels)
             if got is None and not labels:
@@ -193,7 +204,7 @@ def score(
 
         return _pairwise(preds, refs, _rl)
     if name == "f1":
-        return _pairwise(preds, refs, token_f1)
+        return _pairwise(preds, refs, _f1)
     if name == "teacher_agreement":
         if teacher_preds is None:
             return ScoreResult(None, 0, [None] * len(preds), {"teacher_bleu": None})

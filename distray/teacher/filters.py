@@ -25,8 +25,10 @@ from functools import lru_cache
 from typing import Any
 
 from distray.answers import (
+    contains_answer,
     extract_choice,
     extract_final_number,
+    final_answer,
     normalize_answer,
     numbers_equal,
     token_f1,
@@ -70,29 +72,36 @@ def verify(
         reference: the ground truth, or None.
         verifier: none, numeric (final numbers equal), exact (normalised text equal), label
             (one of `labels`, and equal to the reference when there is one), contains
-            (normalised reference appears in the answer).
+            (normalised reference appears in the answer as whole words: "4" is not in "14"),
+            f1 (token F1 ≥ `min_f1`).
         labels: allowed answers for `label`.
         min_f1: the least token F1 against the reference for `f1`.
 
     Returns:
         None when the answer passes (rows without a reference pass every verifier except
         `label`, which still requires one of the labels), else the rejection.
+
+    A chain-of-thought answer ending "The answer is: X" is judged on X alone
+    (`distray.answers.final_answer`) by every verifier; `numeric` reads the final number itself.
     """
     if verifier == "none":
         return None
+    # Reasoning before the answer line may name other labels or words; judge the answer only.
+    answer = final_answer(response)
+    ref = None if reference is None else final_answer(reference)
     if verifier == "label":
-        got = extract_choice(response, list(labels or []))
+        got = extract_choice(answer, list(labels or []))
         if got is None:
             return Rejection(
                 "verifier_label",
-                f"answer names none of the labels {list(labels or [])}: {_short(response)!r}",
+                f"answer names none of the labels {list(labels or [])}: {_short(answer)!r}",
             )
-        if reference is not None:
-            want = extract_choice(reference, list(labels or [])) or reference
+        if ref is not None:
+            want = extract_choice(ref, list(labels or [])) or ref
             if normalize_answer(got) != normalize_answer(want):
                 return Rejection("verifier_mismatch", f"label {got!r} ≠ reference {want!r}")
         return None
-    if reference is None:
+    if ref is None:
         return None
     if verifier == "numeric":
         got_n = extract_final_number(response)
@@ -103,23 +112,23 @@ def verify(
             return Rejection("verifier_mismatch", f"final number {got_n} ≠ reference {want_n}")
         return None
     if verifier == "exact":
-        if normalize_answer(response) != normalize_answer(reference):
+        if normalize_answer(answer) != normalize_answer(ref):
             return Rejection(
-                "verifier_mismatch", f"{_short(response)!r} ≠ reference {_short(reference)!r}"
+                "verifier_mismatch", f"{_short(answer)!r} ≠ reference {_short(ref)!r}"
             )
         return None
     if verifier == "contains":
-        if normalize_answer(reference) not in normalize_answer(response):
+        if not contains_answer(answer, ref):
             return Rejection(
-                "verifier_mismatch", f"answer does not contain reference {_short(reference)!r}"
+                "verifier_mismatch", f"answer does not contain reference {_short(ref)!r}"
             )
         return None
     if verifier == "f1":
-        f1 = token_f1(response, reference)
+        f1 = token_f1(answer, ref)
         if f1 < min_f1:
             return Rejection("verifier_mismatch", f"token F1 {f1:.2f} < {min_f1} against the reference")
         return None
-    raise ValueError(f"unknown verifier {verifier!r}")
+    raise ValueError(f"unknown verifier {verifier!r}; use none, numeric, exact, label, contains, f1")
 
 
 def check_response(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from distray.answers import (
+    contains_answer,
     extract_choice,
     extract_final_number,
+    final_answer,
     normalize_answer,
     normalize_number,
     numbers_equal,
@@ -89,3 +91,30 @@ def test_token_f1_partial_and_edge_cases() -> None:
     assert token_f1("", "") == 1.0
     assert token_f1("x", "") == 0.0
     assert token_f1("dog", "cat") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The CoT line wins over labels named in the reasoning; the last marker counts.
+        ("It is not neutral, and no contradiction.\nThe answer is: entailment", "entailment"),
+        ("First I thought the answer is neutral. The answer is: Entailment.", "Entailment."),
+        ("the ANSWER IS contradiction", "contradiction"),
+        ("The answer is:\n\n  Paris\nBecause it is the capital.", "Paris"),
+        ("The answer is:", ""),
+        # No marker: the text, unchanged.
+        ("I'd say neutral.", "I'd say neutral."),
+        ("Answer: C", "Answer: C"),
+        ("", ""),
+    ],
+)
+def test_final_answer_cuts_to_the_last_answer_line(text: str, expected: str) -> None:
+    assert final_answer(text) == expected
+
+
+def test_contains_answer_matches_whole_words_only() -> None:
+    assert contains_answer("The answer is 4.", "4")
+    assert contains_answer("It is Paris, France", "paris")
+    assert not contains_answer("14", "4")
+    assert not contains_answer("I know", "no")
+    assert not contains_answer("anything", "")

@@ -106,51 +106,53 @@ def _cfg(task_type: str, **extra: object):
     return config_from_dict({"task": {"type": task_type}, **extra})
 
 
-def test_math_preset_numeric_verifier_and_scorer() -> None:
-    from distray.answers import verify_answer
+def _reason(cfg, response: str, reference: str | None) -> str | None:
+    """The generate stage's verdict on one teacher answer under `cfg`'s filters."""
+    from distray.teacher.filters import check_response
 
+    row = {"response": response, "reference": reference, "finish_reason": "stop"}
+    rej = check_response(row, cfg.generate.filters, cfg.task.labels)
+    return rej.reason if rej else None
+
+
+def test_math_preset_numeric_verifier_and_scorer() -> None:
     cfg = _cfg("math")
-    f = cfg.generate.filters
-    assert f.verifier == "numeric"
-    assert verify_answer("Half of 48 is 24, so 48+24 = 72.\nThe answer is: 72", "72", f) is None
-    assert verify_answer("The answer is 70", "72", f) == "verifier_mismatch"
-    assert verify_answer("no number at all", "72", f) == "verifier_no_number"
+    assert cfg.generate.filters.verifier == "numeric"
+    assert _reason(cfg, "Half of 48 is 24, so 48+24 = 72.\nThe answer is: 72", "72") is None
+    assert _reason(cfg, "The answer is 70", "72") == "verifier_mismatch"
+    assert _reason(cfg, "no number at all", "72") == "verifier_no_number"
     # no reference: any final number passes
-    assert verify_answer("The answer is 70", None, f) is None
+    assert _reason(cfg, "The answer is 70", None) is None
     r = score_all(cfg.evaluate.scorers, ["So the total is 72.", "#### 70"], ["72", "72"])
     assert r["numeric"].value == 50.0
 
 
 def test_nli_preset_label_verifier_and_choice_scorer() -> None:
-    from distray.answers import verify_answer
-
     cfg = _cfg("nli")
-    f, labels = cfg.generate.filters, cfg.task.labels
+    labels = cfg.task.labels
+    assert cfg.generate.filters.verifier == "label"
     assert labels == ["entailment", "neutral", "contradiction"]
-    assert verify_answer("Entailment.", "entailment", f, labels=labels) is None
-    assert verify_answer("neutral", "entailment", f, labels=labels) == "verifier_mismatch"
-    assert verify_answer("maybe?", None, f, labels=labels) == "verifier_label"
-    assert verify_answer("contradiction", None, f, labels=labels) is None
+    assert _reason(cfg, "Entailment.", "entailment") is None
+    assert _reason(cfg, "neutral", "entailment") == "verifier_mismatch"
+    assert _reason(cfg, "maybe?", None) == "verifier_label"
+    assert _reason(cfg, "contradiction", None) is None
     assert "choice" in cfg.evaluate.scorers
     r = score("choice", ["Label: contradiction", "(A)"], ["contradiction", "neutral"], labels=labels)
     assert r.per_row == [1.0, 0.0]
 
 
 def test_qa_preset_non_empty_by_default_and_optional_exact_or_f1() -> None:
-    from distray.answers import verify_answer
-
     cfg = _cfg("qa")
     f = cfg.generate.filters
     assert f.drop_empty and f.verifier == "none"
-    assert verify_answer("Paris", "London", f) is None  # no answer check unless asked
-    assert verify_answer("   ", "Paris", f) == "empty"
+    assert _reason(cfg, "Paris", "London") is None  # no answer check unless asked
+    assert _reason(cfg, "   ", "Paris") == "empty"
     cfg = _cfg("qa", generate={"filters": {"verifier": "f1", "min_f1": 0.5}})
-    f = cfg.generate.filters
-    assert verify_answer("the city of Paris", "Paris", f) is None  # F1 0.67
-    assert verify_answer("London", "Paris", f) == "verifier_mismatch"
+    assert _reason(cfg, "the city of Paris", "Paris") is None  # F1 0.67
+    assert _reason(cfg, "London", "Paris") == "verifier_mismatch"
     cfg = _cfg("qa", generate={"filters": {"verifier": "exact"}})
-    assert verify_answer("paris.", "Paris", cfg.generate.filters) is None
-    assert verify_answer("the city of Paris", "Paris", cfg.generate.filters) == "verifier_mismatch"
+    assert _reason(cfg, "paris.", "Paris") is None
+    assert _reason(cfg, "the city of Paris", "Paris") == "verifier_mismatch"
     r = score_all(["exact_match", "f1"], ["Paris", "the city of Paris"], ["Paris", "Paris"])
     assert r["exact_match"].value == 50.0
     assert r["f1"].value == pytest.approx(100 * (1 + 0.5) / 2)
@@ -171,28 +173,93 @@ def test_conversation_preset_scores_bleu_and_teacher_agreement() -> None:
     assert r.value == 100.0
 
 
-@pytest.mark.parametrize(
-    ("task_type", "response", "reference"),
-    [
-        ("math", "The answer is: 72", "72"),
-        ("math", "The answer is 70", "72"),
-        ("math", "no number", "72"),
-        ("nli", "Neutral.", "neutral"),
-        ("nli", "entailment", "neutral"),
-        ("nli", "who knows", None),
-        ("qa", "", "Paris"),
-        ("qa", "London", "Paris"),
-    ],
-)
-def test_generate_filters_apply_the_presets_validation(
-    task_type: str, response: str, reference: str | None
-) -> None:
-    """The generate stage's filter gives the same verdict as `verify_answer` for each preset."""
-    from distray.answers import verify_answer
-    from distray.teacher.filters import check_response
+# ---- chain of thought: answers are judged by their "The answer is:" line ---------------------
 
-    cfg = _cfg(task_type)
-    row = {"response": response, "reference": reference, "finish_reason": "stop"}
-    got = check_response(row, cfg.generate.filters, cfg.task.labels)
-    want = verify_answer(response, reference, cfg.generate.filters, labels=cfg.task.labels)
-    assert (got.reason if got else None) == want
+
+def test_chain_of_thought_nli_answer_scores_its_final_label() -> None:
+    """The reasoning names another label first; the answer line decides."""
+    from distray.tasks import NLI_LABELS
+
+    cot = (
+        "The premise does not make the hypothesis neutral: it states it outright, "
+        "so there is no contradiction either.\nThe answer is: entailment"
+    )
+    r = score("choice", [cot, cot], ["entailment", "neutral"], labels=NLI_LABELS)
+    assert r.per_row == [1.0, 0.0]
+    # Letters work the same way after the marker.
+    r = score("choice", ["Option A looks tempting, but (A) ignores the date. The answer is: (C)"], ["C"])
+    assert r.per_row == [1.0]
+
+
+def test_chain_of_thought_exact_match_and_f1_compare_only_the_final_answer() -> None:
+    cot = "Lyon is large, but the seat of government is Paris.\nThe answer is: Paris."
+    assert score("exact_match", [cot], ["Paris"]).per_row == [1.0]
+    assert score("exact_match", [cot], ["Lyon"]).per_row == [0.0]
+    assert score("f1", [cot], ["paris"]).per_row == [1.0]
+    r = score("teacher_agreement", ["The answer is: paris"], [None], teacher_preds=[cot])
+    assert r.value == 100.0
+
+
+def test_without_the_marker_scoring_is_unchanged() -> None:
+    assert score("exact_match", ["Paris, I think"], ["Paris"]).per_row == [0.0]
+    r = score("choice", ["neutral, not entailment"], ["neutral"], labels=["entailment", "neutral"])
+    assert r.per_row == [1.0]
+    assert score("f1", ["the cat sat"], ["a cat sat down"]).per_row[0] == pytest.approx(0.8)
+
+
+# ---- efficiency: the API latency probe -------------------------------------------------------
+
+
+def _api_probe(responses: list[int], retry_after: str = "0", **kw: object):
+    """measure_api against a mock endpoint answering `responses` (status codes) in order."""
+    import httpx
+
+    from distray.evaluate.efficiency import measure_api
+
+    codes = iter(responses)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        code = next(codes)
+        if code == 0:
+            raise httpx.ConnectTimeout("timed out", request=request)
+        if code == 200:
+            return httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]})
+        return httpx.Response(code, headers={"Retry-After": retry_after}, text="busy")
+
+    eff = measure_api(
+        "http://api.test/v1/", "m", [[{"role": "user", "content": "hi"}]],
+        latency_samples=2, backoff_base_s=0.001, transport=httpx.MockTransport(handler), **kw,
+    )
+    return eff, seen
+
+
+def test_measure_api_retries_busy_and_timed_out_requests() -> None:
+    eff, seen = _api_probe([429, 200, 503, 0, 200, 200], max_retries=2)
+    assert len(seen) == 6 and seen[0] == "http://api.test/v1/chat/completions"
+    assert eff.latency_ms is not None and eff.latency_samples == 2
+    assert eff.backend == "openai"
+
+
+def test_measure_api_waits_at_least_retry_after_up_to_backoff_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    _api_probe([429, 200, 200, 200], retry_after="2")
+    assert waits == [2.0]
+    waits.clear()
+    _api_probe([429, 200, 200, 200], retry_after="3600", backoff_max_s=5.0)
+    assert waits == [5.0]
+
+
+def test_measure_api_gives_up_with_a_warning_and_no_latency(caplog: pytest.LogCaptureFixture) -> None:
+    eff, seen = _api_probe([200, 500, 500, 500], max_retries=2)
+    assert len(seen) == 4  # warm-up, then one request tried 3 times
+    assert eff.latency_ms is None and eff.latency_p90_ms is None and eff.latency_samples == 0
+    assert "HTTP 500" in eff.method["latency_ms"]
+    assert "http://api.test/v1/chat/completions" in caplog.text and "HTTP 500" in caplog.text
+    # A client error is not retried, and does not fail the stage either.
+    eff, seen = _api_probe([401], max_retries=5)
+    assert len(seen) == 1 and eff.latency_ms is None

@@ -140,3 +140,15 @@ def test_unknown_task_and_too_many_rows_fail_clearly(tmp_path: Path) -> None:
         make_task("addition", str(tmp_path), 10, 0)
     with pytest.raises(ConfigError, match="distinct prompts"):
         task_rows("date", {"train": 10**6}, 0)
+
+
+def test_the_chain_of_thought_answer_line_is_what_the_extractors_read() -> None:
+    """An output that follows COT_INSTRUCTION's last-line format is scored on that line."""
+    import re
+
+    from distray.answers import extract_choice, final_answer
+
+    line = re.search(r"'(.*<answer>.*)'", COT_INSTRUCTION).group(1)
+    output = "Neutral? No: the premise says it outright.\n" + line.replace("<answer>", "entailment")
+    assert final_answer(output) == "entailment"
+    assert extract_choice(final_answer(output), ["entailment", "neutral"]) == "entailment"

@@ -89,6 +89,30 @@ def test_exact_and_contains_verifiers() -> None:
     assert verify("London", "paris", "contains").reason == "verifier_mismatch"
 
 
+def test_contains_verifier_needs_whole_words() -> None:
+    assert verify("The answer is 4.", "4", "contains") is None
+    assert verify("14", "4", "contains").reason == "verifier_mismatch"
+    assert verify("I know", "no", "contains").reason == "verifier_mismatch"
+    f = FilterConfig(verifier="contains")
+    assert check_response(row("14", reference="4"), f).reason == "verifier_mismatch"
+
+
+def test_verifiers_judge_a_chain_of_thought_answer_by_its_last_line() -> None:
+    labels = ["entailment", "neutral", "contradiction"]
+    cot = "The premise rules out neutral and contradiction.\nThe answer is: entailment"
+    f = FilterConfig(verifier="label")
+    assert check_response(row(cot, reference="entailment"), f, labels) is None
+    rej = check_response(row(cot, reference="neutral"), f, labels)
+    assert rej.reason == "verifier_mismatch" and "'entailment'" in rej.detail
+    qa = "Lyon is big, but the capital is Paris.\nThe answer is: Paris."
+    assert verify(qa, "paris", "exact") is None
+    assert verify(qa, "lyon", "contains").reason == "verifier_mismatch"
+    assert verify(qa, "Paris", "f1", min_f1=1.0) is None
+    # No marker: the whole answer, as before.
+    assert verify("Paris, I think", "paris", "exact").reason == "verifier_mismatch"
+    assert check_response(row("neutral, not entailment"), f, labels) is None
+
+
 def test_rules_run_in_order_first_failure_wins() -> None:
     f = FilterConfig(min_chars=100, regex="x", require_json=True)
     assert check_response(row("  "), f).reason == "empty"
