@@ -235,6 +235,7 @@ def _efficiency(
         eff = measure_api(
             t.base_url, t.model, prompts, api_key=key, max_tokens=ev.max_tokens,
             latency_samples=ev.latency_samples, timeout_s=t.timeout_s,
+            max_retries=t.max_retries, backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
         )
         # An API model's throughput is what the prediction run got (max_in_flight requests).
         eff.throughput_rows = n_rows
