@@ -32,13 +32,14 @@ import numpy as np
 from distray.formats import (
     FINISH_REASON,
     ID,
+    INPUT_ID,
     MESSAGES,
     RESPONSE,
     RESPONSE_TOKEN_IDS,
     TOPK_LOGPROBS,
     TOPK_TOKEN_IDS,
 )
-from distray.train.losses import IGNORE_INDEX
+from distray.train.losses import IGNORE_INDEX, MISSING_LOGPROB
 
 __all__ = [
     "TRAIN_COLUMNS",
@@ -50,8 +51,11 @@ __all__ = [
     "holdout_flags",
 ]
 
-#: Columns a training worker reads; everything else stays in the Parquet files.
-TRAIN_COLUMNS = [ID, MESSAGES, RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS, TOPK_LOGPROBS, FINISH_REASON]
+#: Columns a training worker reads; everything else stays in the Parquet files. `input_id` keys
+#: the validation hold-out (all samples and teachers of one prompt fall on the same side).
+TRAIN_COLUMNS = [
+    ID, INPUT_ID, MESSAGES, RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS, TOPK_LOGPROBS, FINISH_REASON,
+]
 
 _PROBE = "\u2063distray-probe\u2063"
 
@@ -64,7 +68,7 @@ class Encoded:
         input_ids: (L,) token ids.
         labels: (L,) target id of position t (token t + 1), -100 where there is no loss.
         topk_ids: (L, k) teacher top-k ids per target position, or None (no teacher logprobs).
-        topk_logprobs: (L, k) teacher logprobs, -inf where missing, or None.
+        topk_logprobs: (L, k) teacher logprobs, `MISSING_LOGPROB` where missing, or None.
         truncated: the answer was cut to fit `max_seq_len`.
         no_target: the prompt alone filled `max_seq_len`; the example carries no loss.
     """
@@ -86,8 +90,12 @@ class ChatEncoder:
     as its template ends a turn; and a teacher answer that already ends with that token is not
     given it twice.
 
+    A tokenizer without a chat template (a base model) gets the prompt generate and evaluate
+    give it (`distray.teacher.engines.common.render_prompt`: the turns' contents joined with
+    newlines, plus the tokenizer's own special tokens) and eos as the end of a turn.
+
     Args:
-        tokenizer: a Hugging Face tokenizer with a chat template.
+        tokenizer: a Hugging Face tokenizer, with or without a chat template.
         max_seq_len: the longest sequence (prompt + answer).
     """
 
@@ -95,9 +103,15 @@ class ChatEncoder:
     max_seq_len: int
     suffix_ids: list[int] = field(init=False)
     gen_prefix: str = field(init=False)
+    has_template: bool = field(init=False)
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
+        self.has_template = bool(getattr(tok, "chat_template", None))
+        if not self.has_template:
+            self.gen_prefix = ""
+            self.suffix_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            return
         turns = [{"role": "user", "content": "hi"}]
         prompt = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(
@@ -115,8 +129,25 @@ class ChatEncoder:
         suffix = full[at + len(_PROBE) :]
         self.suffix_ids = list(tok(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
 
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The token the student learns to end an answer with, or None.
+
+        The first special token of the end-of-turn suffix (`<|im_end|>` of `<|im_end|>\\n`);
+        export adds it to the generation config's eos ids.
+        """
+        tok = self.tokenizer
+        special = set(getattr(tok, "all_special_ids", None) or [])
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        special |= {i for i, t in added.items() if getattr(t, "special", False)}
+        return next((int(t) for t in self.suffix_ids if t in special), None)
+
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered prompt turns plus the generation prompt."""
+        if not self.has_template:
+            from distray.teacher.engines.common import render_prompt
+
+            return render_prompt(self.tokenizer, list(messages), apply_chat_template=False)[1]
         text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
         )
@@ -175,7 +206,7 @@ class ChatEncoder:
         if topk_token_ids is not None and topk_logprobs is not None:
             k = max((len(r) for r in topk_token_ids), default=1) or 1
             tk_ids = np.zeros((n, k), dtype=np.int64)
-            tk_lp = np.full((n, k), -np.inf, dtype=np.float32)
+            tk_lp = np.full((n, k), MISSING_LOGPROB, dtype=np.float32)
             n_answer_kept = max(0, n - n_prompt)
             for j in range(min(n_teacher, n_answer_kept, len(topk_token_ids))):
                 row_ids, row_lp = topk_token_ids[j], topk_logprobs[j]
@@ -286,7 +317,7 @@ class Collator:
         attn = np.zeros((b, width), dtype=np.int64)
         pos = np.zeros((b, width), dtype=np.int64)
         tk_ids = np.zeros((b, width, k), dtype=np.int64) if self.with_topk else None
-        tk_lp = np.full((b, width, k), -np.inf, dtype=np.float32) if self.with_topk else None
+        tk_lp = np.full((b, width, k), MISSING_LOGPROB, dtype=np.float32) if self.with_topk else None
         for i, group in enumerate(groups):
             at = 0
             for e in group:

@@ -12,7 +12,9 @@ the fp32 weights plus one rank's optimizer partition at a time.
 
 The weights are loaded into the student's own architecture (LoRA adapters are merged first), cast
 to the student's dtype, and written with `save_pretrained` (one model.safetensors),
-next to the student's tokenizer files and chat template.
+next to the student's tokenizer files and chat template. The token training ended answers with
+(the chat template's end of turn, e.g. `<|im_end|>`) joins `generation_config.eos_token_id`, so
+vLLM and `generate` stop where the trained student stops, not only at the base model's eos.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def export_checkpoint(
     model = model.to(dtype)
 
     tok = AutoTokenizer.from_pretrained(tokenizer or base_model, trust_remote_code=trust_remote_code)
+    _add_end_of_turn_eos(model, tok)
     remote = "://" in out_dir
     local_out = tempfile.mkdtemp(prefix="distray-export-") if remote else out_dir + ".tmp-export"
     shutil.rmtree(local_out, ignore_errors=True)
@@ -171,3 +174,30 @@ def export_checkpoint(
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("exported %s parameters (%s) → %s", f"{n_params:,}", str(dtype).removeprefix("torch."), out_dir)
     return out_dir
+
+
+def _add_end_of_turn_eos(model: Any, tok: Any) -> None:
+    """Add the end-of-turn token training appended (`ChatEncoder.end_of_turn_id`) to the
+    model's generation_config eos ids (a list when there are several)."""
+    from transformers import GenerationConfig
+
+    from distray.train.data import ChatEncoder
+
+    eot = ChatEncoder(tok, max_seq_len=1).end_of_turn_id
+    if eot is None:
+        return
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        gen = model.generation_config = GenerationConfig.from_model_config(model.config)
+    eos = gen.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_token_id
+    ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    if eot not in ids:
+        gen.eos_token_id = ids + [eot]
+        logger.info(
+            "generation_config.eos_token_id %s + end of turn %d (%s)",
+            ids,
+            eot,
+            tok.convert_ids_to_tokens(eot),
+        )

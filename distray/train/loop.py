@@ -33,6 +33,10 @@ __all__ = ["WorkerPlan", "TrainState", "train_loop_per_worker", "lr_lambda"]
 
 logger = logging.getLogger(__name__)
 
+#: `checkpoint_val_loss` of a checkpoint whose weights were not evaluated. Ray Train ranks every
+#: checkpoint by it, and needs a number: None fails its sort, inf turns null in its snapshot.
+NOT_EVALUATED = 1e30
+
 
 @dataclass
 class WorkerPlan:
@@ -62,7 +66,9 @@ class TrainState:
     epoch: int = 0
     micro_in_epoch: int = 0
     best_val_loss: float | None = None
+    best_step: int | None = None
     evals_without_improvement: int = 0
+    early_stopped: bool = False
     train_tokens: int = 0
     train_time_s: float = 0.0
     truncated: int = 0
@@ -323,6 +329,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": state.last_train_loss,
             "val_loss": state.last_val_loss,
             "best_val_loss": state.best_val_loss,
+            "best_step": state.best_step,
+            "early_stopped": state.early_stopped,
             "train_tokens": state.train_tokens,
             "train_time_s": state.train_time_s,
             "tokens_per_s": state.train_tokens / state.train_time_s if state.train_time_s else 0.0,
@@ -338,18 +346,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nonlocal last_ckpt_step
         if last_ckpt_step == state.step:
             return
+        # The validation loss of exactly these weights ranks the checkpoint (the trainer's
+        # checkpoint_score_attribute), so the best one outlives train.keep_checkpoints.
+        ev = next((r for r in reversed(state.history) if "val_step" in r), None)
+        score = ev["val_loss"] if ev is not None and ev["val_step"] == state.step else NOT_EVALUATED
         with tempfile.TemporaryDirectory(prefix="distray-ckpt-") as d:
             engine.save_checkpoint(
                 d, tag=f"step{state.step:08d}", client_state={"distray": asdict(state)}
             )
             ray.train.report(
-                summary(),
+                {**summary(), "checkpoint_val_loss": score},
                 checkpoint=ray.train.Checkpoint.from_directory(d),
                 checkpoint_dir_name=f"checkpoint_{state.step:08d}",
             )
         last_ckpt_step = state.step
 
-    stop = state.step >= plan.total_steps
+    # An early-stopped run that is rerun is finished, not continued past its stop.
+    stop = state.step >= plan.total_steps or state.early_stopped
     win_loss = win_sft = win_logit = 0.0
     win_micro = 0
     win_tokens = 0
@@ -445,6 +458,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if val_shard is not None and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
                 early_stop = _record_eval(state, evaluate(), tc, rank)
                 write_metrics()
+                if tc.early_stopping_patience and state.best_step == state.step:
+                    checkpoint()  # the weights early stopping exports
             if early_stop or at_end:
                 stop = True
             if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0:
@@ -484,6 +499,7 @@ def _record_eval(state: TrainState, ev: dict[str, float], tc: Any, rank: int) ->
     improved = state.best_val_loss is None or ev["val_loss"] < state.best_val_loss - 1e-6
     if improved:
         state.best_val_loss = ev["val_loss"]
+        state.best_step = state.step
         state.evals_without_improvement = 0
     else:
         state.evals_without_improvement += 1
@@ -499,5 +515,6 @@ def _record_eval(state: TrainState, ev: dict[str, float], tc: Any, rank: int) ->
                 state.step,
                 state.evals_without_improvement,
             )
+        state.early_stopped = True
         return True
     return False

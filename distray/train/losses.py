@@ -6,7 +6,10 @@ Every function takes *pre-shifted* targets: position `t` of `labels`, `topk_ids`
 `topk_logprobs` describes the token the model should predict from position `t` (the input token
 at `t + 1`), so `logits[:, t]` is scored against them directly. `labels == -100` marks positions
 without loss (prompt, padding). Teacher top-k entries that are missing (a row with fewer than k
-alternatives, or a position the teacher never scored) carry `logprob = -inf`.
+alternatives, or a position the teacher never scored) carry `MISSING_LOGPROB` (-1e30); -inf or
+NaN count as missing too. Missing entries are masked before any arithmetic, and padding is finite,
+because -inf − (−inf) = NaN in a backward pass reaches every logit even where a forward `where`
+hides it.
 
 The teacher distribution at temperature T is the top-k logprobs divided by T and renormalised over
 the k entries; with k = vocabulary this is exactly `softmax(teacher_logits / T)`.
@@ -29,10 +32,12 @@ import torch
 
 __all__ = [
     "IGNORE_INDEX",
+    "MISSING_LOGPROB",
     "LossParts",
     "sft_loss_sum",
     "student_topk_logprobs",
     "teacher_topk_logprobs",
+    "topk_present",
     "forward_kl",
     "reverse_kl",
     "jsd",
@@ -41,7 +46,14 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+#: Logprob of a missing teacher top-k entry: finite, so masked entries never make NaN gradients.
+MISSING_LOGPROB = -1e30
 _LOG2 = math.log(2.0)
+
+
+def topk_present(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """True where a teacher top-k entry is real (not padding, -inf or NaN)."""
+    return topk_logprobs > MISSING_LOGPROB / 2
 
 
 @dataclass
@@ -101,17 +113,23 @@ def student_topk_logprobs(
 def teacher_topk_logprobs(topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
     """The teacher's top-k distribution at temperature T, renormalised over the k entries.
 
-    Entries at -inf stay at -inf (probability 0). A row with no finite entry gives all -inf.
+    Missing entries come out at `MISSING_LOGPROB` (probability 0); everything stays finite.
     """
-    scaled = topk_logprobs.float() / temperature
-    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    present = topk_present(topk_logprobs)
+    scaled = (topk_logprobs.float() / temperature).masked_fill(~present, MISSING_LOGPROB)
+    return (scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)).masked_fill(~present, MISSING_LOGPROB)
 
 
-def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Σ p (log p − log q) over the last dim, with 0·log 0 = 0 (entries where p = 0 add nothing)."""
-    p = log_p.exp()
-    term = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return term.sum(-1)
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) over the `present` entries of the last dim.
+
+    Absent entries are replaced by 0 *before* the arithmetic, so neither the value nor the
+    gradient ever sees (−inf) − (−inf).
+    """
+    log_p = log_p.masked_fill(~present, 0.0)
+    log_q = log_q.masked_fill(~present, 0.0)
+    p = log_p.exp().masked_fill(~present, 0.0)
+    return (p * (log_p - log_q)).sum(-1)
 
 
 def forward_kl(
@@ -122,7 +140,7 @@ def forward_kl(
     Args:
         logits: (N, V) student logits at positions that have teacher top-k.
         topk_ids: (N, k) teacher token ids.
-        topk_logprobs: (N, k) teacher logprobs (T = 1), -inf where missing.
+        topk_logprobs: (N, k) teacher logprobs (T = 1), `MISSING_LOGPROB` where missing.
         temperature: T.
 
     Returns:
@@ -130,15 +148,15 @@ def forward_kl(
     """
     log_p = teacher_topk_logprobs(topk_logprobs, temperature)
     log_q = student_topk_logprobs(logits, topk_ids, temperature)
-    return _kl_terms(log_p, log_q)
+    return _kl_terms(log_p, log_q, topk_present(topk_logprobs))
 
 
 def _student_on_support(
     logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Student log-probabilities renormalised over the teacher's (finite) top-k entries."""
+    """Student log-probabilities renormalised over the teacher's present top-k entries."""
     gathered = logits.float().gather(-1, topk_ids.long()) / temperature
-    gathered = gathered.masked_fill(~torch.isfinite(topk_logprobs), float("-inf"))
+    gathered = gathered.masked_fill(~topk_present(topk_logprobs), MISSING_LOGPROB)
     return gathered - torch.logsumexp(gathered, dim=-1, keepdim=True)
 
 
@@ -148,17 +166,19 @@ def reverse_kl(
     """KL(q_student ‖ p_teacher) per position on the teacher's top-k support (not × T²)."""
     log_p = teacher_topk_logprobs(topk_logprobs, temperature)
     log_q = _student_on_support(logits, topk_ids, topk_logprobs, temperature)
-    return _kl_terms(log_q, log_p)
+    return _kl_terms(log_q, log_p, topk_present(topk_logprobs))
 
 
 def jsd(
     logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Jensen-Shannon divergence (β = 0.5) per position on the teacher's top-k support."""
+    present = topk_present(topk_logprobs)
     log_p = teacher_topk_logprobs(topk_logprobs, temperature)
     log_q = _student_on_support(logits, topk_ids, topk_logprobs, temperature)
+    # Finite inputs only: logaddexp(−inf, −inf) has a NaN gradient.
     log_m = torch.logaddexp(log_p, log_q) - _LOG2
-    return 0.5 * _kl_terms(log_p, log_m) + 0.5 * _kl_terms(log_q, log_m)
+    return 0.5 * _kl_terms(log_p, log_m, present) + 0.5 * _kl_terms(log_q, log_m, present)
 
 
 _LOGIT_LOSSES = {"kd": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}
@@ -195,7 +215,7 @@ def compute_loss(
 ) -> LossParts:
     """The training loss of one micro-batch: `sft`, or `alpha·logit + (1 − alpha)·sft`.
 
-    The logit part averages over positions that have a label *and* at least one finite teacher
+    The logit part averages over positions that have a label *and* at least one present teacher
     logprob; the SFT part over positions with a label.
 
     Args:
@@ -205,7 +225,7 @@ def compute_loss(
         alpha: weight of the logit loss.
         temperature: distillation temperature T.
         topk_ids: (B, L, k) teacher top-k ids, needed for logit losses.
-        topk_logprobs: (B, L, k) teacher top-k logprobs, -inf where missing.
+        topk_logprobs: (B, L, k) teacher top-k logprobs, `MISSING_LOGPROB` (or -inf) where missing.
 
     Returns:
         The loss and its token-summed pieces.
@@ -220,7 +240,7 @@ def compute_loss(
         return LossParts(sft_mean, sft_sum.detach(), sft_n, zero, sft_n.new_zeros(()))
     if topk_ids is None or topk_logprobs is None:
         raise ValueError(f"train.loss `{loss}` needs the teacher's top-k ids and logprobs")
-    mask = (labels != IGNORE_INDEX) & torch.isfinite(topk_logprobs).any(-1)
+    mask = (labels != IGNORE_INDEX) & topk_present(topk_logprobs).any(-1)
     n = mask.sum()
     if bool(n):
         per_pos = logit_loss_per_position(

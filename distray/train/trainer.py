@@ -30,6 +30,7 @@ from distray.config import DistrayConfig, TrainConfig
 from distray.errors import ConfigError, DataError, StageError
 from distray.formats import (
     ID,
+    INPUT_ID,
     INPUT_SUFFIXES,
     MESSAGE_TYPE,
     MESSAGES,
@@ -68,6 +69,9 @@ class TrainResult:
     `epochs` counts completed passes over the data; `tokens_per_s` is non-padding tokens over
     all workers per second of training (start-up, evaluation and checkpoints excluded);
     `resumed_from_step` is the step the last (re)start continued from, 0 for a fresh run.
+    `checkpoint_dir` is the checkpoint exported to `student_dir`: the latest, or the one at the
+    best validation loss when early stopping ended the run (`val_loss` is then the last
+    evaluation's, `best_val_loss` the exported weights').
     """
 
     student_dir: str
@@ -348,10 +352,17 @@ def teacher_splits(paths: RunPaths) -> tuple[str, str | None]:
 
 
 def _holdout_filter(fraction: float, seed: int, keep_holdout: bool) -> Any:
+    """Keep (or drop) the held-out rows of a pyarrow batch.
+
+    The hash is of `input_id` when the rows have one: a teacher row's `id` differs per sample
+    and per teacher, and hashing it would put answers to one prompt on both sides.
+    """
+
     def fn(batch: Any) -> Any:
         import pyarrow as pa
 
-        flags = holdout_flags(batch.column(ID).to_pylist(), fraction, seed)
+        key = INPUT_ID if INPUT_ID in batch.column_names else ID
+        flags = holdout_flags(batch.column(key).to_pylist(), fraction, seed)
         return batch.filter(pa.array(flags if keep_holdout else ~flags))
 
     return fn
@@ -521,7 +532,7 @@ class _Datasets:
 
 
 def _with_holdout(d: _Datasets, fraction: float, seed: int) -> _Datasets:
-    """Split `train` into train / validation by a hash of the row id."""
+    """Split `train` into train / validation by a hash of the input id (`_holdout_filter`)."""
     keep = _holdout_filter(fraction, seed, keep_holdout=True)
     drop = _holdout_filter(fraction, seed, keep_holdout=False)
     return _Datasets(
@@ -542,10 +553,12 @@ def _teacher_datasets(
     tc = cfg.train
     if isinstance(data, str):
         columns = _parquet_columns(data)
-        d = _Datasets(_teacher_dataset(data, columns), None, _teacher_dataset(data, [ID]), None, columns)
+        ids = [c for c in (ID, INPUT_ID) if c in columns]  # what the hold-out hashes
+        d = _Datasets(_teacher_dataset(data, columns), None, _teacher_dataset(data, ids), None, columns)
     else:
         columns = list(data.columns())
-        d = _Datasets(data, None, data.select_columns([ID]), None, columns)
+        ids = [c for c in (ID, INPUT_ID) if c in columns]
+        d = _Datasets(data, None, data.select_columns(ids), None, columns)
     d.with_topk = tc.is_logit_loss
     if d.with_topk and not (TOPK_TOKEN_IDS in columns and TOPK_LOGPROBS in columns):
         raise DataError(
@@ -644,12 +657,19 @@ def _fit(
 
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    # With validation, checkpoints are ranked by the loss of their own weights (the loop reports
+    # it), so the best survives train.keep_checkpoints; Ray Train always keeps the latest too.
+    scored: dict[str, Any] = (
+        {"checkpoint_score_attribute": "checkpoint_val_loss", "checkpoint_score_order": "min"}
+        if plan["has_validation"]
+        else {}
+    )
     run_config: Any = ray.train.RunConfig(
         # A fixed name under the run folder: rerunning finds the snapshot and resumes.
         name="checkpoints",
         storage_path=out_dir,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints, **scored),
         worker_runtime_env={"env_vars": worker_env(cfg)},  # type: ignore[call-arg]
     )
     trainer = TorchTrainer(
@@ -675,6 +695,20 @@ def _fit(
     return result
 
 
+def _export_source(result: Any) -> Any:
+    """The checkpoint to export: the best one when early stopping ended the run, else the latest."""
+    m = result.metrics or {}
+    if not m.get("early_stopped") or m.get("best_step") is None:
+        return result.checkpoint
+    name = f"checkpoint_{int(m['best_step']):08d}"
+    for ckpt, _ in result.best_checkpoints or []:
+        if ckpt.path.rstrip("/").endswith(name):
+            logger.info("early stopping: exporting the best checkpoint, %s", name)
+            return ckpt
+    logger.warning("early stopping: best checkpoint %s is gone; exporting the latest", name)
+    return result.checkpoint
+
+
 def train_model(
     cfg: DistrayConfig,
     data: Any,
@@ -695,7 +729,7 @@ def train_model(
         out_dir: gets `checkpoints/`, `student/`, `metrics.jsonl`, `loss.png`. Reusing a folder
             resumes from its latest checkpoint.
         validation_data: same kind as `data`; None holds out `train.validation_fraction` of
-            `data` by a hash of the row id.
+            `data` by a hash of the input id (`input_id`, else `id`).
         answers: `teacher` (learn the teacher's answers, SFT or logit losses) or `reference`
             (SFT on ground truth; no teacher involved).
         model: student folder to start from; default `cfg.student.model`.
@@ -811,6 +845,7 @@ def train_model(
     if d.validation is not None:
         datasets["validation"] = d.validation.select_columns(keep_cols)
     result = _fit(cfg, plan, datasets, out_dir, use_gpu)
+    checkpoint = _export_source(result)
 
     # ---- export: a Ray task on the cluster, next to storage, once the workers are gone ----
     from distray.train.export import export_checkpoint
@@ -820,7 +855,7 @@ def train_model(
     export_task: Any = ray.remote(num_cpus=1)(export_checkpoint)
     ray.get(
         export_task.remote(
-            result.checkpoint.path,
+            checkpoint.path,
             model,
             student_dir,
             tokenizer=tokenizer_dir,
@@ -831,7 +866,7 @@ def train_model(
     plot = plot_loss(metrics_path, f"{out_dir}/loss.png")
     m = dict(result.metrics or {})
     res = _result_from(
-        m, student_dir=student_dir, checkpoint=result.checkpoint.path, metrics_path=metrics_path,
+        m, student_dir=student_dir, checkpoint=checkpoint.path, metrics_path=metrics_path,
         plot=plot, n_train=n_train, n_val=n_val, t_start=t_start, tc=tc, use_gpu=use_gpu,
     )
     if res.truncated or res.no_target:

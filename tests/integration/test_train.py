@@ -1,5 +1,6 @@
 """Ray Train × DeepSpeed on 2 CPU workers: loss goes down, the export reloads with the same loss,
-a killed worker resumes from its checkpoint, a rerun resumes, a vocabulary mismatch fails early.
+a killed worker resumes from its checkpoint, a rerun resumes, early stopping exports the best
+checkpoint, a vocabulary mismatch fails early.
 
     .venv/bin/python -m pytest tests/integration/test_train.py -x -q
 """
@@ -28,23 +29,23 @@ pytestmark = pytest.mark.integration
 K = 4
 
 
-def _reverse_rows(n: int, seed: int) -> list[tuple[str, str]]:
+def _reverse_rows(n: int, seed: int, letters: str = "abcd") -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        w = "".join(rng.choice("abcd") for _ in range(rng.randint(3, 5)))
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(3, 5)))
         out.append((f"rev {w}", w[::-1]))
     return out
 
 
-def write_teacher_data(out_dir: Path, teacher_dir: str, n: int, seed: int = 0) -> Path:
+def write_teacher_data(out_dir: Path, teacher_dir: str, n: int, seed: int = 0, letters: str = "abcd") -> Path:
     """Teacher data in TEACHER_DATA_SCHEMA for a reversal task, top-k from a HF teacher forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     rows = []
-    for i, (prompt, answer) in enumerate(_reverse_rows(n, seed)):
+    for i, (prompt, answer) in enumerate(_reverse_rows(n, seed, letters)):
         msgs = [{"role": "user", "content": prompt}]
         p_text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
@@ -180,6 +181,30 @@ def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tin
     assert res2.resumed_from_step == 12 and res2.steps == 16
     steps = [r["step"] for r in _metrics(res2.metrics_path) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+def test_early_stopping_exports_the_best_checkpoint_and_a_rerun_stays_stopped(
+    ray_cluster, tmp_path, tiny_model, tiny_teacher_model, teacher_data
+):
+    from distray.train import train_model
+
+    # Validation answers use letters training never shows: learning the training answers makes
+    # the validation loss rise, so early stopping triggers after the first evaluations.
+    val = write_teacher_data(tmp_path / "val-wxyz", tiny_teacher_model, 8, seed=5, letters="wxyz")
+    cfg = _cfg(tmp_path, tiny_model, max_steps=12, eval_every_steps=2, early_stopping_patience=1)
+    out = tmp_path / "es"
+    res = train_model(cfg, str(teacher_data["train"]), str(out), validation_data=str(val))
+    evals = [r for r in _metrics(res.metrics_path) if "val_step" in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert res.steps < 12 and res.best_val_loss == pytest.approx(best["val_loss"])
+    assert res.val_loss > res.best_val_loss
+    # The exported student is the best checkpoint's weights, not the last ones.
+    assert res.checkpoint_dir.endswith(f"checkpoint_{best['val_step']:08d}")
+    assert _eval_loss(res.student_dir, val, cfg) == pytest.approx(res.best_val_loss, rel=1e-3)
+    # A rerun of the same command is finished, not trained on past the stop.
+    res2 = train_model(cfg, str(teacher_data["train"]), str(out), validation_data=str(val))
+    assert res2.resumed_from_step == res.steps and res2.steps == res.steps
+    assert res2.checkpoint_dir == res.checkpoint_dir
 
 
 def test_reference_sft_zero3_from_jsonl(ray_cluster, tmp_path, tiny_model):

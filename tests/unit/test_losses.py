@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from distray.train.losses import (
     IGNORE_INDEX,
+    MISSING_LOGPROB,
     compute_loss,
     forward_kl,
     jsd,
@@ -168,3 +169,38 @@ def test_logit_loss_without_topk_fails_and_empty_batch_is_zero_with_grad():
     out = compute_loss(x, torch.full_like(labels, IGNORE_INDEX), loss="sft")
     assert float(out.loss) == 0.0
     out.loss.backward()  # still part of the graph
+
+
+@pytest.mark.parametrize("pad", [MISSING_LOGPROB, float("-inf")])
+@pytest.mark.parametrize("kind", ["kd", "reverse_kl", "jsd"])
+def test_mixed_k_batch_has_finite_gradients_and_the_unpadded_loss(kind, pad):
+    # Two rows of one batch with k = 4 and k = 2: the collator pads the second row's top-k.
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, V, generator=g)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[:, 0] = IGNORE_INDEX
+    lps, ids = torch.log_softmax(torch.randn(2, 5, V, generator=g), -1).topk(4, -1)
+    lps = lps.clone()
+    lps[1, :, 2:] = pad
+    ids[1, :, 2:] = 0
+
+    x = logits.clone().requires_grad_(True)
+    padded = compute_loss(x, labels, loss=kind, alpha=1.0, temperature=2.0, topk_ids=ids, topk_logprobs=lps)
+    padded.loss.backward()
+    assert torch.isfinite(padded.loss) and torch.isfinite(x.grad).all(), kind
+
+    # The same rows one at a time, each with only its own k entries.
+    logit_sum = 0.0
+    grads = []
+    for row, k in ((0, 4), (1, 2)):
+        xr = logits[row : row + 1].clone().requires_grad_(True)
+        part = compute_loss(
+            xr, labels[row : row + 1], loss=kind, alpha=1.0, temperature=2.0,
+            topk_ids=ids[row : row + 1, :, :k], topk_logprobs=lps[row : row + 1, :, :k],
+        )
+        # alpha = 1: loss = logit_sum / count, so this is the row's share of the batch loss.
+        (part.loss * part.logit_count / padded.logit_count).backward()
+        logit_sum = logit_sum + part.logit_sum
+        grads.append(xr.grad)
+    torch.testing.assert_close(padded.logit_sum, logit_sum)
+    torch.testing.assert_close(x.grad, torch.cat(grads), rtol=1e-5, atol=1e-6)

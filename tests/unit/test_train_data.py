@@ -6,6 +6,9 @@ DeepSpeed batch arithmetic.
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ from distray.config import TrainConfig
 from distray.errors import ConfigError, DataError
 from distray.train.data import ChatEncoder, Collator, holdout_flags, in_holdout, pack_examples
 from distray.train.loop import lr_lambda
-from distray.train.losses import IGNORE_INDEX
+from distray.train.losses import IGNORE_INDEX, MISSING_LOGPROB
 from distray.train.trainer import build_deepspeed_config, check_vocab, plan_steps
 
 MSGS = [{"role": "user", "content": "rev abc"}]
@@ -53,8 +56,39 @@ def test_teacher_ids_are_kept_and_topk_aligned(tok):
     assert list(enc.labels[enc.labels != IGNORE_INDEX]) == ids
     rows = np.nonzero(enc.labels != IGNORE_INDEX)[0]
     assert (enc.topk_ids[rows, 0] == enc.labels[rows]).all()
-    assert np.isinf(enc.topk_logprobs[enc.labels == IGNORE_INDEX]).all()
+    assert (enc.topk_logprobs[enc.labels == IGNORE_INDEX] == np.float32(MISSING_LOGPROB)).all()
     assert np.isfinite(enc.topk_logprobs[rows]).all()
+
+
+def test_rows_with_different_k_are_padded_with_a_finite_missing_logprob(tok):
+    ids = tok("cba", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = [
+        {"messages": MSGS, "response": "cba", "response_token_ids": ids,
+         "topk_token_ids": [[i, 7, 8] for i in ids], "topk_logprobs": [[-0.1, -2.5, -3.0] for _ in ids]},
+        {"messages": MSGS, "response": "cba", "response_token_ids": ids,
+         "topk_token_ids": [[i] for i in ids], "topk_logprobs": [[-0.1] for _ in ids]},
+    ]
+    b = Collator(ChatEncoder(tok, 64), tok.pad_token_id, with_topk=True)(rows)
+    lp = b["topk_logprobs"]
+    assert lp.shape[-1] == 3 and torch.isfinite(lp).all()
+    answer = b["labels"][1] != IGNORE_INDEX
+    assert (lp[1][answer][:, 1:] == MISSING_LOGPROB).all() and (lp[1][answer][:, 0] == -0.1).all()
+
+
+def test_student_without_chat_template_gets_the_prompt_generation_used(tok):
+    from distray.teacher.engines.common import render_prompt
+
+    base = copy.deepcopy(tok)
+    base.chat_template = None
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "rev abc"}]
+    enc = ChatEncoder(base, 64)
+    prompt_ids = render_prompt(base, turns, apply_chat_template=False)[1]
+    assert enc.prompt_ids(turns) == prompt_ids
+    ex = enc.encode(turns, "cba")
+    # The prompt generate/evaluate send, then the answer and eos; loss on the answer only.
+    assert list(ex.input_ids[: len(prompt_ids)]) == prompt_ids
+    assert _text(base, ex.labels[ex.labels != IGNORE_INDEX]) == "cba</s>"
+    assert enc.end_of_turn_id == base.eos_token_id
 
 
 def test_cut_off_teacher_answer_gets_no_end_of_turn(tok):
@@ -128,6 +162,69 @@ def test_holdout_is_deterministic_and_near_the_fraction():
     assert not in_holdout("x", 0.0)
 
 
+def test_holdout_keeps_every_answer_to_one_prompt_on_one_side():
+    import pyarrow as pa
+
+    from distray.train.trainer import _holdout_filter
+
+    # 2 teachers × 3 samples per prompt: six row ids, one input id.
+    rows = [
+        {"id": f"{p}-{t}-{n}", "input_id": p, "messages": MSGS, "response": "x"}
+        for p in (f"q{i}" for i in range(200)) for t in ("a", "b") for n in range(3)
+    ]
+    table = pa.Table.from_pylist(rows)
+    val = _holdout_filter(0.2, 0, keep_holdout=True)(table)
+    train = _holdout_filter(0.2, 0, keep_holdout=False)(table)
+    val_prompts, train_prompts = set(val.column("input_id").to_pylist()), set(train.column("input_id").to_pylist())
+    assert val.num_rows + train.num_rows == len(rows) and val.num_rows == 6 * len(val_prompts)
+    assert val_prompts and not (val_prompts & train_prompts)
+    # Rows without input_id (reference SFT: the id is the input id) split by id.
+    plain = pa.Table.from_pylist([{"id": f"q{i}"} for i in range(200)])
+    assert _holdout_filter(0.2, 0, keep_holdout=True)(plain).column("id").to_pylist() == sorted(
+        val_prompts, key=lambda q: int(q[1:])
+    )
+
+
+def _write_stage0_checkpoint(model_dir: str, out: Path) -> Path:
+    """A ZeRO stage-0 DeepSpeed checkpoint of `model_dir` (what export reads), without DeepSpeed."""
+    from transformers import AutoModelForCausalLM
+
+    sd = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    (out / "step1").mkdir(parents=True)
+    torch.save({"module": sd}, out / "step1" / "mp_rank_00_model_states.pt")
+    (out / "latest").write_text("step1")
+    return out
+
+
+def test_export_stops_generation_at_the_trained_end_of_turn(tiny_model, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from distray.train.export import export_checkpoint
+
+    ckpt = _write_stage0_checkpoint(tiny_model, tmp_path / "ckpt")
+    # The tiny template ends turns with eos: nothing to add.
+    out = export_checkpoint(str(ckpt), tiny_model, str(tmp_path / "plain"))
+    base_eos = AutoTokenizer.from_pretrained(tiny_model).eos_token_id
+    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    assert (eos if isinstance(eos, list) else [eos]) == [base_eos]
+    # A ChatML-style template ends turns with <|im_end|>, which is not eos.
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    tok.save_pretrained(tmp_path / "chatml-tok")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    targets = ChatEncoder(tok, 64).encode(MSGS, "cba").labels
+    assert _text(tok, targets[targets != IGNORE_INDEX]) == "cba<|im_end|>\n"  # what training teaches
+    out2 = export_checkpoint(str(ckpt), tiny_model, str(tmp_path / "chatml"), tokenizer=str(tmp_path / "chatml-tok"))
+    assert GenerationConfig.from_pretrained(out2).eos_token_id == [base_eos, im_end]
+    assert json.loads((Path(out2) / "generation_config.json").read_text())["eos_token_id"] == [base_eos, im_end]
+
+
 def test_deepspeed_batch_fields_follow_world_size():
     tc = TrainConfig(micro_batch_size=2, global_batch_size=8, num_workers=2, zero_stage=3)
     ds = build_deepspeed_config(tc, 2, use_gpu=False)
@@ -184,3 +281,29 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert stops == [False, False, False, False, False, True]
     assert st.best_val_loss == 1.5 and st.last_val_loss == 1.7
     assert [r["val_step"] for r in st.history] == [0] * 6
+
+
+def test_early_stopping_exports_the_best_checkpoint_not_the_last():
+    from types import SimpleNamespace
+
+    from distray.train.loop import TrainState, _record_eval
+    from distray.train.trainer import _export_source
+
+    tc = TrainConfig(early_stopping_patience=2)
+    st = TrainState()
+    for step, v in ((2, 2.0), (4, 1.5), (6, 1.6), (8, 1.7)):
+        st.step = step
+        _record_eval(st, {"val_loss": v}, tc, rank=1)
+    assert st.early_stopped and st.best_step == 4
+
+    def ckpt(step):
+        return SimpleNamespace(path=f"/runs/t/train/checkpoints/checkpoint_{step:08d}")
+
+    last, best = ckpt(8), ckpt(4)
+    res = SimpleNamespace(
+        metrics={"early_stopped": True, "best_step": 4}, checkpoint=last,
+        best_checkpoints=[(ckpt(2), {}), (best, {}), (last, {})],
+    )
+    assert _export_source(res) is best
+    res.metrics = {"early_stopped": False, "best_step": 4}  # ran to the end: the latest weights
+    assert _export_source(res) is last
