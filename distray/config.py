@@ -217,7 +217,8 @@ class OpenAITeacher(_TeacherBase):
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra fields merged into every request body, e.g. "
-        "{return_tokens_as_token_ids: true} so a vLLM endpoint returns logprob token ids.",
+        "{return_tokens_as_token_ids: true} so a vLLM endpoint returns logprob token ids "
+        "(needed for a logit loss; distray does not send it by itself, OpenAI's API rejects it).",
     )
     usd_per_1m_input_tokens: float = Field(
         default=0.0, ge=0, description="Price, for the cost figure."
@@ -580,7 +581,10 @@ class ResourcesConfig(Section):
         description="Logical CPUs for a local Ray (Serve needs more than engines).",
     )
     env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables for every Ray worker."
+        default_factory=dict,
+        description="Environment variables for every Ray worker. Values of secret-looking "
+        "names (TOKEN, KEY, SECRET, PASSWORD) show as <redacted> in config.resolved.yaml; "
+        "HF_TOKEN and the teachers' api_key_env pass through from the driver's environment.",
     )
 
 
@@ -696,6 +700,21 @@ class DistrayConfig(Section):
                     f"`generate.logprobs` ({self.generate.logprobs}) is above 5, the most "
                     "OpenAI-compatible APIs return (top_logprobs ≤ 5 on many); lower it"
                 )
+            for i, t in enumerate(self.all_teachers):
+                # Logprobs over HTTP come back as token strings; only a vLLM endpoint asked for
+                # `token_id:<n>` gives the ids a logit loss needs (engines/openai.py).
+                if not isinstance(t, OpenAITeacher):
+                    continue
+                tokens_as_ids = t.extra_body.get("return_tokens_as_token_ids")
+                if tokens_as_ids is not True:
+                    at = f"teachers.{i}" if self.teachers else "teacher"
+                    raise ValueError(
+                        f"`train.loss` ({tr.loss}) needs the teacher's token ids, but "
+                        f"`{at}.extra_body.return_tokens_as_token_ids` is {tokens_as_ids!r}, so "
+                        f"openai teacher `{t.label}` returns logprobs as text; for a vLLM "
+                        f"endpoint set {at}.extra_body: {{return_tokens_as_token_ids: true}}, "
+                        "else use train.loss: sft"
+                    )
         if tr.offload_params and tr.zero_stage != 3:
             raise ValueError(
                 f"`train.offload_params` needs ZeRO stage 3, got `train.zero_stage` "
@@ -922,9 +941,34 @@ def load_config(
     return config_from_dict(data, source)
 
 
-def dump_config(cfg: DistrayConfig) -> str:
-    """The resolved config as YAML (every field, defaults included)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+#: Parts of an env var name that mark its value as a secret.
+_SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+_REDACTED = "<redacted>"
+
+
+def _is_secret_name(name: str) -> bool:
+    """True for an env var name like HF_TOKEN, OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY."""
+    return any(part in name.upper() for part in _SECRET_NAME_PARTS)
+
+
+def dump_config(cfg: DistrayConfig, *, redact: bool = True) -> str:
+    """The resolved config as YAML (every field, defaults included).
+
+    Args:
+        cfg: the config.
+        redact: show `resources.env` values with a secret-looking name as `<redacted>`, so
+            config.resolved.yaml holds no tokens; False keeps them (a config shipped to a job
+            that needs them). `resources` is no stage's input (pipeline.changed_settings), so a
+            redacted file still tells a rerun which stages are stale.
+    """
+    data = cfg.model_dump(mode="json")
+    if redact:
+        env = data["resources"]["env"]
+        data["resources"]["env"] = {
+            k: _REDACTED if _is_secret_name(k) else v for k, v in env.items()
+        }
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def write_resolved(cfg: DistrayConfig) -> str:

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from distray.config import DistrayConfig
+from distray.config import DistrayConfig, OpenAITeacher
 
 __all__ = ["default_env", "init_ray", "cluster_has_gpu", "cpu_placement", "worker_env"]
 
@@ -33,10 +33,30 @@ def default_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
+#: Driver env vars every worker gets as they are (hub settings and tokens, CPU binding).
+_PASSTHROUGH_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "VLLM_CPU_OMP_THREADS_BIND",
+)
+
+
 def worker_env(cfg: DistrayConfig | None = None) -> dict[str, str]:
-    """Env vars for Ray workers: defaults, pass-through of HF_* offline settings, then the config."""
+    """Env vars for Ray workers: defaults, pass-through from the driver, then `resources.env`.
+
+    Secrets pass through from the driver's environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN and
+    each teacher's `api_key_env`), so they need not be written into the config, whose
+    resolved copy shows `resources.env` secrets as `<redacted>` (`config.dump_config`).
+    """
     env = default_env()
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_OMP_THREADS_BIND"):
+    names = list(_PASSTHROUGH_ENV)
+    if cfg is not None:
+        keys = [t.api_key_env for t in cfg.all_teachers if isinstance(t, OpenAITeacher)]
+        names += [k for k in keys if k]
+    for k in names:
         if k in os.environ:
             env[k] = os.environ[k]
     if cfg is not None:

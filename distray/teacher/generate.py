@@ -14,6 +14,7 @@ Output (`RunPaths`):
     <run>/generate/data/train/part-<hash>.parquet        accepted rows, TEACHER_DATA_SCHEMA
     <run>/generate/data/validation/part-<hash>.parquet   (when a validation split is labelled)
     <run>/generate/rejects/rejects-<hash>.jsonl          REJECT_SCHEMA: input row, stage, reason
+    <run>/generate/rejects/retry-<run>-<hash>.jsonl      REJECT_SCHEMA: transient teacher failures
     <run>/generate/stats.json                            this run's figures, per split × teacher
 
 Every input row (× teachers × samples) ends in data or rejects exactly once: ids are content
@@ -21,6 +22,15 @@ hashes, shards are written atomically (writer.py), and a rerun skips every id al
 folder, so a job killed at any moment and run again finishes the rest without asking the teacher
 twice. With `generate.cache_dir`, a first pass writes rows whose answer is cached; only the rest
 reach the teacher. Rejected answers are final: delete their rejects shard to retry them.
+
+Transient teacher failures are the exception: a `request_failed` row (429/5xx/timeout after
+`teacher.max_retries`; a plain 4xx such as an over-long prompt's 400 is final) or an
+`engine_error` row is written to a `retry-<run>-<hash>` shard in rejects/, which the done set
+leaves out, so the next run asks the teacher again. When that run ends (or stops on
+`min_success_ratio`) it removes from older retry shards every row it settled (answered,
+rejected for good, or failed again into its own retry shard), so rejects/ keeps the latest
+outcome of each row and every row stays in data or rejects once. Only a run killed outright
+can leave a retried row in data/ and an older retry shard until the next run settles it.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -84,6 +95,7 @@ class GenerateResult:
     cost_usd: float = 0.0
     total_data_rows: int = 0
     total_reject_rows: int = 0
+    total_retry_rows: int = 0
     parts: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -100,6 +112,11 @@ class GenerateResult:
             f"while engines busy) | {self.wall_s:.1f} s | "
             f"${self.cost_usd:.4f} | data {self.data_dir} | rejects {self.rejects_dir} | "
             f"stats {self.stats_path}"
+            + (
+                f" | {self.total_retry_rows} transient teacher failures in rejects/retry-*: "
+                "rerun generate to retry them"
+                if self.total_retry_rows else ""
+            )
         )
 
 
@@ -150,6 +167,19 @@ def _reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+#: Teacher failures a rerun retries (see the module docstring).
+_TRANSIENT_REASONS = frozenset({"request_failed", "engine_error"})
+
+
+def _is_transient(row: dict[str, Any]) -> bool:
+    """True when a row failed at the teacher in a way a rerun may fix.
+
+    The openai engine marks a failure it would not retry (a plain 4xx) `_retryable: False`.
+    """
+    code = _reason_code(str(row.get(ERROR) or ""))
+    return code in _TRANSIENT_REASONS and row.get("_retryable") is not False
+
+
 class _Sink:
     """Filter, cache and write one batch; return its stats (runs in Ray Data tasks)."""
 
@@ -160,6 +190,7 @@ class _Sink:
         rejects_dir: str,
         tmp_dir: str,
         rejects_format: str,
+        retry_prefix: str,
         filters: FilterConfig,
         labels: list[str] | None,
         cache_dir: str | None,
@@ -170,6 +201,7 @@ class _Sink:
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
         self.rejects_format = rejects_format
+        self.retry_prefix = retry_prefix
         self.filters = filters
         self.labels = labels
         self.cache_dir = cache_dir
@@ -180,6 +212,7 @@ class _Sink:
         rows = batch.to_pylist()
         accepted: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
+        retries: list[dict[str, Any]] = []
         reasons: Counter[str] = Counter()
         answered = [r for r in rows if not r.get("_from_cache")]
         if self.store_cache and self.cache_dir:
@@ -193,7 +226,8 @@ class _Sink:
                 accepted.append(r)
             else:
                 stage = "teacher" if r.get(ERROR) else "filter"
-                rejects.append(reject_row(r, stage, rej.reason, rej.detail))
+                out = retries if _is_transient(r) else rejects
+                out.append(reject_row(r, stage, rej.reason, rej.detail))
                 reasons[rej.reason] += 1
         if self.filters.dedupe_responses and accepted and self.tracker is not None:
             import ray
@@ -215,12 +249,16 @@ class _Sink:
             rejects, self.rejects_dir, self.tmp_dir,
             schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects",
         )
+        W.write_shard(
+            retries, self.rejects_dir, self.tmp_dir,
+            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix=self.retry_prefix,
+        )
         # Rows stopped before the engine (too long for it) cost no request.
         asked = [r for r in answered if not str(r.get(ERROR) or "").startswith("prompt_too_long")]
         stats = {
             "rows": len(rows),
             "accepted": len(accepted),
-            "rejected": len(rejects),
+            "rejected": len(rejects) + len(retries),
             "reasons": json.dumps(dict(reasons)),
             "teacher_requests": len(asked),
             "cache_hits": len(rows) - len(answered),
@@ -335,6 +373,8 @@ class _Stage:
         self.paths = RunPaths(cfg.run_dir)
         self.rejects_dir = self.paths.generate_rejects
         self.tmp_dir = f"{self.paths.generate}/.tmp"
+        # This run's retry shards are told from older runs' by this prefix.
+        self.retry_prefix = f"{W.RETRY_PREFIX}-{uuid.uuid4().hex[:8]}"
         self.out_dirs = {split: f"{self.paths.generate_data}/{split}" for split in inputs}
         self.tracker: Any = None
         self.reasons: Counter[str] = Counter()
@@ -403,7 +443,8 @@ class _Stage:
         gen = self.cfg.generate
         return _Sink(
             out_dir=self.out_dirs[split], rejects_dir=self.rejects_dir, tmp_dir=self.tmp_dir,
-            rejects_format=self.cfg.data.rejects_format, filters=gen.filters,
+            rejects_format=self.cfg.data.rejects_format, retry_prefix=self.retry_prefix,
+            filters=gen.filters,
             labels=self.cfg.task.labels, cache_dir=gen.cache_dir, store_cache=store_cache,
             tracker=self.tracker,
         )
@@ -452,7 +493,15 @@ class _Stage:
             ) / 1e6
             _check_success_ratio(teacher, part)
 
+    def settle_retries(self) -> None:
+        """Drop the older retry-shard rows this run settled (see the module docstring)."""
+        done = [self.paths.generate_data, self.rejects_dir]
+        n = W.settle_retry_shards(self.rejects_dir, self.tmp_dir, done, self.retry_prefix)
+        if n:
+            logger.info("settled %d retry shard(s) of earlier runs in %s", n, self.rejects_dir)
+
     def finish(self, t_start: float) -> GenerateResult:
+        self.settle_retries()
         r = self.result
         r.rejected_by_reason = dict(self.reasons)
         r.wall_s = time.perf_counter() - t_start
@@ -463,7 +512,8 @@ class _Stage:
         r.gpu_hours = self.gpu_s / 3600
         r.cost_usd = self.api_cost_usd + r.gpu_hours * self.cfg.generate.gpu_hour_usd
         r.total_data_rows = len(W.load_done_ids([self.paths.generate_data]))
-        r.total_reject_rows = len(W.load_done_ids([self.rejects_dir]))
+        r.total_reject_rows = len(W.load_done_ids([self.rejects_dir], include_retry=True))
+        r.total_retry_rows = r.total_reject_rows - len(W.load_done_ids([self.rejects_dir]))
         F.write_text(self.paths.generate_stats, json.dumps(asdict(r), indent=2, default=str))
         return r
 
@@ -507,6 +557,11 @@ def run(cfg: DistrayConfig) -> GenerateResult:
             for teacher in teachers:
                 stage.label(split, src, teacher, n_valid)
     except Exception as e:
+        try:
+            # A run stopped by min_success_ratio has retried some rows: keep them once.
+            stage.settle_retries()
+        except OSError as settle_error:
+            logger.warning("could not settle retry shards: %s", settle_error)
         inner = _unwrap(e)
         if inner is not e:
             raise inner from e
@@ -527,7 +582,8 @@ def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
         raise StageError(
             f"the teacher endpoint {teacher.base_url} is failing: {n - failed} of {n} requests "
             f"succeeded ({(n - failed) / n:.0%}) < teacher.min_success_ratio "
-            f"({teacher.min_success_ratio:.0%}); see the request_failed rows in rejects/"
+            f"({teacher.min_success_ratio:.0%}); see the request_failed rows in "
+            "rejects/retry-*, which a rerun sends again once the endpoint is healthy"
         )
 
 

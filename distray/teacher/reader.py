@@ -9,8 +9,11 @@ across files deterministically (first occurrence wins, as `formats.iter_input_ro
 10M-row set is never held whole: blocks of `BLOCK_ROWS` rows flow on as they are parsed. The
 duplicate check keeps a set of ids in that task (~100 bytes per row).
 
-Each reject gets a stable id, `hash(source relative to the input root, line)`, so a rerun of the
-same input recognises a reject it already wrote.
+Each reject gets a stable id, `hash(full source path or URI, line)`, so a rerun of the same
+input recognises a reject it already wrote, and a bad line 3 of `train/part-0.jsonl` and of
+`validation/part-0.jsonl` stay two rejects. The `source` column shows the path relative to the
+input root (the file name for a single file). Moving the input changes the ids, so a rerun after
+a move writes its input rejects again.
 """
 
 from __future__ import annotations
@@ -60,7 +63,14 @@ PROMPT_SCHEMA = pa.schema(
 
 
 def reject_id(source: str | None, line: int | None) -> str:
-    """The stable id of an input-validation reject."""
+    """The stable id of an input-validation reject.
+
+    Args:
+        source: the file's full path (absolute locally, the filesystem's form for a URI), not
+            the shortened `source` column: two inputs with a file of the same name must not
+            share ids.
+        line: the 1-based line (row) number in that file.
+    """
     return F.content_hash("reject", source, line)
 
 
@@ -113,7 +123,7 @@ def iter_prompt_blocks(
             source = _relative(rej.source, root)
             buf.append(
                 {
-                    F.ID: reject_id(source, rej.line),
+                    F.ID: reject_id(rej.source, rej.line),
                     F.MESSAGES: None,
                     F.PROMPT: None,
                     F.REFERENCE: None,

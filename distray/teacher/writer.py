@@ -9,6 +9,11 @@ rather than adding a second copy.
 On start, `load_done_ids` reads the `id` column of every shard in data/ and rejects/ into a
 sorted array of 16-byte digests (16 B per row: 160 MB for 10M rows), which the skip stage
 receives; a resumed run therefore sends no finished row to a teacher again.
+
+Transient teacher failures (a request that ran out of retries, an engine error) are rejects too,
+but in `retry-<run>-<hash>` shards beside the `rejects-<hash>` ones: `load_done_ids` leaves them
+out, so the next run asks the teacher again, and `settle_retry_shards` then drops from older
+retry shards every row that run settled (answered, rejected for good, or failed again).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ __all__ = [
     "digests",
     "load_done_ids",
     "keep_not_done",
+    "RETRY_PREFIX",
+    "is_retry_shard",
+    "settle_retry_shards",
     "write_shard",
     "clean_tmp",
     "iter_shard_files",
@@ -76,13 +84,29 @@ def _shard_ids(fs: pafs.FileSystem, path: str, column: str = F.ID) -> list[str |
     return out
 
 
-def load_done_ids(folders: list[str]) -> np.ndarray:
-    """The sorted, unique digests of every id in the shards under `folders`."""
+#: File-name prefix of reject shards holding transient teacher failures (retried on a rerun).
+RETRY_PREFIX = "retry"
+
+
+def is_retry_shard(path: str) -> bool:
+    """True for a `retry-*` shard (transient failures, not done)."""
+    return os.path.basename(path).startswith(RETRY_PREFIX + "-")
+
+
+def load_done_ids(folders: list[str], *, include_retry: bool = False) -> np.ndarray:
+    """The sorted, unique digests of every id in the shards under `folders`.
+
+    Args:
+        folders: data and rejects folders.
+        include_retry: count the rows of `retry-*` shards too (for totals); by default they are
+            not done, so a rerun asks the teacher again.
+    """
     parts: list[np.ndarray] = []
     for folder in folders:
         fs, _ = F.filesystem_for(folder)
         for path in iter_shard_files(folder):
-            parts.append(digests(_shard_ids(fs, path)))
+            if include_retry or not is_retry_shard(path):
+                parts.append(digests(_shard_ids(fs, path)))
     if not parts:
         return np.array([], dtype="S16")
     return np.unique(np.concatenate(parts))
@@ -90,7 +114,57 @@ def load_done_ids(folders: list[str]) -> np.ndarray:
 
 def count_rows(folders: list[str]) -> int:
     """Rows in every shard under `folders`."""
-    return int(sum(len(d) for d in [load_done_ids([f]) for f in folders]))
+    return int(sum(len(d) for d in [load_done_ids([f], include_retry=True) for f in folders]))
+
+
+def _shard_rows(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
+    if path.endswith(".parquet"):
+        with fs.open_input_file(path) as f:
+            return pq.read_table(f).to_pylist()
+    with fs.open_input_stream(path) as f:
+        return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+
+
+def settle_retry_shards(
+    rejects_dir: str, tmp_dir: str, done_folders: list[str], current_prefix: str
+) -> int:
+    """Drop the rows a run settled from the retry shards older runs left.
+
+    A row of an older retry shard is settled when its id is now done (in `done_folders`: data
+    and final rejects) or in a retry shard of this run (`current_prefix`: it failed again). The
+    rest (rows this run did not reach) move into a shard under `current_prefix`; the older
+    shard is then deleted, so every row is in data or rejects once. Safe to call at any time:
+    only rows written elsewhere are dropped.
+
+    Args:
+        rejects_dir: the rejects folder.
+        tmp_dir: where shards are written before their rename.
+        done_folders: data folders and the rejects folder.
+        current_prefix: this run's retry-shard prefix, `retry-<run>`.
+
+    Returns:
+        The number of older retry shards removed.
+    """
+    shards = [p for p in iter_shard_files(rejects_dir) if is_retry_shard(p)]
+    older = [p for p in shards if not os.path.basename(p).startswith(current_prefix + "-")]
+    if not older:
+        return 0
+    fs, _ = F.filesystem_for(rejects_dir)
+    mine = [digests(_shard_ids(fs, p)) for p in shards if p not in older]
+    settled = np.unique(np.concatenate([load_done_ids(done_folders), *mine]))
+    for path in older:
+        rows = _shard_rows(fs, path)
+        left = keep_not_done(pa.table({F.ID: [r.get(F.ID) for r in rows]}), settled)
+        keep = set(left.column(F.ID).to_pylist())
+        fmt = "parquet" if path.endswith(".parquet") else "jsonl"
+        # Written before the delete: a crash in between leaves a row twice among retry shards
+        # (both not done, so retried and settled by the next run), never nowhere.
+        write_shard(
+            [r for r in rows if r.get(F.ID) in keep], rejects_dir, tmp_dir,
+            schema=F.REJECT_SCHEMA, fmt=fmt, prefix=current_prefix,
+        )
+        fs.delete_file(path)
+    return len(older)
 
 
 def keep_not_done(batch: pa.Table, done: np.ndarray) -> pa.Table:

@@ -230,6 +230,7 @@ def test_openai_under_faults_every_row_once(ray_cluster, tmp_path, fake_openai) 
 
 def test_failing_endpoint_stops_with_clear_error(ray_cluster, tmp_path, fake_openai) -> None:
     from distray.errors import StageError
+    from distray.paths import RunPaths
     from distray.teacher import run
 
     server = fake_openai(p500=1.0)
@@ -237,6 +238,37 @@ def test_failing_endpoint_stops_with_clear_error(ray_cluster, tmp_path, fake_ope
                    api_teacher(server, max_retries=1, max_in_flight=8))
     with pytest.raises(StageError, match=r"is failing: 0 of \d+ requests succeeded.*min_success_ratio"):
         run(cfg)
+    # Once the endpoint is healthy, a rerun sends the failed rows again: every row is answered,
+    # and the request_failed rejects of the first run are gone.
+    server.p500 = 0.0
+    calls = server.calls
+    res = run(cfg)
+    data, rejects = assert_exactly_once(cfg)
+    assert len(data) == 30 and rejects == [] and res.accepted == 30
+    assert res.teacher_requests == server.calls - calls == 30
+    assert res.total_reject_rows == res.total_retry_rows == 0
+    assert not list(Path(RunPaths(cfg.run_dir).generate_rejects).glob("retry-*"))
+
+
+def test_rerun_retries_transient_failures(ray_cluster, tmp_path, fake_openai) -> None:
+    """Rows that ran out of retries (HTTP 500) are rejects after the run, and the next run asks
+    for them again, once; input rejects stay as they were."""
+    from distray.teacher import run
+
+    server = fake_openai(p500=1.0)
+    cfg = make_cfg(tmp_path, write_prompts(tmp_path / "in.jsonl", 6),
+                   api_teacher(server, max_retries=0, min_success_ratio=0.0))
+    res = run(cfg)
+    data, rejects = assert_exactly_once(cfg)
+    assert data == [] and res.rejected_by_reason.get("request_failed") == 6
+    assert res.total_retry_rows == 6 and res.total_reject_rows == 6 + len(BAD_LINES)
+    server.p500 = 0.0
+    res = run(cfg)
+    data, rejects = assert_exactly_once(cfg)
+    assert len(data) == 6 and res.teacher_requests == 6 and res.total_retry_rows == 0
+    assert {r["reason"].split(":")[0] for r in rejects} == {"invalid_json", "empty_prompt", "bad_role"}
+    # Nothing is left to retry.
+    assert run(cfg).teacher_requests == 0 and server.calls == 12
 
 
 def test_unreachable_endpoint_fails_fast(ray_cluster, tmp_path) -> None:

@@ -150,6 +150,11 @@ def test_wrong_type_and_range_show_the_value() -> None:
             ["train.loss=kd", "generate.logprobs=10"],
             "`generate.logprobs` (10) is above 5",
         ),
+        (
+            {"teacher": {"kind": "openai", "model": "gpt-x"}},
+            ["train.loss=kd", "generate.logprobs=5"],
+            "`teacher.extra_body.return_tokens_as_token_ids` is None",
+        ),
         ({}, ["train.offload_params=true"], "needs ZeRO stage 3"),
         ({}, ["serve.min_replicas=3"], "`serve.min_replicas` (3) must be ≤"),
         ({}, ["generate.filters.verifier=label"], "`task.labels` is empty"),
@@ -171,6 +176,45 @@ def test_cross_field_checks_fail_at_load(
     data: dict[str, Any], overrides: list[str], expected: str
 ) -> None:
     assert expected in _error(data, overrides)
+
+
+def test_logit_loss_with_an_openai_teacher_needs_token_ids() -> None:
+    teacher = {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:8000/v1"}
+    msg = _error({"teacher": teacher}, ["train.loss=jsd", "generate.logprobs=5"])
+    assert "return_tokens_as_token_ids: true" in msg and "train.loss: sft" in msg
+    ok = {**teacher, "extra_body": {"return_tokens_as_token_ids": True}}
+    cfg = config_from_dict({"teacher": ok, "train": {"loss": "kd"}, "generate": {"logprobs": 5}})
+    assert cfg.train.is_logit_loss
+    # Sequence-level KD from an API needs no token ids.
+    assert config_from_dict({"teacher": teacher, "generate": {"logprobs": 5}}).train.loss == "sft"
+
+
+def test_resolved_yaml_redacts_secret_env_values(tmp_path: Path) -> None:
+    env = {"HF_TOKEN": "hf_abc", "OPENAI_API_KEY": "sk-1", "DB_PASSWORD": "p", "OMP_NUM_THREADS": "2"}
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"env": env})})
+    text = Path(write_resolved(cfg)).read_text()
+    assert "hf_abc" not in text and "sk-1" not in text
+    written = yaml.safe_load(text)["resources"]["env"]
+    assert written == {
+        "HF_TOKEN": "<redacted>", "OPENAI_API_KEY": "<redacted>", "DB_PASSWORD": "<redacted>",
+        "OMP_NUM_THREADS": "2",
+    }
+    assert yaml.safe_load(dump_config(cfg, redact=False))["resources"]["env"] == env
+
+
+def test_workers_get_hub_and_teacher_keys_from_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distray.ray_utils import worker_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abc")
+    monkeypatch.setenv("MY_API_KEY", "sk-1")
+    cfg = config_from_dict({
+        "teacher": {"kind": "openai", "model": "m", "api_key_env": "MY_API_KEY"},
+        "resources": {"env": {"OMP_NUM_THREADS": "2"}},
+    })
+    env = worker_env(cfg)
+    assert env["HF_TOKEN"] == "hf_abc" and env["MY_API_KEY"] == "sk-1"
+    assert env["OMP_NUM_THREADS"] == "2"
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -106,6 +106,21 @@ def test_reader_rejects_have_stable_ids(tmp_path) -> None:
     assert sum(1 for _ in iter_prompt_blocks(str(p), max_rows=1, **kw)) == 1
 
 
+def test_reject_ids_differ_across_files_of_the_same_name(tmp_path) -> None:
+    """train/part-0.jsonl and validation/part-0.jsonl with a bad line 2 are two rejects, each
+    shown by its file name."""
+    kw = {"system_prompt": None, "prompt_template": "{prompt}"}
+    rejects = []
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        f = tmp_path / split / "part-0.jsonl"
+        f.write_text('{"prompt": "hi"}\nnot json\n')
+        rows = pa.concat_tables(iter_prompt_blocks(str(f), **kw)).to_pylist()
+        rejects += [r for r in rows if r["_reject_reason"]]
+    assert [(r["_source"], r["_line"]) for r in rejects] == [("part-0.jsonl", 2)] * 2
+    assert rejects[0]["id"] != rejects[1]["id"]
+
+
 def test_finish_reason_from_ids() -> None:
     eos = frozenset({2})
     kw = {"eos": eos, "prompt_tokens": 10, "max_model_len": 100}

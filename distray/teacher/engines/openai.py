@@ -10,6 +10,8 @@ elsewhere. One Ray Data actor holds an async HTTP client:
   exponential backoff and full jitter (`backoff_base_s` × 2^attempt, capped at `backoff_max_s`);
   a `Retry-After` (or `retry-after-ms`) header is a floor on the wait;
 - a request that still fails, or fails with another 4xx, becomes a reject (`request_failed`);
+  one that ran out of retries goes to a retry shard, which a rerun sends again; another 4xx
+  (an over-long prompt's 400) is marked `_retryable: False` and is final (`teacher.generate`);
 - once `MIN_REQUESTS_FOR_RATIO` requests have finished, a success ratio under
   `min_success_ratio` stops the run with a `StageError` naming the endpoint and the last errors.
 
@@ -22,8 +24,11 @@ Prompts are sent as chat messages; the endpoint applies its own template and cou
 which becomes a `request_failed` reject.
 
 Logprobs: `top_logprobs` per position come back as token strings. Token ids are only known when
-the server returns them as `token_id:<n>` (vLLM's `return_tokens_as_token_ids`, which distray
-requests through `teacher.extra_body` for such endpoints); otherwise the logprob columns stay null.
+the server returns them as `token_id:<n>`: vLLM's `return_tokens_as_token_ids`, which distray
+does not send by itself (OpenAI's own API rejects unknown fields with HTTP 400); set
+`teacher.extra_body: {return_tokens_as_token_ids: true}` for a vLLM endpoint. Without token ids
+the logprob columns stay null, so a logit loss (`train.loss` kd/reverse_kl/jsd) with an openai
+teacher requires that setting (checked at config load).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ _RETRY_STATUS = frozenset({408, 409, 429})
 
 #: Extra column: HTTP attempts the row took (for stats).
 ATTEMPTS = "_attempts"
+
+#: Extra column: False when a failed request is final (a plain 4xx), else True (null on success).
+RETRYABLE = "_retryable"
 
 
 def api_key(teacher: OpenAITeacher) -> str | None:
@@ -212,6 +220,7 @@ class OpenAIClient:
         t = self.t
         error = "request_failed: no attempt made"
         attempt = 0
+        retryable = True
         row["_t0"] = time.time()
         for attempt in range(t.max_retries + 1):
             retry_after = None
@@ -243,6 +252,9 @@ class OpenAIClient:
         self.last_errors.append(error)
         out = common.empty_result(row, error)
         out[ATTEMPTS] = attempt + 1
+        out[RETRYABLE] = retryable
+        # Every row carries the same keys: Arrow takes a batch's columns from its first row.
+        out["_t1"] = None
         return out
 
     def _result(self, row: dict[str, Any], data: dict[str, Any], attempts: int) -> dict[str, Any]:
@@ -261,6 +273,7 @@ class OpenAIClient:
         row[F.TOPK_LOGPROBS] = top_lps
         row[ERROR] = None
         row[ATTEMPTS] = attempts
+        row[RETRYABLE] = None
         row["_t1"] = time.time()
         self.ok += 1
         return row
