@@ -245,7 +245,8 @@ class DistillationJob:
         return job
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
-        """The config as YAML; written to `path` when given."""
+        """The config as YAML (secret-looking `resources.env` values redacted); written to `path`
+        when given."""
         text = dump_config(self._config)
         if path is not None:
             Path(path).write_text(text)
@@ -307,7 +308,8 @@ class DistillationJob:
             entry += f" --stages {','.join(stages)}"
         work = Path(tempfile.mkdtemp(prefix="distray-job-"))
         try:
-            (work / "distray_config.yaml").write_text(dump_config(cfg))
+            # Unredacted: the job needs resources.env's tokens (the run folder's copy is redacted).
+            (work / "distray_config.yaml").write_text(dump_config(cfg, redact=False))
             pkg = Path(__file__).resolve().parent
             shutil.copytree(pkg, work / "distray", ignore=shutil.ignore_patterns("__pycache__"))
             env = {**(runtime_env or {}), "working_dir": str(work)}

@@ -275,6 +275,26 @@ def _clear(cfg: DistrayConfig, stage: str) -> None:
         shutil.rmtree(folder)
 
 
+def _warn_retry_rows(cfg: DistrayConfig) -> None:
+    """Say so when a finished generate left transient teacher failures behind (`retry-*`)."""
+    from pyarrow import fs as pafs
+
+    from distray.formats import filesystem_for
+    from distray.teacher.writer import is_retry_shard
+
+    folder = RunPaths(cfg.run_dir).generate_rejects
+    if not exists(folder):
+        return
+    fs, inner = filesystem_for(folder)
+    shards = [i.path for i in fs.get_file_info(pafs.FileSelector(inner)) if is_retry_shard(i.path)]
+    if shards:
+        logger.warning(
+            "stage generate: %d shard(s) of transient teacher failures in %s (rejects/retry-*); "
+            "`distray generate --config ...` retries just those rows (later stages then need "
+            "--force to use them)", len(shards), folder,
+        )
+
+
 BENCH_APP = "distray-bench"
 
 
@@ -375,6 +395,8 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
             _clear(cfg, stage)
         elif stage_done(cfg, stage):
             logger.info("stage %s: done already (outputs exist), skipped; --force reruns it", stage)
+            if stage == "generate":
+                _warn_retry_rows(cfg)
             result.stages_skipped.append(stage)
             continue
         logger.info("stage %s: starting", stage)

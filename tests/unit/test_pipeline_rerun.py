@@ -135,3 +135,22 @@ def test_logit_kd_with_another_tokenizer_stops_before_generate(tmp_path: Path) -
     assert "train.loss=sft" in str(e.value) and "300" in str(e.value)
     # Sequence-level distillation does not need one tokenizer.
     pipeline.check_vocabularies(_cfg(tmp_path, teacher={"model": other}, student={"model": student}))
+
+
+def test_skipped_generate_says_when_transient_failures_wait_for_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("distray.ray_utils.init_ray", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "_stage_fn", lambda stage: (lambda cfg: None))
+    cfg = _cfg(tmp_path)
+    _finish_generate(pipeline.resolve(cfg))
+    rejects = Path(RunPaths(cfg.run_dir).generate_rejects)
+    rejects.mkdir(parents=True)
+    (rejects / "rejects-abc.parquet").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="distray.pipeline"):
+        pipeline.run(cfg, stages=["generate"])
+    assert not [r for r in caplog.records if "transient" in r.getMessage()]
+    (rejects / "retry-run1-abc.parquet").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="distray.pipeline"):
+        pipeline.run(cfg, stages=["generate"])
+    assert [r for r in caplog.records if "transient" in r.getMessage() and "distray generate" in r.getMessage()]
