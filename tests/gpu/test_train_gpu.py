@@ -37,6 +37,31 @@ def test_logit_losses_on_cuda_match_cpu(kind: str) -> None:
     assert torch.allclose(bf16.mean().cpu(), cpu.mean(), rtol=0.05)
 
 
+@pytest.mark.parametrize("kind", ["kd", "reverse_kl", "jsd"])
+def test_padded_topk_gives_finite_bf16_gradients_on_cuda(kind: str) -> None:
+    # A batch mixing k = 5 and k = 2 rows (the collator pads with MISSING_LOGPROB), bf16 logits as
+    # under DeepSpeed bf16: gradients stay finite and match the CPU float32 ones.
+    from distray.train.losses import IGNORE_INDEX, MISSING_LOGPROB, compute_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 300, generator=g)
+    labels = torch.randint(0, 300, (2, 6), generator=g)
+    labels[:, 0] = IGNORE_INDEX
+    lps, ids = torch.randn(2, 6, 300, generator=g).log_softmax(-1).topk(5, -1)
+    lps = lps.clone()
+    lps[1, :, 2:] = MISSING_LOGPROB
+    ids[1, :, 2:] = 0
+    grads = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        x = logits.detach().to(device, dtype).clone().requires_grad_(True)
+        out = compute_loss(x, labels.to(device), loss=kind, alpha=0.5, temperature=2.0,
+                           topk_ids=ids.to(device), topk_logprobs=lps.to(device))
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(x.grad.float()).all(), (kind, device)
+        grads[device] = x.grad.float().cpu()
+    torch.testing.assert_close(grads["cuda"], grads["cpu"], rtol=0.05, atol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def nccl_world():
     import deepspeed
