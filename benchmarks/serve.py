@@ -16,6 +16,10 @@ cross-check distray's bench client.
 `--ray-stock` adds Ray's own `build_openai_app` (same engine settings, mounted at /stock) as a
 third target, which splits the gap: distray / Ray stock is the cost of distray's ingress
 (auth, caps, error bodies, health, first-chunk flush); Ray stock / vLLM is Ray Serve's.
+`--ray-single-hop` adds Ray's `LLMServer` itself as the HTTP ingress (vLLM's own FastAPI app in
+the replica, no ingress deployment between; at /single): one hop fewer than both apps above.
+Run the whole script with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` to measure Ray Serve's throughput
+flags (gRPC between deployments, direct ingress, user code on the replica's main loop).
 `--model` takes any HF folder; on small CPU models the per-request Serve overhead dominates,
 so the ratios there are a worst case.
 
@@ -101,6 +105,22 @@ def _deploy_ray_stock(model: str, engine: dict[str, Any], batching_ms: float | N
                   blocking=False)
 
 
+def _deploy_ray_single_hop(model: str, engine: dict[str, Any]) -> None:
+    """Ray's `LLMServer` as the ingress (its late-bound vLLM FastAPI app), mounted at /single."""
+    from ray import serve as ray_serve
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    llm = LLMConfig(
+        model_loading_config={"model_id": "student", "model_source": model},
+        engine_kwargs={"enforce_eager": True, **engine},
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    )
+    app = build_llm_deployment(llm, name_prefix="Single:", deployment_cls=ray_serve.ingress()(LLMServer))
+    ray_serve.run(app, name="ray-single-hop", route_prefix="/single", blocking=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF model folder; default a tiny model built here")
@@ -114,6 +134,8 @@ def main() -> None:
     ap.add_argument("--access-log", action="store_true", help="serve.access_log for distray")
     ap.add_argument("--ray-stock", action="store_true",
                     help="also measure Ray's stock build_openai_app (no distray ingress) at /stock")
+    ap.add_argument("--ray-single-hop", action="store_true",
+                    help="also measure Ray's LLMServer as the ingress itself (vLLM's app) at /single")
     ap.add_argument("--out", default="runs/bench-serve.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -162,6 +184,8 @@ def main() -> None:
         distray_start_s = time.perf_counter() - t0
         if args.ray_stock:
             _deploy_ray_stock(model, engine, args.stream_batching_ms)
+        if args.ray_single_hop:
+            _deploy_ray_single_hop(model, engine)
         _wait(f"http://127.0.0.1:{vport}/v1/models", 600, proc)
         targets = {
             "vllm": EndpointConfig(name="vllm", base_url=f"http://127.0.0.1:{vport}/v1", model="student"),
@@ -170,6 +194,9 @@ def main() -> None:
         if args.ray_stock:
             targets["ray_stock"] = EndpointConfig(
                 name="ray_stock", base_url=f"http://127.0.0.1:{sport}/stock/v1", model="student")
+        if args.ray_single_hop:
+            targets["ray_single_hop"] = EndpointConfig(
+                name="ray_single_hop", base_url=f"http://127.0.0.1:{sport}/single/v1", model="student")
         prompts = bench.generated_prompts(args.num_prompts, seed=0)
         load = dict(concurrency=args.concurrency, max_tokens=args.max_tokens, timeout_s=300.0,
                     ignore_eos=True)
@@ -209,13 +236,14 @@ def main() -> None:
             cross = {"error": f"{type(e).__name__}: {e}"}
     finally:
         serve.shutdown()
-        if args.ray_stock:
-            try:
-                from ray import serve as ray_serve
+        for flag, app_name in ((args.ray_stock, "ray-stock"), (args.ray_single_hop, "ray-single-hop")):
+            if flag:
+                try:
+                    from ray import serve as ray_serve
 
-                ray_serve.delete("ray-stock")
-            except Exception:
-                pass
+                    ray_serve.delete(app_name)
+                except Exception:
+                    pass
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -251,6 +279,12 @@ def main() -> None:
         "medians": medians,
         "ratios_distray_over_vllm": ratios,
         "ratios_distray_over_ray_stock": ratios_stock,
+        # Every target against bare vLLM (request throughput, p50 TTFT).
+        "ratios_over_vllm": {
+            n: {"request_throughput": medians[n]["request_throughput"] / medians["vllm"]["request_throughput"],
+                "p50_ttft": medians[n]["median_ttft_ms"] / medians["vllm"]["median_ttft_ms"]}
+            for n in targets if n != "vllm"
+        },
         "distray_access_log": args.access_log,
         "rounds": rounds,
         "cross_check_one_point": cross,
@@ -265,6 +299,9 @@ def main() -> None:
         f"p50 TTFT {ratios['p50_ttft']:.2f}x ({medians['distray']['median_ttft_ms']:.0f} vs "
         f"{medians['vllm']['median_ttft_ms']:.0f} ms) -> {args.out}"
     )
+    for name, r in out["ratios_over_vllm"].items():
+        if name != "distray":
+            print(f"{name}/vLLM: request throughput {r['request_throughput']:.2f}x, p50 TTFT {r['p50_ttft']:.2f}x")
     if ratios_stock:
         print(
             f"distray/Ray stock build_openai_app: request throughput "
