@@ -203,7 +203,9 @@ def _plain_messages(messages: Any) -> list[dict[str, str]]:
 class _PromptCounter:
     """Counts prompt tokens with each model's tokenizer; loaded only when a limit is set."""
 
-    def __init__(self, model_paths: dict[str, str], limit: int | None) -> None:
+    def __init__(
+        self, model_paths: dict[str, str], limit: int | None, remote_code: frozenset[str] = frozenset()
+    ) -> None:
         self.limit = limit
         self._tok: dict[str, Any] = {}
         if limit is None:
@@ -211,7 +213,7 @@ class _PromptCounter:
         from transformers import AutoTokenizer
 
         for name, path in model_paths.items():
-            self._tok[name] = AutoTokenizer.from_pretrained(path)
+            self._tok[name] = AutoTokenizer.from_pretrained(path, trust_remote_code=name in remote_code)
 
     def check_chat(self, model: str, messages: Any) -> None:
         if self.limit is None or model not in self._tok:
@@ -404,6 +406,9 @@ def _vllm_app(
 
     llm_configs = [LLMConfig(**spec["llm_config"]) for spec in models.values()]
     model_paths = {name: spec["path"] for name, spec in models.items()}
+    remote_code = frozenset(
+        name for name, spec in models.items() if spec["llm_config"]["engine_kwargs"].get("trust_remote_code")
+    )
 
     class DistrayIngress(OpenAiIngress):
         """Ray's OpenAI ingress plus the output/prompt caps and a real health route."""
@@ -416,10 +421,11 @@ def _vllm_app(
             lora_paths: dict[str, str] | None = None,
             limits: Limits,
             model_paths: dict[str, str],
+            remote_code: frozenset[str] = frozenset(),
         ) -> None:
             super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
             self._limits = limits
-            self._counter = _PromptCounter(model_paths, limits.max_prompt_tokens)
+            self._counter = _PromptCounter(model_paths, limits.max_prompt_tokens, remote_code)
 
         async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
             model = await self._get_model_id(body.model)
@@ -469,6 +475,7 @@ def _vllm_app(
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
         limits=limits,
         model_paths=model_paths,
+        remote_code=remote_code,
     )
 
 
@@ -511,6 +518,63 @@ class _HFCompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] = Field(...)
 
 
+class _IncrementalText:
+    """Streamed text of one answer: each token decodes a few ids, not the whole answer.
+
+    Detokenization follows vLLM's and TGI's incremental decoders: decode the window from the
+    previous emit's start (`prefix`) and keep what is past the text already known, waiting
+    while the window ends in an incomplete UTF-8 sequence (U+FFFD). Stop strings are looked
+    for only in the held-back tail plus the new text, and the last `max(len(stop)) - 1`
+    characters are held back, so a stop split across tokens is found and never sent.
+
+    Example (stop "ab"): push "x" → "", push "a" → "x", push "b" → "" and `stopped`.
+    """
+
+    def __init__(self, tok: Any, stops: list[str]) -> None:
+        self.tok = tok
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] is context already decoded; ids[read:] is new
+        self.read = 0
+        self.held = ""  # decoded but not sent: it may be the start of a stop string
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self.tok.decode(ids, skip_special_tokens=True)
+        return text
+
+    def _new_text(self, final: bool) -> str:
+        window = self.ids[self.prefix:]
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(window)
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""  # nothing printable yet (e.g. half a multi-byte character)
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def _emit(self, new: str, final: bool) -> str:
+        text = self.held + new
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.stopped, self.held = True, ""
+            return text[: min(cuts)]
+        if final or len(text) <= self.keep:
+            self.held = "" if final else text
+            return text if final else ""
+        self.held = text[len(text) - self.keep:]
+        return text[: len(text) - self.keep]
+
+    def push(self, token: int) -> str:
+        """Add one generated token; returns the text that can be sent now."""
+        self.ids.append(token)
+        return self._emit(self._new_text(final=False), final=False)
+
+    def flush(self) -> str:
+        """The rest of the text once generation ends (held-back and undecoded tail)."""
+        return self._emit(self._new_text(final=True), final=True)
+
+
 class _HFModel:
     """One transformers model on CPU/GPU: greedy or nucleus decoding, one token per step.
 
@@ -518,14 +582,14 @@ class _HFModel:
     token instead of queueing whole answers: no batching, but fair TTFT under load.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, trust_remote_code: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok: Any = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForCausalLM.from_pretrained(path)
+        self.tok: Any = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model: Any = model.to(self.device).eval()  # type: ignore[arg-type]
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.eos = {i for i in [self.tok.eos_token_id] if i is not None}
@@ -570,8 +634,14 @@ class _HFModel:
             ids = torch.tensor([[tok]], device=self.device)
 
 
-def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployment_options: dict[str, Any]) -> Any:
-    """A Serve deployment serving `models` with transformers behind the same hardened front."""
+def _hf_app(
+    models: dict[str, str], limits: Limits, digest: str | None, deployment_options: dict[str, Any],
+    remote_code: frozenset[str] = frozenset(),
+) -> Any:
+    """A Serve deployment serving `models` with transformers behind the same hardened front.
+
+    `remote_code` names the models whose folders may run their own code (trust_remote_code).
+    """
     from fastapi import FastAPI
     from ray import serve
     from starlette.responses import JSONResponse, StreamingResponse
@@ -582,8 +652,8 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
     @serve.deployment(**deployment_options)
     @serve.ingress(app)
     class HFServer:
-        def __init__(self, models: dict[str, str], limits: Limits) -> None:
-            self.models = {name: _HFModel(path) for name, path in models.items()}
+        def __init__(self, models: dict[str, str], limits: Limits, remote_code: frozenset[str]) -> None:
+            self.models = {name: _HFModel(path, name in remote_code) for name, path in models.items()}
             self.limits = limits
             self.created = int(time.time())
 
@@ -668,26 +738,19 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
 
             async def pieces() -> AsyncIterator[tuple[str, str | None, int]]:
                 """(text delta, finish_reason or None, completion tokens so far)."""
-                out: list[int] = []
-                sent = ""
+                text = _IncrementalText(m.tok, stops)
                 while True:
                     tok: Any = await asyncio.to_thread(next, it, sentinel)
                     if tok is sentinel:
-                        finish = "length" if len(out) >= budget else "stop"
-                        text: str = m.tok.decode(out, skip_special_tokens=True)
-                        yield text[len(sent):], finish, len(out)
+                        done = len(text.ids)
+                        rest = text.flush()
+                        yield rest, "stop" if text.stopped or done < budget else "length", done
                         return
-                    out.append(tok)
-                    text = m.tok.decode(out, skip_special_tokens=True)
-                    for s in stops:
-                        if s and s in text:
-                            cut = text[: text.index(s)]
-                            yield cut[len(sent):], "stop", len(out)
-                            return
-                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
-                        continue
-                    yield text[len(sent):], None, len(out)
-                    sent = text
+                    delta = text.push(tok)
+                    if text.stopped:
+                        yield delta, "stop", len(text.ids)
+                        return
+                    yield delta, None, len(text.ids)
 
             def usage(done: int) -> dict[str, int]:
                 return {"prompt_tokens": len(prompt_ids), "completion_tokens": done,
@@ -733,7 +796,7 @@ def _hf_app(models: dict[str, str], limits: Limits, digest: str | None, deployme
             return StreamingResponse(sse(), media_type="text/event-stream")
 
     server: Any = HFServer
-    return server.bind(models=models, limits=limits)
+    return server.bind(models=models, limits=limits, remote_code=remote_code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -835,6 +898,14 @@ def _api_key_digest(cfg: DistrayConfig) -> str | None:
     return key_digest(key)
 
 
+def _trusts_remote_code(cfg: DistrayConfig, name: str) -> bool:
+    """Whether the served model `name` may run code from its folder: the teacher's or the
+    student's `trust_remote_code` (off by default)."""
+    if name == "teacher" and cfg.all_teachers:
+        return bool(getattr(cfg.all_teachers[0], "trust_remote_code", False))
+    return bool(cfg.student and cfg.student.trust_remote_code)
+
+
 def _llm_config(
     cfg: DistrayConfig, name: str, path: str, on_gpu: bool
 ) -> dict[str, Any]:
@@ -848,6 +919,8 @@ def _llm_config(
         placement = teacher.placement_group_config
     else:
         engine_kwargs.update(s.engine_kwargs)
+    if _trusts_remote_code(cfg, name):
+        engine_kwargs.setdefault("trust_remote_code", True)
     if not on_gpu:
         # vLLM's CPU backend has no CUDA graphs.
         engine_kwargs.setdefault("enforce_eager", True)
@@ -889,7 +962,8 @@ def _build(cfg: DistrayConfig, models: dict[str, str]) -> Any:
             "max_ongoing_requests": max(64, 4 * s.target_ongoing_requests),
             "ray_actor_options": {"num_cpus": 1},
         }
-        return _hf_app(models, limits, digest, options)
+        remote_code = frozenset(n for n in models if _trusts_remote_code(cfg, n))
+        return _hf_app(models, limits, digest, options, remote_code)
     try:
         import vllm  # noqa: F401
     except ImportError as e:

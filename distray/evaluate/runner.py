@@ -164,7 +164,7 @@ def resolve_models(cfg: DistrayConfig) -> list[_Model]:
                 f"the distilled student `{student}` does not exist yet; run `distray train` first, "
                 "or drop `student` from evaluate.models"
             )
-        out.append(_Model("student", _local_engine(cfg, "student", student), student))
+        out.append(_Model("student", _local_engine(cfg, "student", student, cfg.student), student))
     if "baseline" in want:
         base = cfg.evaluate.baseline or (cfg.student.model if cfg.student else None)
         if base is None:
@@ -175,7 +175,8 @@ def resolve_models(cfg: DistrayConfig) -> list[_Model]:
                 "a Hugging Face model folder, or drop `baseline` from evaluate.models"
             )
         else:
-            out.append(_Model("baseline", _local_engine(cfg, "baseline", base), base))
+            # The baseline is the student before distillation: the student's trust_remote_code.
+            out.append(_Model("baseline", _local_engine(cfg, "baseline", base, cfg.student), base))
     if not out:
         raise ConfigError(f"`evaluate.models` ({want}) leaves nothing to evaluate")
     return out

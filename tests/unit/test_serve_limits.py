@@ -129,3 +129,112 @@ def test_missing_api_key_env_is_a_config_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DISTRAY_UNSET_KEY", "k")
     assert _api_key_digest(_cfg(tmp_path, api_key_env="DISTRAY_UNSET_KEY")) == key_digest("k")
     assert os.environ["DISTRAY_UNSET_KEY"] == "k"
+
+
+# ---- hf backend: incremental detokenization and stop strings ------------------------------
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny byte-level BPE tokenizer: multi-byte characters span several tokens."""
+    from transformers import AutoTokenizer
+
+    from distray.tiny import make_tokenizer
+
+    return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def _stream(tok: Any, ids: list[int], stops: list[str]) -> tuple[list[str], bool]:
+    from distray.serve import _IncrementalText
+
+    text = _IncrementalText(tok, stops)
+    chunks = []
+    for i in ids:
+        chunks.append(text.push(i))
+        if text.stopped:
+            return chunks, True
+    chunks.append(text.flush())
+    return chunks, text.stopped
+
+
+TEXTS = ["hello world, the model answer is 42.", "héllo 日本語 🙂 naïve — ok", "🙂🙂 x 日"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_chunks_add_up_to_the_full_decode(byte_tok, text: str) -> None:
+    ids = byte_tok.encode(text, add_special_tokens=False)
+    eos = byte_tok.eos_token_id
+    for seq in (ids, ids[:-1], ids + [eos] + ids):  # also cut mid-character, and a special token
+        chunks, stopped = _stream(byte_tok, seq, [])
+        assert "".join(chunks) == byte_tok.decode(seq, skip_special_tokens=True) and not stopped
+        assert not any("\ufffd" in c for c in chunks[:-1])  # no half characters mid-stream
+    assert "".join(_stream(byte_tok, ids, [])[0][:-1]) == text  # sent as it came, not at the end
+
+
+def test_random_ids_add_up_to_the_full_decode(byte_tok) -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        seq = [rng.randrange(len(byte_tok)) for _ in range(rng.randint(1, 40))]
+        assert "".join(_stream(byte_tok, seq, [])[0]) == byte_tok.decode(seq, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(("text", "stop"), [
+    ("hello world, the model answer is 42.", "o w"),
+    ("hello world, the model answer is 42.", "42"),
+    ("héllo 日本語 🙂 naïve", "本語 🙂"),
+    ("abc", "c"),
+])
+def test_stop_string_split_across_tokens_is_found_and_not_sent(byte_tok, text: str, stop: str) -> None:
+    ids = byte_tok.encode(text, add_special_tokens=False)
+    chunks, stopped = _stream(byte_tok, ids, ["never", stop])
+    assert stopped and "".join(chunks) == text[: text.index(stop)]
+
+
+def test_stop_string_not_completed_is_sent_at_the_end(byte_tok) -> None:
+    ids = byte_tok.encode("hello wor", add_special_tokens=False)
+    chunks, stopped = _stream(byte_tok, ids, ["world"])
+    assert not stopped and "".join(chunks) == "hello wor"
+
+
+def test_each_token_decodes_a_short_window(byte_tok) -> None:
+    """Streaming cost per token stays flat: no re-decoding of the whole answer."""
+    from distray.serve import _IncrementalText
+
+    sizes: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], **kw: Any) -> str:
+            sizes.append(len(ids))
+            return str(byte_tok.decode(ids, **kw))
+
+    text = _IncrementalText(Counting(), ["zz"])
+    for i in byte_tok.encode("the answer is 42, 日本 " * 40, add_special_tokens=False):
+        text.push(i)
+    assert len(sizes) > 400 and max(sizes) <= 8
+
+
+# ---- trust_remote_code reaches the engines -------------------------------------------------
+
+
+def test_llm_config_trusts_remote_code_only_when_enabled(tmp_path) -> None:
+    from distray.serve import _llm_config
+
+    def cfg(student_trust: bool, teacher_trust: bool) -> Any:
+        return config_from_dict({
+            "run": {"output_dir": str(tmp_path)},
+            "student": {"model": "/m/student", "trust_remote_code": student_trust},
+            "teacher": {"kind": "vllm", "model": "/m/teacher", "trust_remote_code": teacher_trust},
+            "serve": {"serve_teacher": True},
+        })
+
+    def kwargs(c: Any, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = _llm_config(c, name, f"/m/{name}", on_gpu=True)["engine_kwargs"]
+        return out
+
+    assert "trust_remote_code" not in kwargs(cfg(False, False), "student")
+    assert kwargs(cfg(True, False), "student")["trust_remote_code"] is True
+    assert "trust_remote_code" not in kwargs(cfg(True, False), "teacher")
+    assert kwargs(cfg(False, True), "teacher")["trust_remote_code"] is True
+    assert "trust_remote_code" not in kwargs(cfg(False, True), "student")
