@@ -197,6 +197,17 @@ def test_hf_backend_serves_the_same_routes(served, tiny_model) -> None:
         assert out.usage.completion_tokens <= 5
         chunks = list(c.completions.create(model="student", prompt="hi", max_tokens=5, stream=True))
         assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
+        # Greedy: the stream adds up to the plain answer, and a stop string is cut out of both.
+        ask = {"model": "student", "prompt": "the answer", "max_tokens": 24, "temperature": 0}
+        full = c.completions.create(**ask).choices[0].text
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(**ask, stream=True))
+        assert streamed == full
+        if len(full.strip()) >= 6:
+            stop = full.strip()[3:6]
+            cut = c.completions.create(**ask, stop=[stop]).choices[0]
+            parts = list(c.completions.create(**ask, stop=[stop], stream=True))
+            assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+            assert "".join(p.choices[0].text for p in parts) == cut.text
         r = httpx.post(ep.base_url + "/chat/completions", content=b"{bad", timeout=30,
                        headers={**served["headers"], "Content-Type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()
