@@ -6,6 +6,8 @@ Each actor loads the model once (on its GPU when it has one) and answers `batch_
 per `generate` call with left padding. Prompts are rendered exactly as the vllm teacher renders
 them (`common.render_prompt`), top-k logprobs come from the raw logits (log-softmax at T=1,
 as vLLM reports them), and finish_reason is judged from the ids (eos → stop, else length).
+Stop strings end an answer as in vLLM: the ids keep the token that completed the stop string,
+the text is cut before it, and finish_reason is stop.
 Seeds: one `torch.manual_seed(seed + first sample index)` per batch, so reruns repeat but a
 row's sample depends on its batch-mates (unlike vLLM's per-request seeds).
 """
@@ -126,12 +128,7 @@ class HFGenerator:
             )
         t1 = time.time()
         seqs = out.sequences[:, width:].tolist()
-        topk = None
-        if self.k is not None and out.logits:
-            logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]
-            lp = torch.log_softmax(logits, dim=-1)
-            vals, idx = torch.topk(lp, k=min(self.k, lp.shape[-1]), dim=-1)
-            topk = (idx.tolist(), vals.tolist())
+        topk = _topk_per_step(out.logits, self.k) if self.k is not None and out.logits else None
         for i, r in enumerate(rows):
             toks = seqs[i]
             # Cut at the first eos (kept, as vLLM keeps it); what follows is padding.
@@ -139,7 +136,11 @@ class HFGenerator:
                 if t in self.eos:
                     toks = toks[: j + 1]
                     break
-            r[F.RESPONSE] = self.tok.decode(toks, skip_special_tokens=True)
+            stopped = _cut_at_stop(self.tok, toks, s.stop) if s.stop else None
+            if stopped is not None:
+                toks, r[F.RESPONSE] = stopped
+            else:
+                r[F.RESPONSE] = self.tok.decode(toks, skip_special_tokens=True)
             r[F.RESPONSE_TOKEN_IDS] = toks
             r[F.COMPLETION_TOKENS] = len(toks)
             r[F.FINISH_REASON] = common.finish_reason(
@@ -149,7 +150,7 @@ class HFGenerator:
                 prompt_tokens=len(prompts[i]),
                 max_model_len=self.max_model_len,
             )
-            if s.stop and any(x in r[F.RESPONSE] for x in s.stop):
+            if stopped is not None:
                 r[F.FINISH_REASON] = "stop"
             if topk is not None:
                 r[F.TOPK_TOKEN_IDS] = topk[0][i][: len(toks)]
@@ -159,6 +160,54 @@ class HFGenerator:
                 r[F.TOPK_LOGPROBS] = None
             r[ERROR] = None
             r["_t0"], r["_t1"] = t0, t1
+
+
+def _topk_per_step(logits: tuple[Any, ...], k: int) -> tuple[list[Any], list[Any]]:
+    """Top-k token ids and log-probabilities (log-softmax at T=1) of each row at each step.
+
+    One step at a time, so the extra memory is one [B, V] step, not a [B, T, V] stack (several
+    GB at batch 16 with a 150k vocabulary).
+
+    Args:
+        logits: generate's `output_logits`, one [B, V] tensor of raw logits per step.
+        k: how many of the best tokens to keep (at most V).
+
+    Returns:
+        `(ids, logprobs)` as nested lists [B][T][k], best first.
+    """
+    import torch
+
+    ids, lps = [], []
+    for step in logits:
+        lp = torch.log_softmax(step.float(), dim=-1)
+        vals, idx = torch.topk(lp, k=min(k, lp.shape[-1]), dim=-1)
+        ids.append(idx)
+        lps.append(vals)
+    return torch.stack(ids, dim=1).tolist(), torch.stack(lps, dim=1).tolist()
+
+
+def _cut_at_stop(tok: Any, toks: list[int], stop: list[str]) -> tuple[list[int], str] | None:
+    """The ids up to the token that completed the first stop string and the text before it,
+    as vLLM returns them; None when no stop string occurs in the answer.
+
+    HF pads a row that stopped early, so the ids after that token are dropped.
+    """
+
+    def text(n: int) -> str:
+        return str(tok.decode(toks[:n], skip_special_tokens=True))
+
+    if not any(x in text(len(toks)) for x in stop):
+        return None
+    # The shortest prefix whose text holds a stop string; a longer prefix's text extends it.
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(x in text(mid) for x in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    kept = text(lo)
+    return toks[:lo], kept[: min(kept.find(x) for x in stop if x in kept)]
 
 
 def generate(
