@@ -385,12 +385,13 @@ def _vllm_app(
     model with FastAPI's `{"detail": ...}` and a text/plain body with a 500), the output/prompt
     caps, and `/health`. The ingress stays one hop, as in Ray's own app.
 
-    Topologies measured and not taken (benchmarks/serve.py-style load, tiny model, 2 CPUs,
-    c=16, ratios to bare `vllm.entrypoints.openai.api_server`): this app 0.43x request
-    throughput; the same with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` 0.37x; `LLMServer` itself as
-    the ASGI ingress (vLLM's own FastAPI app in the replica, one hop fewer) 0.32x, because
-    Ray's proxy then forwards every SSE chunk unbatched; Ray's "direct streaming" needs
-    HAProxy, which listens on all interfaces.
+    Topologies measured and not taken (`benchmarks/serve.py --ray-stock --ray-single-hop`, tiny
+    model, 2 CPUs, c=16, request throughput relative to bare `vllm.entrypoints.openai.api_server`):
+    across runs this app 0.39-0.43x, Ray's stock app 0.38x, Ray's `LLMServer` itself as the
+    ASGI ingress (one hop fewer) 0.32-0.43x, and with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` 0.37x:
+    all within run-to-run noise of each other, so the hop count is not what costs here; Ray
+    Serve's proxy and replica processes share the two cores with the engine. Ray's "direct
+    streaming" needs HAProxy, which listens on all interfaces.
     """
     from fastapi import Request
     from ray import serve
