@@ -15,9 +15,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-__all__ = ["RunPaths"]
+__all__ = ["RunPaths", "is_hub_id"]
+
+
+def is_hub_id(value: str) -> bool:
+    """True for what can only be a Hugging Face hub id (`org/name`): not a URI, not a local folder,
+    not an explicit path (`./x`, `/x`, `~/x`), exactly one slash."""
+    if "://" in value or os.path.exists(value) or value.startswith((".", "/", "~")):
+        return False
+    return value.count("/") == 1
 
 
 @dataclass(frozen=True)

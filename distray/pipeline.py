@@ -21,7 +21,7 @@ from typing import Any
 from distray.config import DistrayConfig, write_resolved
 from distray.errors import ConfigError
 from distray.formats import exists, read_text
-from distray.paths import RunPaths
+from distray.paths import RunPaths, is_hub_id
 
 __all__ = [
     "STAGES", "PipelineResult", "changed_settings", "check_vocabularies", "fetch_hub_models", "headline", "resolve", "run",
@@ -167,10 +167,8 @@ def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
     changed = False
     for section, key in places:
         value = (data.get(section) or {}).get(key)
-        if not isinstance(value, str) or "://" in value or Path(value).exists():
-            continue
-        if value.startswith((".", "/", "~")) or value.count("/") != 1:
-            continue  # a missing local path: the stage that reads it says so
+        if not isinstance(value, str) or not is_hub_id(value):
+            continue  # a folder, a URI, or a missing local path (the stage that reads it says so)
         data[section][key] = _fetch_hub_model(value, f"{section}.{key}", cfg)
         changed = True
     return DistrayConfig.model_validate(data) if changed else cfg
@@ -277,16 +275,10 @@ def _clear(cfg: DistrayConfig, stage: str) -> None:
 
 def _warn_retry_rows(cfg: DistrayConfig) -> None:
     """Say so when a finished generate left transient teacher failures behind (`retry-*`)."""
-    from pyarrow import fs as pafs
-
-    from distray.formats import filesystem_for
-    from distray.teacher.writer import is_retry_shard
+    from distray.teacher.writer import is_retry_shard, iter_shard_files
 
     folder = RunPaths(cfg.run_dir).generate_rejects
-    if not exists(folder):
-        return
-    fs, inner = filesystem_for(folder)
-    shards = [i.path for i in fs.get_file_info(pafs.FileSelector(inner)) if is_retry_shard(i.path)]
+    shards = [p for p in iter_shard_files(folder) if is_retry_shard(p)]
     if shards:
         logger.warning(
             "stage generate: %d shard(s) of transient teacher failures in %s (rejects/retry-*); "

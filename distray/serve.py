@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distray.config import DistrayConfig, EndpointConfig, HFTeacher, VLLMTeacher
 from distray.errors import ConfigError, StageError
-from distray.paths import RunPaths
+from distray.paths import RunPaths, is_hub_id
 
 __all__ = [
     "APP_NAME",
@@ -860,8 +860,8 @@ def resolve_models(cfg: DistrayConfig) -> dict[str, str]:
             )
         if "teacher" == cfg.serve.model_name:
             raise ConfigError("`serve.model_name` is `teacher`, which the teacher uses; rename it")
-        local_path = t.model.startswith((".", "/", "~")) or t.model.count("/") != 1
-        if local_path and "://" not in t.model and not os.path.isfile(os.path.join(t.model, "config.json")):
+        local = "://" not in t.model and not is_hub_id(t.model)
+        if local and not os.path.isfile(os.path.join(t.model, "config.json")):
             raise ConfigError(
                 f"`teacher.model` `{t.model}` is not a model folder (no config.json), and "
                 "`serve.serve_teacher` deploys it; fix the path (with the demo teacher: run "

@@ -361,7 +361,7 @@ def measure_api(
     """
     import httpx
 
-    from distray.teacher.engines.openai import _RETRY_STATUS, _retry_after_s, backoff_s
+    from distray.teacher.engines.openai import backoff_s, retry_after_s, retryable_status
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/chat/completions"
@@ -386,8 +386,8 @@ def measure_api(
                     if r.status_code == 200:
                         break
                     error = f"HTTP {r.status_code}: {r.text[:200]}"
-                    retryable = r.status_code in _RETRY_STATUS or r.status_code >= 500
-                    retry_after = _retry_after_s(r.headers)
+                    retryable = retryable_status(r.status_code)
+                    retry_after = retry_after_s(r.headers)
                 if not retryable or attempt == max_retries:
                     logger.warning(
                         "latency probe of %s failed after %d attempts (%s); latency_ms is left "

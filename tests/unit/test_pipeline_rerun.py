@@ -154,3 +154,13 @@ def test_skipped_generate_says_when_transient_failures_wait_for_a_retry(
     with caplog.at_level("WARNING", logger="distray.pipeline"):
         pipeline.run(cfg, stages=["generate"])
     assert [r for r in caplog.records if "transient" in r.getMessage() and "distray generate" in r.getMessage()]
+
+
+def test_is_hub_id_only_for_org_slash_name_that_is_not_a_path(tmp_path: Path) -> None:
+    from distray.paths import is_hub_id
+
+    (tmp_path / "org").mkdir()
+    assert is_hub_id("meta-llama/Llama-3.1-8B-Instruct")
+    assert not any(is_hub_id(v) for v in (
+        "./org/x", "/models/x", "~/x", "s3://b/m", "a/b/c", "gpt-4o", str(tmp_path / "org"),
+    ))

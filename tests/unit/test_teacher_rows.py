@@ -14,7 +14,12 @@ from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig, VLLMTeacher
 from distray.teacher import writer as W
 from distray.teacher.engines import common
-from distray.teacher.engines.openai import _retry_after_s, backoff_s, parse_logprobs
+from distray.teacher.engines.openai import (
+    backoff_s,
+    parse_logprobs,
+    retry_after_s,
+    retryable_status,
+)
 from distray.teacher.reader import iter_prompt_blocks
 from distray.teacher.rows import cache_key, expand_rows, sampling_key
 
@@ -141,10 +146,11 @@ def test_backoff_has_jitter_caps_and_honours_retry_after() -> None:
     waits = [backoff_s(a, 0.5, 4.0, None) for a in range(10) for _ in range(20)]
     assert all(0 <= w <= 4.0 for w in waits) and len(set(waits)) > 100
     assert backoff_s(0, 0.5, 4.0, retry_after_s=7.0) == 7.0
-    assert _retry_after_s({"retry-after": "3"}) == 3.0
-    assert _retry_after_s({"retry-after-ms": "250"}) == 0.25
-    assert _retry_after_s({}) is None
-    assert _retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after-ms": "250"}) == 0.25
+    assert retry_after_s({}) is None
+    assert [c for c in (400, 401, 404, 408, 409, 429, 500, 503) if retryable_status(c)] == [408, 409, 429, 500, 503]
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
 
 
 def test_openai_logprobs_need_token_ids() -> None:

@@ -55,12 +55,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OpenAIClient", "generate", "api_key", "preflight", "MIN_REQUESTS_FOR_RATIO"]
+__all__ = [
+    "OpenAIClient", "generate", "api_key", "preflight", "MIN_REQUESTS_FOR_RATIO", "backoff_s",
+    "retry_after_s", "retryable_status",
+]
 
 #: Finished requests before the success ratio can stop a run (fewer say too little).
 MIN_REQUESTS_FOR_RATIO = 10
 
 _RETRY_STATUS = frozenset({408, 409, 429})
+
+
+def retryable_status(code: int) -> bool:
+    """An HTTP status worth retrying: 408, 409, 429 and every 5xx."""
+    return code in _RETRY_STATUS or code >= 500
 
 #: Extra column: HTTP attempts the row took (for stats).
 ATTEMPTS = "_attempts"
@@ -86,7 +94,7 @@ def api_key(teacher: OpenAITeacher) -> str | None:
     return key
 
 
-def _retry_after_s(headers: Any) -> float | None:
+def retry_after_s(headers: Any) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -238,8 +246,8 @@ class OpenAIClient:
                             error = f"request_failed: malformed response ({type(e).__name__}: {e})"
                             retryable = True
                     else:
-                        retryable = resp.status_code in _RETRY_STATUS or resp.status_code >= 500
-                        retry_after = _retry_after_s(resp.headers)
+                        retryable = retryable_status(resp.status_code)
+                        retry_after = retry_after_s(resp.headers)
                         error = (
                             f"request_failed: HTTP {resp.status_code} after {attempt + 1} "
                             f"attempts: {resp.text[:200]}"
