@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-generate-"))
     work.mkdir(parents=True, exist_ok=True)
     args.max_len = 512
-    from distray.teacher.engines.common import eos_ids, load_tokenizer, render_prompt
+    from distray.prompts import eos_ids, load_tokenizer, render_prompt
     from distray.tiny import make_tiny
 
     model = args.model or make_tiny(work / "model", layers=args.layers, hidden=args.hidden,

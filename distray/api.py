@@ -119,25 +119,6 @@ def _is_local_address(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def _local_paths(cfg: DistrayConfig) -> dict[str, str]:
-    """Config fields that hold a local (non-URI) absolute path the job's nodes must see."""
-    fields = {
-        "run.output_dir": cfg.run.output_dir,
-        "data.train": cfg.data.train,
-        "data.validation": cfg.data.validation,
-        "data.test": cfg.data.test,
-        "student.model": cfg.student.model if cfg.student else None,
-        "evaluate.baseline": cfg.evaluate.baseline,
-    }
-    if cfg.teacher is not None and cfg.teacher.kind != "openai":
-        fields["teacher.model"] = cfg.teacher.model
-    for i, t in enumerate(cfg.teachers):
-        if t.kind != "openai":
-            fields[f"teachers[{i}].model"] = t.model
-    # absolutize made local paths absolute; hub ids stay relative and URIs carry a scheme.
-    return {k: v for k, v in fields.items() if v and "://" not in v and Path(v).is_absolute()}
-
-
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     *parents, last = dotted.split(".")
@@ -285,7 +266,7 @@ class DistillationJob:
         """
         from ray.job_submission import JobSubmissionClient
 
-        from distray.pipeline import absolutize
+        from distray.prepare import absolutize, local_paths
 
         if runtime_env and "working_dir" in runtime_env:
             raise UsageError(
@@ -296,7 +277,7 @@ class DistillationJob:
         # The job runs in its own working dir: local paths must be absolute to mean the same.
         cfg = absolutize(self._config)
         if not _is_local_address(address):
-            local = _local_paths(cfg)
+            local = local_paths(cfg)
             if local:
                 logger.warning(
                     "submitting to %s with local paths %s: the cluster's nodes must see them at "
@@ -408,16 +389,20 @@ class DistillationJob:
             StageError: the distilled student is not trained yet.
         """
         from distray.evaluate.runner import run as evaluate_run
+        from distray.report import build_report
 
-        return _plain(evaluate_run(self._evaluate_config(test_data, metrics, baseline_model)))
+        cfg = self._evaluate_config(test_data, metrics, baseline_model)
+        out = _plain(evaluate_run(cfg))
+        out["report_path"] = build_report(cfg.run_dir)
+        return out
 
     def _evaluate_config(
         self, test_data: str | None, metrics: list[str] | None, baseline_model: str | None
     ) -> DistrayConfig:
         """The config `evaluate()` hands the evaluate stage (see there)."""
         from distray.demo import baseline_dir
-        from distray.formats import exists
-        from distray.pipeline import absolutize, resolve
+        from distray.prepare import absolutize, prepare
+        from distray.storage import exists
 
         data = self._config.model_dump(mode="json")
         ev = data["evaluate"]
@@ -426,10 +411,10 @@ class DistillationJob:
             ev["baseline"] = baseline_model
         # demo=False: evaluate trains nothing (no stand-in teacher, no baseline); it uses the
         # baseline run() built when there is one.
-        cfg = resolve(config_from_dict(data, "(DistillationJob.evaluate)"), demo=False)
+        cfg = prepare(config_from_dict(data, "(DistillationJob.evaluate)"), demo=False)
         update: dict[str, Any] = {}
         if test_data is not None:
-            # resolve points data.test at a built-in task's split; the caller's file wins.
+            # prepare points data.test at a built-in task's split; the caller's file wins.
             update["data"] = cfg.data.model_copy(update={"test": str(test_data)})
         base = baseline_dir(cfg)
         wants_default = cfg.evaluate.baseline is None and "baseline" in cfg.evaluate.models

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import io
 import json
 import logging
 import os
@@ -65,17 +64,6 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 # --------------------------------------------------------------------------------------------
 # metric math (vLLM's definitions; pure, unit-tested, cross-checked against vLLM)
 # --------------------------------------------------------------------------------------------
-
-
-def _png_bytes(fig: Any) -> bytes:
-    """Lay out, render and close a matplotlib figure; its PNG bytes."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def compute_metrics(outputs: Sequence[Any], duration_s: float) -> dict[str, float | int]:
@@ -248,7 +236,8 @@ def load_prompts(cfg: DistrayConfig, n: int) -> tuple[list[list[dict[str, str]]]
     Raises:
         DataError: the named prompt file has no valid rows.
     """
-    from distray.formats import MESSAGES, exists, iter_input_rows
+    from distray.formats import MESSAGES, iter_input_rows
+    from distray.storage import exists
     from distray.tasks import task_prompts
 
     system_prompt, prompt_template = task_prompts(cfg.task)
@@ -538,19 +527,13 @@ def bench_endpoints(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    from distray.formats import _write_bytes_atomic
-
-    _write_bytes_atomic(path, [data])
-
-
-def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
+def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in endpoints:
         for mode, marker in (("concurrency", "o"), ("rate", "s")):
@@ -573,7 +556,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    out["latency_vs_throughput.png"] = _png_bytes(fig)
+    out["latency_vs_throughput.png"] = fig
 
     fig, axes = plt.subplots(1, len(endpoints), figsize=(5.5 * len(endpoints), 4), squeeze=False)
     for ax, name in zip(axes[0], endpoints, strict=True):
@@ -584,7 +567,7 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, bytes]:
         ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title=f"TTFT distribution: {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    out["ttft_distribution.png"] = _png_bytes(fig)
+    out["ttft_distribution.png"] = fig
     return out
 
 
@@ -640,7 +623,7 @@ def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], s
 def _write_outputs(
     result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any], out_dir: str
 ) -> None:
-    from distray.formats import write_text
+    from distray.storage import write_png, write_text
 
     out_dir = out_dir.rstrip("/")
     try:
@@ -659,10 +642,8 @@ def _write_outputs(
     }
     result.results_json = f"{out_dir}/results.json"
     write_text(result.results_json, json.dumps(payload, indent=1))
-    for name, png in _plots(result.points, result.endpoints).items():
-        path = f"{out_dir}/{name}"
-        _write_bytes(path, png)
-        result.plots.append(path)
+    for name, fig in _plots(result.points, result.endpoints).items():
+        result.plots.append(write_png(f"{out_dir}/{name}", fig))
     result.summary_md = f"{out_dir}/summary.md"
     write_text(result.summary_md, summary_markdown(result, endpoints, settings))
 
@@ -681,11 +662,17 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def run(cfg: DistrayConfig) -> BenchResult:
+def run(cfg: DistrayConfig, *, app_name: str | None = None) -> BenchResult:
     """Benchmark `bench.endpoints` (default: the served student/teacher) and write the report.
 
-    When the endpoints default to the served ones and nothing answers there, the models are
-    deployed with `distray.serve.deploy` for the benchmark and shut down afterwards.
+    With no `bench.endpoints`, the models are benchmarked where `distray serve` serves them; when
+    nothing answers there, or when `app_name` is given, they are deployed for the benchmark with
+    `distray.serve.deploy` and shut down afterwards.
+
+    Args:
+        cfg: the prepared config.
+        app_name: deploy as this Serve app (route prefix `/<app_name>`) whatever else runs, so
+            an app that `distray serve` runs is neither replaced nor deleted (`distray run`).
 
     Raises:
         ConfigError: no endpoints, or an API key env var is empty.
@@ -698,7 +685,10 @@ def run(cfg: DistrayConfig) -> BenchResult:
     prompts, source = load_prompts(cfg, b.num_prompts)
     endpoints = list(b.endpoints)
     deployed = False
-    if not endpoints:
+    if not endpoints and app_name is not None:
+        endpoints = serve.deploy(cfg, app_name=app_name, route_prefix=f"/{app_name}")
+        deployed = True
+    elif not endpoints:
         endpoints = serve.served_endpoints(cfg)
         if not _reachable(endpoints[0].base_url):
             logger.info("bench: nothing answers at %s; deploying the served models for the benchmark",
@@ -714,7 +704,7 @@ def run(cfg: DistrayConfig) -> BenchResult:
         )
     finally:
         if deployed:
-            serve.shutdown()
+            serve.shutdown(app_name)
     logger.info(
         "bench: %d sweep points over %s in %.0f s -> %s, %s, %s",
         len(result.points), result.endpoints, result.duration_s, result.results_json,

@@ -5,8 +5,8 @@
     distray config show jobs/configs/quickstart.yaml train.lr=3e-5
     distray data check prompts.jsonl --rejects rejects.jsonl
 
-The CLI only builds the config and calls each stage's `run(cfg)`; stage modules are imported
-when their command runs, so `distray --help` does not load vLLM, Ray or DeepSpeed.
+The CLI only loads the config and hands it to `distray.pipeline` (the one stage registry, and
+`prepare` for the run); stage modules are imported when their command runs, so `distray --help` does not load vLLM, Ray or DeepSpeed.
 Exit codes: 0 success, 2 usage or config error, 1 run failure.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
 import time
@@ -23,31 +22,13 @@ from typing import Any
 
 from distray.errors import ConfigError, DistrayError, UsageError
 
-__all__ = ["main", "build_parser", "STAGES", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 logger = logging.getLogger("distray.cli")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-#: Stage command → (module, function) it calls with the loaded config. `distray run` takes its
-#: stage names from `distray.pipeline.STAGES` instead (no `serve`: its bench stage deploys).
-STAGES: dict[str, tuple[str, str]] = {
-    "generate": ("distray.teacher.generate", "run"),
-    "train": ("distray.train.trainer", "run"),
-    "evaluate": ("distray.evaluate.runner", "run"),
-    "serve": ("distray.serve", "run"),
-    "bench": ("distray.bench", "run"),
-}
-
-_STAGE_HELP = {
-    "generate": "label prompts with the teacher (Ray Data + vLLM) into Parquet teacher data",
-    "train": "distil the student on the teacher data (Ray Train + DeepSpeed ZeRO)",
-    "evaluate": "score teacher, student and baseline on the test set",
-    "serve": "serve the student behind an OpenAI-compatible endpoint (Ray Serve)",
-    "bench": "load-test served endpoints: TTFT, TPOT, ITL, latency percentiles, throughput",
-}
 
 _LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s | %(message)s"
 
@@ -89,45 +70,6 @@ def _load(config: str | None, overrides: Sequence[str]) -> Any:
     from distray.config import load_config
 
     return load_config(config, list(overrides))
-
-
-def _resolve_for(command: str, cfg: Any) -> Any:
-    """The config a stage command runs with: what it would see inside `distray run`, with only
-    the demo stand-ins (`demo.train_teacher`) that this stage needs built.
-
-    generate and train need the stand-in teacher and the student's initial weights; evaluate
-    also the baseline student; serve and bench use the trained student and build nothing (so
-    `distray serve` on a fresh run fails at once, saying to train first, instead of training
-    the demo teacher for minutes).
-
-    Raises:
-        ConfigError: serve/bench would deploy a demo teacher that is not built yet.
-    """
-    from distray.pipeline import resolve
-
-    if command in ("serve", "bench"):
-        cfg = resolve(cfg, demo=False)
-        _check_demo_teacher(command, cfg)
-        return cfg
-    return resolve(cfg, baseline=command == "evaluate")
-
-
-def _check_demo_teacher(command: str, cfg: Any) -> None:
-    """Fail fast when serve/bench would deploy the demo teacher before anything built it."""
-    from pathlib import Path
-
-    deploys = command == "serve" or not cfg.bench.endpoints
-    teacher = cfg.teacher
-    if not (deploys and cfg.serve.serve_teacher and cfg.demo.train_teacher and teacher is not None):
-        return
-    if "://" in teacher.model or (Path(teacher.model) / "config.json").exists():
-        return
-    raise ConfigError(
-        f"`teacher.model` `{teacher.model}` does not exist yet and `serve.serve_teacher` is true; "
-        "with demo.train_teacher the stand-in teacher is built by `distray generate`: run "
-        "`distray generate` and `distray train` first (or `distray run`), or set "
-        "serve.serve_teacher=false"
-    )
 
 
 _MAX_VALUE_CHARS = 300  # long enough for a few output paths, short enough for one line
@@ -178,12 +120,11 @@ def _print_result(command: str, result: Any, t0: float) -> None:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    module_name, attr = STAGES[args.command]
+    from distray import pipeline
+
     cfg = _load(args.config, args.overrides)
-    fn = getattr(importlib.import_module(module_name), attr)
-    cfg = _resolve_for(args.command, cfg)
     t0 = time.perf_counter()
-    result = fn(cfg)
+    result = pipeline.run_stage(cfg, args.command)
     _print_result(args.command, result, t0)
     return EXIT_OK
 
@@ -277,6 +218,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
+    from distray.pipeline import REGISTRY
     from distray.pipeline import STAGES as PIPELINE_STAGES
 
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
@@ -304,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
         )
 
-    for name, help_text in _STAGE_HELP.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[verbose])
+    for stage in REGISTRY.values():
+        if not stage.command:
+            continue
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help, parents=[verbose])
         p.add_argument("--config", "-c", required=True, metavar="CONFIG", help="YAML config file")
         overrides(p)
         p.set_defaults(func=_cmd_stage)

@@ -51,7 +51,7 @@ def train_on_labels(
     Returns:
         The exported HF folder.
     """
-    from distray.formats import write_jsonl
+    from distray.storage import write_jsonl
     from distray.train.trainer import train_model
 
     student = f"{work_dir}/student"

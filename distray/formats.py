@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from distray.errors import DataError
+from distray.storage import filesystem_for, list_files, write_jsonl
 
 __all__ = [
     "ID",
@@ -59,13 +60,7 @@ __all__ = [
     "iter_input_file",
     "iter_input_rows",
     "check_input",
-    "write_jsonl",
     "write_rejects",
-    "filesystem_for",
-    "list_files",
-    "write_text",
-    "read_text",
-    "exists",
 ]
 
 # ---- column names (the only place they are spelled) -----------------------------------------
@@ -325,118 +320,6 @@ def parse_jsonl_line(
         detail = str(e)[:200] if isinstance(e, json.JSONDecodeError) else "nested too deeply"
         return None, Reject("read", "invalid_json", detail, text[:2000], line, source)
     return normalize_row(raw, line=line, source=source, **kwargs)
-
-
-# ---- filesystems ----------------------------------------------------------------------------
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for local paths and URIs (s3://, gs://, ...).
-
-    pyarrow's own filesystems come first; schemes it lacks (memory://, hf://, az://, ...) go
-    through fsspec when that is installed.
-
-    Raises:
-        DataError: the scheme is known to neither pyarrow nor fsspec.
-    """
-    if "://" not in path:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    try:
-        return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        try:
-            import fsspec  # only for schemes pyarrow lacks
-
-            fs, inner = fsspec.core.url_to_fs(path)
-        except (ImportError, ValueError) as e:
-            raise DataError(
-                f"cannot open `{path}`: neither pyarrow nor fsspec knows its scheme ({e}); "
-                "use a local path or s3://, gs://, hdfs://, or install the fsspec package for it"
-            ) from e
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
-
-
-def exists(path: str) -> bool:
-    """True when the file or folder exists."""
-    fs, p = filesystem_for(path)
-    return bool(fs.get_file_info(p).type != pafs.FileType.NotFound)
-
-
-def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Files under `path` (a file or a folder, recursively) with one of `suffixes`, sorted.
-
-    A single file is returned whatever its suffix. Hidden files and `_`-prefixed files
-    (`_SUCCESS`, `_metadata`) in folders are skipped.
-
-    Returns:
-        Paths in the filesystem's own form (no scheme for cloud URIs; absolute locally).
-
-    Raises:
-        DataError: `path` does not exist.
-    """
-    fs, p = filesystem_for(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"input `{path}` does not exist")
-    if info.type == pafs.FileType.File:
-        return [p]
-    found = fs.get_file_info(pafs.FileSelector(p, recursive=True))
-    return sorted(
-        f.path
-        for f in found
-        if f.type == pafs.FileType.File
-        and f.path.endswith(suffixes)
-        and not os.path.basename(f.path).startswith((".", "_"))
-    )
-
-
-def _write_bytes_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    # Readers never see a half-written file: write a temp name, then rename (a copy on S3).
-    fs, p = filesystem_for(path)
-    parent = os.path.dirname(p)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    tmp = f"{p}.tmp-{os.getpid()}"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            for chunk in chunks:
-                f.write(chunk)
-        fs.move(tmp, p)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_text(path: str, text: str) -> None:
-    """Write a text file atomically (temp name, then rename) on any filesystem."""
-    _write_bytes_atomic(path, [text.encode("utf-8")])
-
-
-def read_text(path: str) -> str:
-    """Read a whole text file from any filesystem."""
-    fs, p = filesystem_for(path)
-    with fs.open_input_stream(p) as f:
-        data: bytes = f.read()
-    return data.decode("utf-8")
-
-
-def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows as JSONL (UTF-8, one object per line) atomically; returns the row count."""
-    n = 0
-
-    def lines() -> Iterator[bytes]:
-        nonlocal n
-        for row in rows:
-            n += 1
-            yield (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode(
-                "utf-8", "backslashreplace"
-            )
-
-    _write_bytes_atomic(path, lines())
-    return n
 
 
 def write_rejects(path: str, rejects: Iterable[Reject]) -> int:

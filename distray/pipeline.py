@@ -1,6 +1,7 @@
-"""The whole chain: generate → train → evaluate → serve + bench → report.
+"""The whole chain: generate → train → evaluate → serve + bench → report; the one stage registry.
 
     distray run jobs/configs/quickstart.yaml [key=value ...] [--stages generate,train] [--force]
+    distray train --config jobs/configs/quickstart.yaml      # one stage: `run_stage`
     ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/X.yaml
 
 A stage whose outputs exist is skipped on rerun (unless `force`); a stage that was interrupted
@@ -18,19 +19,76 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distray.config import DistrayConfig, write_resolved
+from distray.config import DistrayConfig
 from distray.errors import ConfigError
-from distray.formats import exists, read_text
-from distray.paths import RunPaths, is_hub_id
+from distray.paths import RunPaths
+from distray.storage import exists, read_text
 
 __all__ = [
-    "STAGES", "PipelineResult", "changed_settings", "check_vocabularies", "fetch_hub_models", "headline", "resolve", "run",
-    "stage_done",
+    "COMMANDS", "REGISTRY", "STAGES", "PipelineResult", "Stage", "changed_settings", "clear_stage", "headline", "run",
+    "run_stage", "stage_done",
 ]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("generate", "train", "evaluate", "bench", "report")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: where its `run(cfg)` lives and what preparing a run for it builds.
+
+    Attributes:
+        name: the stage (and command) name.
+        module, attr: the function called with the prepared config, imported when it runs so that
+            `distray --help` loads neither Ray nor vLLM.
+        help: one line for `distray --help`.
+        in_pipeline: `distray run` runs it (serve is a command only: the bench stage deploys).
+        command: `distray <name> --config ...` runs it alone (report takes a run folder instead).
+        demo, baseline: what `prepare` builds for it alone (serve and bench build nothing, so
+            `distray serve` on a fresh run fails at once instead of training a demo teacher).
+        pipeline_kwargs: extra arguments inside `distray run`.
+    """
+
+    name: str
+    module: str
+    attr: str
+    help: str
+    in_pipeline: bool = True
+    command: bool = True
+    demo: bool = True
+    baseline: bool = False
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def fn(self) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.attr)
+
+
+#: Inside `distray run`, bench deploys the models as their own Serve app (name and route prefix),
+#: so a `distray serve` app already running on the cluster is neither replaced nor deleted.
+BENCH_APP = "distray-bench"
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("generate", "distray.teacher.generate", "run",
+          "label prompts with the teacher (Ray Data + vLLM) into Parquet teacher data"),
+    Stage("train", "distray.train.trainer", "run",
+          "distil the student on the teacher data (Ray Train + DeepSpeed ZeRO)"),
+    Stage("evaluate", "distray.evaluate.runner", "run",
+          "score teacher, student and baseline on the test set", baseline=True),
+    Stage("serve", "distray.serve", "run",
+          "serve the student behind an OpenAI-compatible endpoint (Ray Serve)",
+          in_pipeline=False, demo=False),
+    Stage("bench", "distray.bench", "run",
+          "load-test served endpoints: TTFT, TPOT, ITL, latency percentiles, throughput",
+          demo=False, pipeline_kwargs={"app_name": BENCH_APP}),
+    Stage("report", "distray.report", "run", "write report.md and plots for a run folder",
+          command=False, demo=False),
+)}
+
+#: The stages `distray run` runs, in order.
+STAGES = tuple(name for name, s in REGISTRY.items() if s.in_pipeline)
+#: The stages with a `distray <stage> --config ...` command.
+COMMANDS = tuple(name for name, s in REGISTRY.items() if s.command)
 
 # The settings each stage's outputs are made from, besides those of the stages before it that it
 # reads (evaluate and bench read train's student, train reads generate's data). A finished stage
@@ -56,42 +114,6 @@ class PipelineResult:
     stages_skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     headline: dict[str, Any] = field(default_factory=dict)
-
-
-def absolutize(cfg: DistrayConfig) -> DistrayConfig:
-    """Make relative local paths absolute.
-
-    Ray workers (Train workers, engine actors) run in their own working directories, so a path
-    relative to where the user typed the command would point nowhere there. Cloud URIs and hub
-    ids (`org/name` that is not a local folder) are left alone.
-    """
-    data = cfg.model_dump(mode="json")
-    demo_models = bool(data["demo"]["train_teacher"])
-
-    def fix(section: dict[str, Any] | None, key: str, *, model: bool = False) -> None:
-        if not section:
-            return
-        value = section.get(key)
-        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
-            return
-        if model and not (Path(value).exists() or demo_models or value.startswith((".", "~"))):
-            return  # a hub id such as meta-llama/Llama-3.1-8B-Instruct
-        section[key] = str(Path(value).expanduser().resolve())
-
-    fix(data["run"], "output_dir")
-    for key in ("train", "validation", "test"):
-        fix(data["data"], key)
-    for t in [data.get("teacher"), *data.get("teachers", [])]:
-        if t and t.get("kind") != "openai":
-            fix(t, "model", model=True)
-    if data.get("student"):
-        fix(data["student"], "model", model=True)
-        fix(data["student"], "tokenizer", model=True)
-    fix(data["evaluate"], "baseline", model=True)
-    fix(data["generate"], "cache_dir")
-    fix(data["serve"], "model", model=True)
-    fix(data["bench"], "prompts")
-    return DistrayConfig.model_validate(data)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -121,7 +143,7 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any], stage: str) -> li
 def _previous_config(cfg: DistrayConfig) -> dict[str, Any] | None:
     import yaml
 
-    path = f"{cfg.run_dir}/config.resolved.yaml"
+    path = RunPaths(cfg.run_dir).resolved_config
     if not exists(path):
         return None
     try:
@@ -129,120 +151,6 @@ def _previous_config(cfg: DistrayConfig) -> dict[str, Any] | None:
     except yaml.YAMLError:
         return None
     return data if isinstance(data, dict) else None
-
-
-def _fetch_hub_model(value: str, field: str, cfg: DistrayConfig) -> str:
-    """Download a hub id (`org/name`) once into `<output_dir>/_models/` and return the folder.
-
-    The student is read by every Ray Train worker and exported from a folder, so it must be a
-    folder; vLLM teachers download hub ids themselves and are left alone.
-    """
-    base = cfg.run.output_dir
-    if "://" in base:  # workers cannot load from a bucket: use this machine's cache
-        base = str(Path("~/.cache/distray").expanduser())
-    target = Path(base) / "_models" / value.replace("/", "--")
-    if (target / "config.json").is_file():
-        return str(target)
-    logger.info("%s: downloading `%s` from the Hugging Face hub into %s", field, value, target)
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(
-            repo_id=value, local_dir=str(target),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
-        )
-    except Exception as e:
-        raise ConfigError(
-            f"`{field}` is `{value}`, which is not a local folder, and downloading it from the "
-            f"Hugging Face hub failed ({type(e).__name__}: {str(e)[:200]}); download it yourself "
-            f"(`huggingface-cli download {value} --local-dir DIR`) and set {field}=DIR"
-        ) from e
-    return str(target)
-
-
-def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
-    """Replace hub ids in the student, tokenizer, baseline and serve model by local folders."""
-    data = cfg.model_dump(mode="json")
-    places = [("student", "model"), ("student", "tokenizer"), ("evaluate", "baseline"), ("serve", "model")]
-    changed = False
-    for section, key in places:
-        value = (data.get(section) or {}).get(key)
-        if not isinstance(value, str) or not is_hub_id(value):
-            continue  # a folder, a URI, or a missing local path (the stage that reads it says so)
-        data[section][key] = _fetch_hub_model(value, f"{section}.{key}", cfg)
-        changed = True
-    return DistrayConfig.model_validate(data) if changed else cfg
-
-
-def check_vocabularies(cfg: DistrayConfig) -> None:
-    """Before generate: logit KD with a local teacher whose tokenizer is not the student's stops.
-
-    The train stage checks the generated token ids again (API and hub teachers are only
-    checked there); this catches the common mistake before the teacher's hours are spent.
-
-    Raises:
-        ConfigError: naming both models, both vocabulary sizes and a token that differs.
-    """
-    if not cfg.train.is_logit_loss or cfg.student is None:
-        return
-    student = (cfg.student.tokenizer or cfg.student.model)
-    if not Path(student, "config.json").is_file() and not Path(student, "tokenizer.json").is_file():
-        return  # not built yet (demo) or not local: train checks it
-    from transformers import AutoConfig, AutoTokenizer
-
-    from distray.train.trainer import _teacher_tokenizers, check_vocab
-
-    teachers = _teacher_tokenizers(cfg)
-    if not teachers:
-        return
-    problem = check_vocab(
-        AutoTokenizer.from_pretrained(student),
-        int(AutoConfig.from_pretrained(cfg.student.model).vocab_size),
-        [], teachers, student_name=cfg.student.model,
-    )
-    if problem:
-        raise ConfigError(
-            f"{problem}. `train.loss: {cfg.train.loss}` distils the teacher's logits, which needs "
-            "one tokenizer for teacher and student: pick a student of the teacher's family, or "
-            "set train.loss=sft (sequence-level distillation on the teacher's text)"
-        )
-
-
-def resolve(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
-    """Fill what the stages read from the run folder: built-in task files, demo stand-ins.
-
-    With `data.builtin`, the task's JSONL files are written into `<run>/data/` (once) and
-    `data.train/validation/test` point at them. With `demo.train_teacher`, the stand-in teacher,
-    the student's initial weights and (with `baseline`) the baseline are built when missing. A student (or
-    baseline, or served model) given as a hub id is downloaded once into `<output_dir>/_models/`.
-
-    Returns:
-        The config every stage receives (also written as config.resolved.yaml).
-    """
-    cfg = absolutize(cfg)
-    cfg = fetch_hub_models(cfg)
-    paths = RunPaths(cfg.run_dir)
-    b = cfg.data.builtin
-    if b is not None:
-        from distray.tasks import make_task
-
-        if not exists(paths.task_split("test")):
-            make_task(b.name, paths.data, b.n_train, b.seed, n_validation=b.n_validation, n_test=b.n_test)
-        update = {
-            "train": paths.task_split("train"),
-            "validation": paths.task_split("validation") if b.n_validation else None,
-            "test": paths.task_split("test"),
-        }
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
-    if demo and cfg.demo.train_teacher:
-        from distray.demo import baseline_dir, prepare_demo
-
-        prepare_demo(cfg, baseline=baseline)
-        if cfg.evaluate.baseline is None and "baseline" in cfg.evaluate.models:
-            ev = cfg.evaluate.model_copy(update={"baseline": baseline_dir(cfg)})
-            cfg = cfg.model_copy(update={"evaluate": ev})
-    # Round-trip through validation so cross-field checks see the filled-in values.
-    return DistrayConfig.model_validate(cfg.model_dump(mode="json"))
 
 
 def stage_done(cfg: DistrayConfig, stage: str) -> bool:
@@ -258,14 +166,15 @@ def stage_done(cfg: DistrayConfig, stage: str) -> bool:
     return marker is not None and exists(marker)
 
 
-def _clear(cfg: DistrayConfig, stage: str) -> None:
+def clear_stage(cfg: DistrayConfig, stage: str) -> None:
+    """Remove a stage's output folder (`--force`); nothing to remove is no error."""
     p = RunPaths(cfg.run_dir)
     folder = {"generate": p.generate, "train": p.train, "evaluate": p.evaluate, "bench": p.bench}.get(stage)
     if not folder or not exists(folder):
         return
     logger.info("--force: removing %s", folder)
     if "://" in folder:
-        from distray.formats import filesystem_for
+        from distray.storage import filesystem_for
 
         fs, inner = filesystem_for(folder)
         fs.delete_dir(inner)
@@ -287,49 +196,6 @@ def _warn_retry_rows(cfg: DistrayConfig) -> None:
         )
 
 
-BENCH_APP = "distray-bench"
-
-
-def _run_bench(cfg: DistrayConfig) -> Any:
-    """Deploy the student (and teacher) as their own Serve app, benchmark them, delete the app.
-
-    The app has its own name and route prefix, so a `distray serve` app already running on the
-    cluster (the default name, at `/`) is neither replaced nor deleted.
-    """
-    from distray import bench, serve
-
-    if cfg.bench.endpoints:
-        return bench.run(cfg)
-    endpoints = serve.deploy(cfg, app_name=BENCH_APP, route_prefix=f"/{BENCH_APP}")
-    try:
-        bcfg = cfg.model_copy(update={"bench": cfg.bench.model_copy(update={"endpoints": endpoints})})
-        return bench.run(bcfg)
-    finally:
-        serve.shutdown(BENCH_APP)
-
-
-def _stage_fn(stage: str) -> Any:
-    if stage == "generate":
-        from distray.teacher.generate import run as generate_run
-
-        return generate_run
-    if stage == "train":
-        from distray.train.trainer import run as train_run
-
-        return train_run
-    if stage == "evaluate":
-        from distray.evaluate.runner import run as evaluate_run
-
-        return evaluate_run
-    if stage == "bench":
-        return _run_bench
-    if stage == "report":
-        from distray.report import build_report
-
-        return lambda cfg: build_report(cfg.run_dir)
-    raise ConfigError(f"unknown stage `{stage}`; choose from {', '.join(STAGES)}")
-
-
 def headline(run_dir: str) -> dict[str, Any]:
     """The figures the run ends with: retention, latency and memory reduction, baseline gain."""
     path = RunPaths(run_dir).eval_metrics
@@ -337,6 +203,70 @@ def headline(run_dir: str) -> dict[str, Any]:
         return {}
     metrics = json.loads(read_text(path))
     return dict(metrics.get("headline") or {})
+
+
+def _check_stale(cfg: DistrayConfig, wanted: list[str], force: bool) -> None:
+    """Stop when a finished stage that would be skipped was made with other settings."""
+    previous = _previous_config(cfg)
+    if previous is None:
+        return
+    new = cfg.model_dump(mode="json")
+    for stage in STAGES[:-1]:
+        if stage not in wanted or force or not stage_done(cfg, stage):
+            continue
+        diff = changed_settings(previous, new, stage)
+        if diff:
+            more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+            raise ConfigError(
+                f"stage {stage}: its outputs in {cfg.run_dir} were made with other settings: "
+                + "; ".join(diff[:5]) + more
+                + f". Pass --force to rerun {stage} and the stages after it with the new "
+                "settings, or set a new run.name to keep both runs"
+            )
+
+
+def _check_demo_teacher(stage: str, cfg: DistrayConfig) -> None:
+    """Fail fast when serve/bench would deploy the demo teacher before anything built it."""
+    deploys = stage == "serve" or not cfg.bench.endpoints
+    teacher = cfg.teacher
+    if not (deploys and cfg.serve.serve_teacher and cfg.demo.train_teacher and teacher is not None):
+        return
+    if "://" in teacher.model or (Path(teacher.model) / "config.json").exists():
+        return
+    raise ConfigError(
+        f"`teacher.model` `{teacher.model}` does not exist yet and `serve.serve_teacher` is true; "
+        "with demo.train_teacher the stand-in teacher is built by `distray generate`: run "
+        "`distray generate` and `distray train` first (or `distray run`), or set "
+        "serve.serve_teacher=false"
+    )
+
+
+def run_stage(cfg: DistrayConfig, name: str) -> Any:
+    """Prepare a run for one stage and run it, as `distray <stage> --config ...` does.
+
+    A stage runs whether or not its outputs exist (generate and train resume their own state).
+    The run folder's `config.resolved.yaml` is written for stages that write outputs, and
+    evaluate's comparison is added to report.md.
+
+    Returns:
+        The stage's result.
+    """
+    from distray.prepare import prepare, write_record
+
+    stage = REGISTRY.get(name)
+    if stage is None or not stage.command:
+        raise ConfigError(f"unknown stage `{name}`; choose from {', '.join(COMMANDS)}")
+    cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline)
+    if name in ("serve", "bench"):
+        _check_demo_teacher(name, cfg)
+    else:
+        write_record(cfg)
+    result = stage.fn()(cfg)
+    if name == "evaluate":
+        from distray.report import build_report
+
+        build_report(cfg.run_dir)
+    return result
 
 
 def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False) -> PipelineResult:
@@ -350,6 +280,7 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     Returns:
         PipelineResult with paths, the stages run and skipped, and the headline figures.
     """
+    from distray.prepare import check_vocabularies, prepare, write_record
     from distray.ray_utils import init_ray
 
     wanted = list(STAGES) if not stages else list(stages)
@@ -359,46 +290,33 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     if any(t.kind == "openai" for t in cfg.all_teachers) and cfg.demo.train_teacher:
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
     init_ray(cfg)
-    cfg = resolve(cfg)
-    previous = _previous_config(cfg)
-    if previous is not None:
-        new = cfg.model_dump(mode="json")
-        for stage in STAGES[:-1]:
-            if stage not in wanted or force or not stage_done(cfg, stage):
-                continue
-            diff = changed_settings(previous, new, stage)
-            if diff:
-                more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
-                raise ConfigError(
-                    f"stage {stage}: its outputs in {cfg.run_dir} were made with other settings: "
-                    + "; ".join(diff[:5]) + more
-                    + f". Pass --force to rerun {stage} and the stages after it with the new "
-                    "settings, or set a new run.name to keep both runs"
-                )
+    cfg = prepare(cfg)
+    _check_stale(cfg, wanted, force)
     if "generate" in wanted and (force or not stage_done(cfg, "generate")):
         check_vocabularies(cfg)
-    resolved = write_resolved(cfg)
+    resolved = write_record(cfg)
     logger.info("run folder %s (config: %s)", cfg.run_dir, resolved)
     result = PipelineResult(run_dir=cfg.run_dir, report_path=None)
-    for stage in STAGES:
-        if stage not in wanted:
+    for name in STAGES:
+        if name not in wanted:
             continue
         if force:
-            _clear(cfg, stage)
-        elif stage_done(cfg, stage):
-            logger.info("stage %s: done already (outputs exist), skipped; --force reruns it", stage)
-            if stage == "generate":
+            clear_stage(cfg, name)
+        elif stage_done(cfg, name):
+            logger.info("stage %s: done already (outputs exist), skipped; --force reruns it", name)
+            if name == "generate":
                 _warn_retry_rows(cfg)
-            result.stages_skipped.append(stage)
+            result.stages_skipped.append(name)
             continue
-        logger.info("stage %s: starting", stage)
+        logger.info("stage %s: starting", name)
         t0 = time.perf_counter()
-        out = _stage_fn(stage)(cfg)
-        result.stage_seconds[stage] = round(time.perf_counter() - t0, 1)
-        result.stages_run.append(stage)
-        if stage == "report":
+        stage = REGISTRY[name]
+        out = stage.fn()(cfg, **stage.pipeline_kwargs)
+        result.stage_seconds[name] = round(time.perf_counter() - t0, 1)
+        result.stages_run.append(name)
+        if name == "report":
             result.report_path = out if isinstance(out, str) else RunPaths(cfg.run_dir).report
-        logger.info("stage %s: finished in %.1f s", stage, result.stage_seconds[stage])
+        logger.info("stage %s: finished in %.1f s", name, result.stage_seconds[name])
     result.headline = headline(cfg.run_dir)
     if result.report_path is None and exists(RunPaths(cfg.run_dir).report):
         result.report_path = RunPaths(cfg.run_dir).report

@@ -12,7 +12,7 @@ from typing import Any
 
 from distray.config import DistrayConfig, OpenAITeacher
 
-__all__ = ["default_env", "init_ray", "cluster_has_gpu", "cpu_placement", "worker_env"]
+__all__ = ["default_env", "init_ray", "cluster_has_gpu", "cpu_placement", "engine_gpus", "worker_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +116,10 @@ def cluster_has_gpu() -> bool:
 def cpu_placement() -> dict[str, Any]:
     """The placement group one CPU engine replica needs (ray.data.llm / ray.serve.llm on CPU)."""
     return {"bundles": [{"CPU": 1}]}
+
+
+def engine_gpus(engine_kwargs: dict[str, Any]) -> int:
+    """GPUs one vLLM engine uses: tensor_parallel_size × pipeline_parallel_size (vLLM's rule)."""
+    return int(engine_kwargs.get("tensor_parallel_size", 1)) * int(
+        engine_kwargs.get("pipeline_parallel_size", 1)
+    )

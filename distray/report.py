@@ -15,7 +15,6 @@ any time:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -23,15 +22,13 @@ import os
 import re
 from typing import Any
 
-from distray.formats import exists, filesystem_for, list_files, read_text, write_text
 from distray.paths import RunPaths
+from distray.plots import ROLE_TITLES, ordered_roles, plot_accuracy, plot_latency, plot_loss
+from distray.storage import exists, list_files, read_text, write_text
 
-__all__ = ["build_report", "plot_accuracy", "plot_latency", "plot_loss", "comparison_table", "fmt_count"]
+__all__ = ["run", "build_report", "plot_accuracy", "plot_latency", "plot_loss", "comparison_table", "fmt_count"]
 
 logger = logging.getLogger(__name__)
-
-ROLE_TITLES = {"teacher": "Teacher", "student": "Student (distilled)", "baseline": "Baseline"}
-
 
 # ---- small formatting helpers --------------------------------------------------------------
 
@@ -52,10 +49,6 @@ def _f(x: float | None, digits: int = 1, suffix: str = "") -> str:
     return f"{x:,.{digits}f}{suffix}"
 
 
-def _signed_pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:+.1f}%"
-
-
 def _read_json(path: str) -> Any | None:
     if not exists(path):
         return None
@@ -64,94 +57,6 @@ def _read_json(path: str) -> Any | None:
     except (OSError, json.JSONDecodeError) as e:
         logger.warning("cannot read %s: %s", path, e)
         return None
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    fs, p = filesystem_for(path)
-    parent = os.path.dirname(p)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-
-
-def _save_fig(fig: Any, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    _write_bytes(path, buf.getvalue())
-    return path
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on clusters and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# ---- plots --------------------------------------------------------------------------------
-
-
-def _ordered(models: dict[str, Any]) -> list[str]:
-    order = ["teacher", "student", "baseline"]
-    return [m for m in order if m in models] + [m for m in models if m not in order]
-
-
-def plot_accuracy(metrics: dict[str, Any], path: str) -> str | None:
-    """Grouped bars: each scorer's value (%) per model. Returns the path, or None with no scores."""
-    models = metrics.get("models", {})
-    names = _ordered(models)
-    scorers = [s for s in metrics.get("scorers", []) if any(
-        models[m].get("scores", {}).get(s) is not None for m in names
-    )]
-    if not names or not scorers:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(scorers) * len(names) / 2 + 2), 3.4))
-    width = 0.8 / len(names)
-    for i, m in enumerate(names):
-        vals = [models[m].get("scores", {}).get(s) for s in scorers]
-        xs = [j + i * width for j in range(len(scorers))]
-        bars = ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=ROLE_TITLES.get(m, m))
-        for b, v in zip(bars, vals, strict=True):
-            ax.annotate(_f(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                        va="bottom", fontsize=8)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(scorers))])
-    ax.set_xticklabels(scorers)
-    ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 110)
-    ax.set_title("Accuracy by model")
-    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.1),
-              frameon=False)
-    return _save_fig(fig, path)
-
-
-def plot_latency(metrics: dict[str, Any], path: str) -> str | None:
-    """Bars of single-request latency p50 with the p90 as a whisker, per model."""
-    models = metrics.get("models", {})
-    names = [m for m in _ordered(models) if models[m].get("latency_ms") is not None]
-    if not names:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 1.5), 3.2))
-    p50 = [models[m]["latency_ms"] for m in names]
-    p90 = [models[m].get("latency_p90_ms") or models[m]["latency_ms"] for m in names]
-    err = [[0] * len(names), [max(0.0, b - a) for a, b in zip(p50, p90, strict=True)]]
-    bars = ax.bar(range(len(names)), p50, yerr=err, capsize=4,
-                  color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
-    for b, v in zip(bars, p50, strict=True):
-        ax.annotate(f"{v:,.1f} ms", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
-                    ha="center", va="center", fontsize=8, color="white")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([ROLE_TITLES.get(m, m) for m in names])
-    ax.set_ylabel("latency (ms), p50 with p90 whisker")
-    ax.set_title("Single-request latency by model")
-    return _save_fig(fig, path)
 
 
 def _load_jsonl(path: str) -> list[dict[str, Any]]:
@@ -169,26 +74,6 @@ def _load_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss(records: list[dict[str, Any]], path: str) -> str | None:
-    """Loss curves (every numeric key with `loss` in its name) against the step."""
-    keys = sorted({k for r in records for k, v in r.items()
-                   if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if not keys:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for k in keys:
-        pts = [(r.get("step", i), r[k]) for i, r in enumerate(records)
-               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss")
-    ax.legend(fontsize=8)
-    return _save_fig(fig, path)
-
-
 # ---- tables -------------------------------------------------------------------------------
 
 
@@ -196,7 +81,7 @@ def comparison_table(metrics: dict[str, Any]) -> str:
     """The seed-style comparison: one row per figure, one column per model, then the
     student-vs-teacher change."""
     models = metrics.get("models", {})
-    names = _ordered(models)
+    names = ordered_roles(models)
     vs = metrics.get("student_vs_teacher") or {}
     has_change = "student" in models and "teacher" in models
 
@@ -367,7 +252,7 @@ def build_report(run_dir: str) -> str:
             figs.append("![latency by model](evaluate/latency.png)")
         if figs:
             out.append("\n".join(figs) + "\n")
-        preds = [f"[{m}](evaluate/predictions/{m}.parquet)" for m in _ordered(metrics["models"])]
+        preds = [f"[{m}](evaluate/predictions/{m}.parquet)" for m in ordered_roles(metrics["models"])]
         out.append("Predictions: " + ", ".join(preds) + "; figures: [metrics.json](evaluate/metrics.json)\n")
 
     # generate
@@ -424,3 +309,8 @@ def build_report(run_dir: str) -> str:
     write_text(paths.report, text)
     logger.info("report: %s", paths.report)
     return paths.report
+
+
+def run(cfg: Any) -> str:
+    """The pipeline's report stage: `build_report(cfg.run_dir)`."""
+    return build_report(cfg.run_dir)

@@ -316,7 +316,7 @@ def make_task(
     Returns:
         `{"train": path, "validation": path, "test": path}` for the files written.
     """
-    from distray.formats import write_text
+    from distray.storage import write_text
 
     sizes = {"train": n, "validation": n_validation, "test": n_test}
     sizes = {k: v for k, v in sizes.items() if v > 0}

@@ -6,7 +6,7 @@ For each model in `evaluate.models` the test prompts go through the same batch g
 as `distray generate` (`distray.teacher.generate_dataset`: Ray Data + vLLM, HF, or the API
 teacher), greedy, `evaluate.max_tokens` per answer. Predictions land in
 `<run>/evaluate/predictions/<model>.parquet` with a per-row score column per scorer; the
-figures in `<run>/evaluate/metrics.json`; the table and plots in `<run>/report.md`.
+figures in `<run>/evaluate/metrics.json`, plots beside it; report.md shows the table.
 
 metrics.json (every figure; None where it does not apply)::
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distray import formats as F
+from distray import storage
 from distray.config import (
     DistrayConfig,
     HFTeacher,
@@ -57,7 +58,6 @@ class EvaluateResult:
 
     Attributes:
         metrics_path: evaluate/metrics.json.
-        report_path: report.md (rebuilt with the comparison).
         predictions: model → predictions Parquet path.
         plots: PNGs drawn (accuracy by model, latency by model).
         models: model → flat figures (parameters, memory, latency, throughput, each scorer).
@@ -65,7 +65,6 @@ class EvaluateResult:
     """
 
     metrics_path: str
-    report_path: str | None
     predictions: dict[str, str] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -83,22 +82,13 @@ class _Model:
 
 
 def test_data_path(cfg: DistrayConfig) -> str:
-    """The test prompts: `data.test`, or the built-in task's `<run>/data/test.jsonl` (written
-    when missing).
+    """The test prompts: `data.test` (a built-in task's split once `distray.prepare` ran).
 
     Raises:
-        ConfigError: neither is set.
+        ConfigError: no test data.
     """
     if cfg.data.test:
         return cfg.data.test
-    b = cfg.data.builtin
-    if b is not None:
-        paths = RunPaths(cfg.run_dir)
-        if not F.exists(paths.task_split("test")):
-            from distray.tasks import make_task
-
-            make_task(b.name, paths.data, b.n_train, b.seed, n_validation=b.n_validation, n_test=b.n_test)
-        return paths.task_split("test")
     raise ConfigError(
         "evaluate needs test prompts with references: set `data.test` (JSONL/Parquet) or "
         "`data.builtin` (a built-in task)"
@@ -106,7 +96,7 @@ def test_data_path(cfg: DistrayConfig) -> str:
 
 
 def _is_model_dir(path: str) -> bool:
-    return F.exists(f"{path.rstrip('/')}/config.json")
+    return storage.exists(f"{path.rstrip('/')}/config.json")
 
 
 def _local_engine(cfg: DistrayConfig, role: str, path: str, base: Any = None) -> VLLMTeacher | HFTeacher:
@@ -214,7 +204,7 @@ def _write_predictions(path: str, table_rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, p = F.filesystem_for(path)
+    fs, p = storage.filesystem_for(path)
     fs.create_dir(os.path.dirname(p), recursive=True)
     table = pa.Table.from_pylist(table_rows)
     with fs.open_output_stream(p) as f:
@@ -244,13 +234,13 @@ def _efficiency(
         eff.output_tokens_per_s = out_tokens / predict_wall_s if predict_wall_s > 0 else None
         eff.method["throughput"] = "the prediction run: rows / wall time with max_in_flight requests"
         return eff
-    from distray.ray_utils import cluster_has_gpu, worker_env
+    from distray.ray_utils import cluster_has_gpu, engine_gpus, worker_env
 
     engine = model.engine
     num_gpus = 0.0
     if cluster_has_gpu():
         kw = engine.engine_kwargs if isinstance(engine, VLLMTeacher) else {}
-        num_gpus = float(kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1))
+        num_gpus = float(engine_gpus(kw))
     engine_kwargs = dict(engine.engine_kwargs) if isinstance(engine, VLLMTeacher) else {}
     return measure_local_remote(
         model.path,  # type: ignore[arg-type]
@@ -486,12 +476,13 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         **compare(figures, scorers),
     }
     metrics["headline"] = _headline(metrics)
-    F.write_text(paths.eval_metrics, json.dumps(metrics, indent=2, default=str) + "\n")
+    storage.write_text(paths.eval_metrics, json.dumps(metrics, indent=2, default=str) + "\n")
 
-    from distray.report import build_report
+    from distray.plots import plot_accuracy, plot_latency
 
-    report = build_report(cfg.run_dir)
-    plots = [p for p in (f"{paths.evaluate}/accuracy.png", f"{paths.evaluate}/latency.png") if F.exists(p)]
+    drawn = (plot_accuracy(metrics, f"{paths.evaluate}/accuracy.png"),
+             plot_latency(metrics, f"{paths.evaluate}/latency.png"))
+    plots = [p for p in drawn if p]
     flat = {
         role: {
             **{k: v for k, v in fig.items() if k not in ("scores", "scored_rows", "efficiency_method")},
@@ -500,12 +491,11 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         for role, fig in figures.items()
     }
     logger.info(
-        "evaluate: metrics %s, predictions %s, report %s; headline %s",
-        paths.eval_metrics, paths.predictions, report, metrics["headline"],
+        "evaluate: metrics %s, predictions %s, plots %s; headline %s",
+        paths.eval_metrics, paths.predictions, plots, metrics["headline"],
     )
     return EvaluateResult(
         metrics_path=paths.eval_metrics,
-        report_path=report,
         predictions=pred_paths,
         plots=plots,
         models=flat,

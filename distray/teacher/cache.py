@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from distray import formats as F
+from distray import storage
 from distray.teacher.engines.common import RESULT_COLUMNS
 from distray.teacher.rows import ERROR
 
@@ -31,7 +32,7 @@ CACHED_COLUMNS = tuple(c for c in RESULT_COLUMNS if c != ERROR)
 
 @lru_cache(maxsize=8)
 def _fs(root: str) -> tuple[pafs.FileSystem, str]:
-    return F.filesystem_for(root)
+    return storage.filesystem_for(root)
 
 
 class AnswerCache:
@@ -63,4 +64,4 @@ class AnswerCache:
     def put(self, key: str, row: dict[str, Any]) -> None:
         """Store the answer columns of `row` under `key`."""
         entry = {c: row.get(c) for c in CACHED_COLUMNS}
-        F.write_text(self._path(key), json.dumps(entry, ensure_ascii=False))
+        storage.write_text(self._path(key), json.dumps(entry, ensure_ascii=False))

@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from distray import formats as F
+from distray import storage
 from distray.config import (
     DistrayConfig,
     FilterConfig,
@@ -129,16 +130,10 @@ def split_inputs(cfg: DistrayConfig) -> dict[str, str]:
     Raises:
         ConfigError: no training input is configured.
     """
-    paths = RunPaths(cfg.run_dir)
     out: dict[str, str] = {}
     for split in cfg.generate.splits:
+        # A built-in task's files are written by `distray.prepare`, which points data.* at them.
         src = getattr(cfg.data, split)
-        if src is None and cfg.data.builtin is not None:
-            src = paths.task_split(split)
-            if not F.exists(src):
-                _make_builtin(cfg)
-            if not F.exists(src):
-                continue
         if src is not None:
             out[split] = src
     if "train" in cfg.generate.splits and "train" not in out:
@@ -147,17 +142,6 @@ def split_inputs(cfg: DistrayConfig) -> dict[str, str]:
             "JSONL or Parquet prompt file (or set data.builtin.name)"
         )
     return out
-
-
-def _make_builtin(cfg: DistrayConfig) -> None:
-    from distray.tasks import make_task
-
-    b = cfg.data.builtin
-    assert b is not None
-    make_task(
-        b.name, RunPaths(cfg.run_dir).data, b.n_train, b.seed,
-        n_validation=b.n_validation, n_test=b.n_test,
-    )
 
 
 # ---- the per-batch end of the pipeline ------------------------------------------------------
@@ -345,6 +329,8 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 def _gpus_per_teacher(teacher: Teacher, on_gpu: bool) -> float:
+    from distray.ray_utils import engine_gpus
+
     if not on_gpu:
         return 0.0
     if isinstance(teacher, VLLMTeacher):
@@ -353,7 +339,7 @@ def _gpus_per_teacher(teacher: Teacher, on_gpu: bool) -> float:
         kw = teacher.engine_kwargs
         per = teacher.num_gpus_per_replica
         if per is None:
-            per = int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
+            per = engine_gpus(kw)
         return float(replicas * per)
     if isinstance(teacher, HFTeacher):
         return float(teacher.concurrency * teacher.num_gpus_per_replica)
@@ -514,7 +500,7 @@ class _Stage:
         r.total_data_rows = len(W.load_done_ids([self.paths.generate_data]))
         r.total_reject_rows = len(W.load_done_ids([self.rejects_dir], include_retry=True))
         r.total_retry_rows = r.total_reject_rows - len(W.load_done_ids([self.rejects_dir]))
-        F.write_text(self.paths.generate_stats, json.dumps(asdict(r), indent=2, default=str))
+        storage.write_text(self.paths.generate_stats, json.dumps(asdict(r), indent=2, default=str))
         return r
 
 
@@ -540,14 +526,12 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     t_start = time.perf_counter()
     inputs = split_inputs(cfg)
 
-    from distray.config import write_resolved
     from distray.ray_utils import cluster_has_gpu, init_ray
 
     init_ray(cfg)
     import ray
 
     stage = _Stage(cfg, inputs, cluster_has_gpu())
-    write_resolved(cfg)
     W.clean_tmp(stage.tmp_dir)
     if cfg.generate.filters.dedupe_responses:
         stage.tracker = _start_tracker(list(stage.out_dirs.values()))
@@ -611,7 +595,7 @@ def _start_tracker(data_dirs: list[str]) -> Any:
     tracker = tracker_cls.remote()
     pairs: list[tuple[bytes, str]] = []
     for d in data_dirs:
-        fs, _ = F.filesystem_for(d)
+        fs, _ = storage.filesystem_for(d)
         for path in W.iter_shard_files(d):
             import pyarrow.parquet as pq
 

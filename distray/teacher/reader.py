@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from distray import formats as F
+from distray import storage
 from distray.config import DistrayConfig
 from distray.errors import DataError
 
@@ -98,7 +99,7 @@ def iter_prompt_blocks(
     Raises:
         DataError: the input does not exist or holds no input files.
     """
-    _, root = F.filesystem_for(path)
+    _, root = storage.filesystem_for(path)
     buf: list[dict[str, Any]] = []
     n_valid = 0
     for row, rej in F.iter_input_rows(
@@ -205,7 +206,7 @@ def read_raw(path: str, cfg: DistrayConfig, *, max_rows: int | None = None) -> r
 
     from distray.tasks import task_prompts
 
-    files = F.list_files(path, F.INPUT_SUFFIXES)
+    files = storage.list_files(path, F.INPUT_SUFFIXES)
     if not files:
         raise DataError(
             f"input `{path}` holds no {', '.join(F.INPUT_SUFFIXES)} files; point data.train at a "

@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distray import formats as F
+from distray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ def digests(ids: Iterable[str | None]) -> np.ndarray:
 
 def iter_shard_files(folder: str) -> list[str]:
     """Data/reject shard files under `folder` (recursively), in the filesystem's own form."""
-    if not F.exists(folder):
+    if not storage.exists(folder):
         return []
-    return F.list_files(folder, (".parquet", ".jsonl"))
+    return storage.list_files(folder, (".parquet", ".jsonl"))
 
 
 def _shard_ids(fs: pafs.FileSystem, path: str, column: str = F.ID) -> list[str | None]:
@@ -103,18 +104,13 @@ def load_done_ids(folders: list[str], *, include_retry: bool = False) -> np.ndar
     """
     parts: list[np.ndarray] = []
     for folder in folders:
-        fs, _ = F.filesystem_for(folder)
+        fs, _ = storage.filesystem_for(folder)
         for path in iter_shard_files(folder):
             if include_retry or not is_retry_shard(path):
                 parts.append(digests(_shard_ids(fs, path)))
     if not parts:
         return np.array([], dtype="S16")
     return np.unique(np.concatenate(parts))
-
-
-def count_rows(folders: list[str]) -> int:
-    """Rows in every shard under `folders`."""
-    return int(sum(len(d) for d in [load_done_ids([f], include_retry=True) for f in folders]))
 
 
 def _shard_rows(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
@@ -149,7 +145,7 @@ def settle_retry_shards(
     older = [p for p in shards if not os.path.basename(p).startswith(current_prefix + "-")]
     if not older:
         return 0
-    fs, _ = F.filesystem_for(rejects_dir)
+    fs, _ = storage.filesystem_for(rejects_dir)
     mine = [digests(_shard_ids(fs, p)) for p in shards if p not in older]
     settled = np.unique(np.concatenate([load_done_ids(done_folders), *mine]))
     for path in older:
@@ -180,7 +176,7 @@ def keep_not_done(batch: pa.Table, done: np.ndarray) -> pa.Table:
 
 def clean_tmp(tmp_dir: str) -> None:
     """Remove temp files a killed run left behind (the run folder belongs to one run)."""
-    fs, p = F.filesystem_for(tmp_dir)
+    fs, p = storage.filesystem_for(tmp_dir)
     if fs.get_file_info(p).type == pafs.FileType.Directory:
         fs.delete_dir_contents(p, missing_dir_ok=True)
 
@@ -204,8 +200,8 @@ def write_shard(
     if not rows:
         return None
     name = F.content_hash("shard", [r.get(F.ID) for r in rows])
-    fs, out_p = F.filesystem_for(out_dir)
-    _, tmp_p = F.filesystem_for(tmp_dir)
+    fs, out_p = storage.filesystem_for(out_dir)
+    _, tmp_p = storage.filesystem_for(tmp_dir)
     fs.create_dir(out_p, recursive=True)
     fs.create_dir(tmp_p, recursive=True)
     final = f"{out_p.rstrip('/')}/{prefix}-{name}.{fmt}"

@@ -19,8 +19,9 @@ N_TEST = 6
 
 def _cfg(tmp_path: Path, teacher: str, baseline: str, backend: str, **evaluate: object):
     from distray.config import config_from_dict
+    from distray.prepare import prepare
 
-    return config_from_dict(
+    return prepare(config_from_dict(
         {
             "run": {"name": "ev", "output_dir": str(tmp_path)},
             "data": {"builtin": {"name": "reverse", "n_train": 4, "n_validation": 0, "n_test": N_TEST}},
@@ -39,7 +40,7 @@ def _cfg(tmp_path: Path, teacher: str, baseline: str, backend: str, **evaluate: 
                 **evaluate,
             },
         }
-    )
+    ), demo=False)
 
 
 def _student_from(model: str, cfg) -> None:
@@ -97,7 +98,10 @@ def test_evaluate_writes_every_field_of_the_table(
         assert table.num_rows == N_TEST
         assert {"id", "prompt", "reference", "response", "score_exact_match"} <= set(table.column_names)
     # report: the table and both plots
-    md = Path(result.report_path).read_text()
+    from distray.report import build_report
+
+    assert sorted(Path(p).name for p in result.plots) == ["accuracy.png", "latency.png"]
+    md = Path(build_report(cfg.run_dir)).read_text()
     assert "| Metric | Teacher | Student (distilled) | Baseline | Student vs teacher |" in md
     for png in ("evaluate/accuracy.png", "evaluate/latency.png"):
         assert f"]({png})" in md and (Path(cfg.run_dir) / png).stat().st_size > 1000

@@ -322,12 +322,14 @@ def test_builtin_task_splits_into_train_and_validation(ray_cluster, tmp_path, fa
     from distray.paths import RunPaths
     from distray.teacher import run
 
+    from distray.prepare import prepare
+
     server = fake_openai()
-    cfg = config_from_dict({
+    cfg = prepare(config_from_dict({
         "run": {"name": "splits", "output_dir": str(tmp_path / "runs")},
         "data": {"builtin": {"name": "reverse", "n_train": 5, "n_validation": 2, "n_test": 2}},
         "teacher": api_teacher(server),
-    })
+    }))
     res = run(cfg)
     p = RunPaths(cfg.run_dir)
     train = pq.read_table(f"{p.generate_data}/train").to_pylist()
@@ -389,7 +391,7 @@ def _teacher_forced_topk(model_dir: str, row: dict[str, Any], k: int) -> tuple[l
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distray.teacher.engines.common import load_tokenizer, render_prompt
+    from distray.prompts import load_tokenizer, render_prompt
 
     tok = load_tokenizer(model_dir)
     _, prompt_ids = render_prompt(tok, row["messages"], True)
@@ -403,7 +405,7 @@ def _teacher_forced_topk(model_dir: str, row: dict[str, Any], k: int) -> tuple[l
 
 
 def _check_logprob_rows(model_dir: str, data: list[dict[str, Any]], k: int) -> None:
-    from distray.teacher.engines.common import load_tokenizer
+    from distray.prompts import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     for r in data:

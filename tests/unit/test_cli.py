@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 import distray
-from distray import cli
+from distray import cli, pipeline
 
 COMMANDS = ["generate", "train", "evaluate", "serve", "bench", "run", "report", "config", "data", "make-tiny"]
 
@@ -92,6 +93,11 @@ def fake_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.startswith("fake_distray_stages"):
             monkeypatch.delitem(sys.modules, name)
     return pkg
+
+
+def fake_stage(monkeypatch: pytest.MonkeyPatch, name: str, module: str) -> None:
+    """Point the registry's stage `name` at `module.run`."""
+    monkeypatch.setitem(pipeline.REGISTRY, name, dataclasses.replace(pipeline.REGISTRY[name], module=module))
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -271,7 +277,7 @@ def test_stage_runs_and_prints_one_summary_line(
     config_file: Path,
     fake_stages: Path,
 ) -> None:
-    monkeypatch.setitem(cli.STAGES, "generate", ("fake_distray_stages.ok", "run"))
+    fake_stage(monkeypatch, "generate", "fake_distray_stages.ok")
     code, out, _ = run_cli(capsys, "generate", "--config", str(config_file), "run.name=r2")
     assert code == 0
     lines = out.strip().splitlines()
@@ -291,7 +297,7 @@ def test_import_error_inside_a_stage_is_not_swallowed(
     config_file: Path,
     fake_stages: Path,
 ) -> None:
-    monkeypatch.setitem(cli.STAGES, "train", ("fake_distray_stages.broken_import", "run"))
+    fake_stage(monkeypatch, "train", "fake_distray_stages.broken_import")
     with pytest.raises(ModuleNotFoundError, match="distray_missing_dependency_xyz"):
         cli.main(["train", "--config", str(config_file)])
 
@@ -302,7 +308,7 @@ def test_stage_failure_exits_1_one_line_traceback_only_verbose(
     config_file: Path,
     fake_stages: Path,
 ) -> None:
-    monkeypatch.setitem(cli.STAGES, "bench", ("fake_distray_stages.fails", "run"))
+    fake_stage(monkeypatch, "bench", "fake_distray_stages.fails")
     code, _, err = run_cli(capsys, "bench", "--config", str(config_file))
     assert code == 1
     assert err.strip().splitlines() == [
@@ -385,8 +391,8 @@ def demo_calls(monkeypatch: pytest.MonkeyPatch, fake_stages: Path) -> list[bool]
         distray.demo, "prepare_demo",
         lambda cfg, baseline=True: calls.append(baseline and "baseline" in cfg.evaluate.models),
     )
-    for name in cli.STAGES:
-        monkeypatch.setitem(cli.STAGES, name, ("fake_distray_stages.ok", "run"))
+    for name in pipeline.COMMANDS:
+        fake_stage(monkeypatch, name, "fake_distray_stages.ok")
     return calls
 
 

@@ -18,9 +18,9 @@ from distray.config import (
     dump_config,
     load_config,
     parse_overrides,
-    write_resolved,
 )
 from distray.errors import ConfigError
+from distray.prepare import write_record
 
 
 def _write(tmp_path: Path, data: dict[str, Any], name: str = "c.yaml") -> Path:
@@ -98,7 +98,7 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r1"])
-    path = write_resolved(cfg)
+    path = write_record(cfg)
     assert path == f"{tmp_path}/r1/config.resolved.yaml"
     assert load_config(path) == cfg
 
@@ -193,7 +193,7 @@ def test_resolved_yaml_redacts_secret_env_values(tmp_path: Path) -> None:
     env = {"HF_TOKEN": "hf_abc", "OPENAI_API_KEY": "sk-1", "DB_PASSWORD": "p", "OMP_NUM_THREADS": "2"}
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
     cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"env": env})})
-    text = Path(write_resolved(cfg)).read_text()
+    text = Path(write_record(cfg)).read_text()
     assert "hf_abc" not in text and "sk-1" not in text
     written = yaml.safe_load(text)["resources"]["env"]
     assert written == {

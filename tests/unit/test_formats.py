@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distray import formats
+from distray import storage
 from distray.errors import DataError
 from distray.formats import (
     ID,
@@ -344,7 +345,7 @@ def _check_accounting(tmp_path: Path, blob: bytes) -> None:
     path.write_bytes(blob)
     expected = _expected_lines(blob)
     with mock.patch.object(formats, "_READ_CHUNK_BYTES", 16):  # lines straddle reads
-        seen = [n for n, _ in formats._iter_file(str(path), formats.filesystem_for(str(path))[0])]
+        seen = [n for n, _ in formats._iter_file(str(path), storage.filesystem_for(str(path))[0])]
         valid, rejects = _split(str(path))
     assert seen == expected  # each non-blank line exactly once, in order
     assert len(valid) + len(rejects) == len(expected)

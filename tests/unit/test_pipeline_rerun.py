@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from distray import pipeline
+from distray import pipeline, prepare
 from distray.config import config_from_dict
 from distray.errors import ConfigError
 from distray.paths import RunPaths
@@ -54,12 +54,12 @@ def _finish_generate(cfg: Any) -> None:
 def test_run_refuses_a_finished_stage_made_with_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
     monkeypatch.setattr("distray.ray_utils.init_ray", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "_stage_fn", lambda stage: (lambda cfg: ran.append(stage)))
+    monkeypatch.setattr(pipeline.Stage, "fn", lambda self: (lambda cfg, **kw: ran.append(self.name)))
 
     first = _cfg(tmp_path)
     pipeline.run(first, stages=["generate"])  # writes config.resolved.yaml
     assert ran == ["generate"]
-    _finish_generate(pipeline.resolve(first))
+    _finish_generate(prepare.prepare(first))
 
     # Same settings: skipped.
     result = pipeline.run(first, stages=["generate"])
@@ -89,10 +89,10 @@ def test_hub_student_is_downloaded_once_or_fails_with_the_fix(tmp_path: Path, mo
         return local_dir
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
-    out = pipeline.fetch_hub_models(cfg)
+    out = prepare.fetch_hub_models(cfg)
     assert Path(out.student.model, "config.json").is_file()
     assert Path(out.student.model).parent.name == "_models"
-    assert pipeline.fetch_hub_models(cfg).student.model == out.student.model
+    assert prepare.fetch_hub_models(cfg).student.model == out.student.model
     assert calls == ["some-org/tiny-student"]  # the second call found the folder
 
     def offline(repo_id: str, local_dir: str, **kw: Any) -> str:
@@ -101,22 +101,22 @@ def test_hub_student_is_downloaded_once_or_fails_with_the_fix(tmp_path: Path, mo
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
     other = _cfg(tmp_path, student={"model": "some-org/other"})
     with pytest.raises(ConfigError) as e:
-        pipeline.fetch_hub_models(other)
+        prepare.fetch_hub_models(other)
     msg = str(e.value)
     assert "student.model" in msg and "some-org/other" in msg and "--local-dir" in msg
 
     # Local folders and missing local paths are left to the stages.
     local = _cfg(tmp_path, student={"model": "./not/here"})
-    assert pipeline.fetch_hub_models(local).student.model == local.student.model
+    assert prepare.fetch_hub_models(local).student.model == local.student.model
 
 
 def test_force_clears_the_stage_folder(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     _finish_generate(cfg)
     assert pipeline.stage_done(cfg, "generate")
-    pipeline._clear(cfg, "generate")
+    pipeline.clear_stage(cfg, "generate")
     assert not pipeline.stage_done(cfg, "generate")
-    pipeline._clear(cfg, "generate")  # nothing left: no error
+    pipeline.clear_stage(cfg, "generate")  # nothing left: no error
 
 
 def test_logit_kd_with_another_tokenizer_stops_before_generate(tmp_path: Path) -> None:
@@ -128,22 +128,22 @@ def test_logit_kd_with_another_tokenizer_stops_before_generate(tmp_path: Path) -
     kd = {"loss": "kd"}
     gen = {"logprobs": 5}
     ok = _cfg(tmp_path, teacher={"model": same}, student={"model": student}, train=kd, generate=gen)
-    pipeline.check_vocabularies(ok)  # same tokenizer: passes
+    prepare.check_vocabularies(ok)  # same tokenizer: passes
     bad = _cfg(tmp_path, teacher={"model": other}, student={"model": student}, train=kd, generate=gen)
     with pytest.raises(ConfigError) as e:
-        pipeline.check_vocabularies(bad)
+        prepare.check_vocabularies(bad)
     assert "train.loss=sft" in str(e.value) and "300" in str(e.value)
     # Sequence-level distillation does not need one tokenizer.
-    pipeline.check_vocabularies(_cfg(tmp_path, teacher={"model": other}, student={"model": student}))
+    prepare.check_vocabularies(_cfg(tmp_path, teacher={"model": other}, student={"model": student}))
 
 
 def test_skipped_generate_says_when_transient_failures_wait_for_a_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr("distray.ray_utils.init_ray", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "_stage_fn", lambda stage: (lambda cfg: None))
+    monkeypatch.setattr(pipeline.Stage, "fn", lambda self: (lambda cfg, **kw: None))
     cfg = _cfg(tmp_path)
-    _finish_generate(pipeline.resolve(cfg))
+    _finish_generate(prepare.prepare(cfg))
     rejects = Path(RunPaths(cfg.run_dir).generate_rejects)
     rejects.mkdir(parents=True)
     (rejects / "rejects-abc.parquet").write_bytes(b"")

@@ -7,17 +7,14 @@ Rows are plain dicts here; the Ray Data stages in vllm.py / hf.py call these per
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 from distray import formats as F
+from distray.prompts import load_tokenizer, render_prompt
 from distray.teacher.rows import ERROR
 
 __all__ = [
     "RESULT_COLUMNS",
-    "load_tokenizer",
-    "eos_ids",
-    "render_prompt",
     "prepare_rows",
     "finish_reason",
     "topk_from_vllm",
@@ -36,51 +33,6 @@ RESULT_COLUMNS = (
     F.COMPLETION_TOKENS,
     ERROR,
 )
-
-
-@lru_cache(maxsize=8)
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer, loaded once per worker process."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-
-
-@lru_cache(maxsize=8)
-def eos_ids(model: str, trust_remote_code: bool = False) -> frozenset[int]:
-    """Every token id that ends an answer: the tokenizer's eos and generation_config's."""
-    ids: set[int] = set()
-    tok = load_tokenizer(model, trust_remote_code)
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    try:
-        from transformers import GenerationConfig
-
-        gen = GenerationConfig.from_pretrained(model)
-        eos = gen.eos_token_id
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(e) for e in eos)
-    except (OSError, ValueError):
-        pass  # no generation_config.json: the tokenizer's eos is all there is
-    return frozenset(ids)
-
-
-def render_prompt(tok: Any, messages: list[dict[str, str]], apply_chat_template: bool) -> tuple[str, list[int]]:
-    """The prompt text and token ids an engine sees for these turns.
-
-    With a chat template the template's own special tokens (bos) are kept and none are added
-    again; without one, the turns' contents are joined with newlines and the tokenizer adds
-    its usual special tokens.
-    """
-    if apply_chat_template and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        text = "\n".join(m["content"] for m in messages)
-        ids = tok(text)["input_ids"]
-    return text, list(ids)
 
 
 def prepare_rows(

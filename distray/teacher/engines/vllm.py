@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from distray import formats as F
+from distray import prompts
 from distray.config import DistrayConfig, SamplingConfig, VLLMTeacher
 from distray.teacher.engines import common
 from distray.teacher.rows import ERROR, sample_seed
@@ -62,9 +63,9 @@ def _placement(teacher: VLLMTeacher, on_gpu: bool, engine_kwargs: dict[str, Any]
 
         return cpu_placement()
     if teacher.num_gpus_per_replica is not None:
-        workers = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(
-            engine_kwargs.get("pipeline_parallel_size", 1)
-        )
+        from distray.ray_utils import engine_gpus
+
+        workers = engine_gpus(engine_kwargs)
         per = teacher.num_gpus_per_replica / max(workers, 1)
         return {"bundles": [{"CPU": 1, "GPU": per} for _ in range(workers)]}
     return None  # ray.data.llm's default: one GPU bundle per TP×PP worker
@@ -134,7 +135,7 @@ def generate(
     max_model_len = _max_model_len(teacher)
     max_prompt_tokens = cfg.generate.max_prompt_tokens
     apply_template = teacher.apply_chat_template
-    eos = common.eos_ids(model, trust)  # loads the tokenizer here: a bad path fails fast
+    eos = prompts.eos_ids(model, trust)  # loads the tokenizer here: a bad path fails fast
     max_tokens = sampling.max_tokens
     base_params: dict[str, Any] = {
         "temperature": sampling.temperature,

@@ -1,0 +1,402 @@
+"""Config sections for the stages: generate, student/train, evaluate, serve, bench, resources, demo."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from distray.config.base import Section
+
+__all__ = [
+    "SamplingConfig",
+    "Verifier",
+    "FilterConfig",
+    "GenerateConfig",
+    "LoraConfig",
+    "StudentConfig",
+    "LossName",
+    "TrainConfig",
+    "ScorerName",
+    "EvaluateConfig",
+    "ServeConfig",
+    "EndpointConfig",
+    "BenchConfig",
+    "ResourcesConfig",
+    "DemoConfig",
+]
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(default=0.0, ge=0, le=5, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per answer.")
+    n: int = Field(default=1, ge=1, le=64, description="Samples per prompt (each its own row).")
+    seed: int | None = Field(default=0, description="Sampling seed; None for random.")
+    stop: list[str] | None = Field(default=None, description="Stop strings.")
+
+
+Verifier = Literal["none", "numeric", "exact", "label", "contains", "f1"]
+
+
+class FilterConfig(Section):
+    drop_empty: bool = Field(default=True, description="Reject empty or whitespace-only answers.")
+    truncated: Literal["drop", "keep"] = Field(
+        default="drop",
+        description="What to do with answers cut at max_tokens (finish_reason=length).",
+    )
+    min_chars: int = Field(default=0, ge=0, description="Reject shorter answers.")
+    max_chars: int | None = Field(default=None, ge=1, description="Reject longer answers.")
+    regex: str | None = Field(
+        default=None, description="A regex the answer must match (re.search)."
+    )
+    require_json: bool = Field(default=False, description="The answer must parse as JSON.")
+    dedupe_responses: bool = Field(
+        default=False,
+        description="Reject an answer identical to an earlier one for another prompt.",
+    )
+    verifier: Verifier = Field(
+        default="none",
+        description="Check against `reference`: numeric (final number), exact, label (one of "
+        "task.labels, and equal to the reference when present), contains, f1 (token F1 ≥ "
+        "min_f1). Checks against the reference are skipped for rows without one.",
+    )
+    min_f1: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Least token F1 against the reference for verifier `f1` (QA).",
+    )
+
+
+def _default_splits() -> list[Literal["train", "validation"]]:
+    return ["train", "validation"]
+
+
+class GenerateConfig(Section):
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=1,
+        le=20,
+        description="Store the teacher's top-k logprobs (k) for logit KD.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Reject prompts longer than this (tokens); default: no limit.",
+    )
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Output validation.")
+    cache_dir: str | None = Field(
+        default=None,
+        description="Content-addressed answer cache shared between runs (same prompt, teacher "
+        "and sampling reuse the answer).",
+    )
+    rows_per_shard: int = Field(
+        default=1024, ge=1, description="Rows per written Parquet shard (at most)."
+    )
+    gpu_hour_usd: float = Field(default=0.0, ge=0, description="$/GPU-hour, for the cost figure.")
+    splits: list[Literal["train", "validation"]] = Field(
+        default_factory=_default_splits,
+        description="Which data splits the teacher labels.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# student / train
+# --------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        default="all-linear", description="Modules to adapt (peft's target_modules)."
+    )
+
+
+class StudentConfig(Section):
+    model: str = Field(..., description="Student model: a local Hugging Face folder.")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer folder; default the model's."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the model folder."
+    )
+    lora: LoraConfig | None = Field(
+        default=None, description="Train LoRA adapters; merged at export."
+    )
+
+
+LossName = Literal["sft", "kd", "reverse_kl", "jsd"]
+
+
+class TrainConfig(Section):
+    loss: LossName = Field(
+        default="sft",
+        description="sft: cross-entropy on the teacher's text. kd/reverse_kl/jsd: logit "
+        "distillation on the teacher's top-k logprobs, mixed as alpha·logit + (1−alpha)·sft.",
+    )
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of the logit loss in the mix."
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, description="Distillation temperature T (loss × T²)."
+    )
+    lr: float = Field(default=2e-5, gt=0, lt=1, description="Peak learning rate.")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps."
+    )
+    micro_batch_size: int = Field(
+        default=4, ge=1, description="Sequences per worker per forward pass."
+    )
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sequences per optimizer step over all workers; default micro × workers. "
+        "Gradient accumulation = global / (micro × workers).",
+    )
+    max_seq_len: int = Field(
+        default=512, ge=8, description="Truncate prompt+answer to this many tokens."
+    )
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Gradient-norm clip; None disables."
+    )
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (processes).")
+    use_gpu: bool | None = Field(
+        default=None, description="None: use GPUs when the cluster has them."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs per training worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(
+        default=False, description="ZeRO optimizer state offload to CPU."
+    )
+    offload_params: bool = Field(default=False, description="ZeRO-3 parameter offload to CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision."
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="DeepSpeed config, merged over distray's (DeepSpeed's own names).",
+    )
+    validation_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Held-out fraction when no validation data is given."
+    )
+    log_every_steps: int = Field(default=10, ge=1, description="One log line every N steps.")
+    report_every_steps: int = Field(default=50, ge=1, description="ray.train.report every N steps.")
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, description="Validation loss every N steps."
+    )
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1, description="Checkpoint every N steps (and always at epoch end)."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept by Ray Train.")
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop after N evaluations without validation-loss improvement.",
+    )
+    max_failures: int = Field(default=2, ge=0, description="Worker-group restarts (FailureConfig).")
+    packing: bool = Field(
+        default=False, description="Pack several short examples into one sequence."
+    )
+
+    @property
+    def is_logit_loss(self) -> bool:
+        """True when the loss needs the teacher's logprobs."""
+        return self.loss != "sft"
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate / serve / bench
+# --------------------------------------------------------------------------------------------
+
+ScorerName = Literal[
+    "exact_match",
+    "numeric",
+    "choice",
+    "regex",
+    "bleu",
+    "rouge_l",
+    "f1",
+    "teacher_agreement",
+]
+
+
+def _default_scorers() -> list[ScorerName]:
+    return ["exact_match"]
+
+
+def _default_models() -> list[Literal["teacher", "student", "baseline"]]:
+    return ["teacher", "student", "baseline"]
+
+
+class EvaluateConfig(Section):
+    scorers: list[ScorerName] = Field(
+        default_factory=_default_scorers, description="Scorers run on every model."
+    )
+    regex: str | None = Field(default=None, description="Pattern for the `regex` scorer.")
+    models: list[Literal["teacher", "student", "baseline"]] = Field(
+        default_factory=_default_models,
+        description="Which models to compare.",
+    )
+    baseline: str | None = Field(
+        default=None,
+        description="Baseline model folder; default the student before distillation "
+        "(student.model).",
+    )
+    backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Engine for local models (the API teacher always uses its API)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM settings for the evaluated local models."
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Evaluate at most this many test rows."
+    )
+    max_tokens: int = Field(default=128, ge=1, description="Most tokens per answer.")
+    latency_samples: int = Field(
+        default=20, ge=1, description="Single-request latency: median of N."
+    )
+    measure_efficiency: bool = Field(
+        default=True,
+        description="Measure memory, latency and throughput of each local model in a fresh "
+        "process (one extra engine load per model); false keeps only the scores.",
+    )
+
+
+class ServeConfig(Section):
+    host: str = Field(
+        default="127.0.0.1", description="Bind address; 0.0.0.0 exposes it to the network."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    api_key_env: str | None = Field(
+        default=None,
+        description="Env var with the API key clients must send as Bearer; None: open.",
+    )
+    backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Engine behind the endpoint."
+    )
+    model: str | None = Field(
+        default=None, description="Model folder; default the exported student."
+    )
+    model_name: str = Field(default="student", description="Model id clients send in requests.")
+    serve_teacher: bool = Field(
+        default=False, description="Also deploy the teacher (as `teacher`)."
+    )
+    min_replicas: int = Field(default=1, ge=0, description="Serve autoscaling: fewest replicas.")
+    max_replicas: int = Field(default=1, ge=1, description="Serve autoscaling: most replicas.")
+    target_ongoing_requests: int = Field(default=16, ge=1, description="Serve autoscaling target.")
+    max_tokens_cap: int = Field(
+        default=1024, ge=1, description="Requests asking for more are rejected."
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Longest accepted prompt."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM settings.")
+    detached: bool = Field(default=False, description="Return once deployed instead of blocking.")
+    stream_batching_interval_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="Ray Serve LLM groups streamed tokens for this long before sending them "
+        "(fewer messages at high load, later first token); 0 sends each token at once. "
+        "None: Ray's default (50 ms). vllm backend only.",
+    )
+    access_log: bool = Field(
+        default=False,
+        description="One log line per request in every Serve replica (Ray Serve's access "
+        "log, shipped through Ray's log pipeline); off by default.",
+    )
+
+
+class EndpointConfig(Section):
+    name: str = Field(..., description="Label in the report (student, teacher, ...).")
+    base_url: str = Field(..., description="OpenAI-compatible base URL ending in /v1.")
+    model: str = Field(..., description="Model id to send.")
+    api_key_env: str | None = Field(default=None, description="Env var with the API key.")
+
+
+class BenchConfig(Section):
+    endpoints: list[EndpointConfig] = Field(
+        default_factory=list,
+        description="Endpoints to measure; default the ones `serve` deploys for this run.",
+    )
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 4, 16], description="Concurrency sweep (closed loop)."
+    )
+    request_rates: list[float] = Field(
+        default_factory=list, description="Poisson request-rate sweep (req/s), optional."
+    )
+    num_prompts: int = Field(default=64, ge=1, description="Requests per sweep point.")
+    max_tokens: int = Field(default=64, ge=1, description="Output tokens per request.")
+    prompts: str | None = Field(
+        default=None,
+        description="Prompt file; default the run's test data, else generated prompts.",
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
+    ignore_eos: bool = Field(
+        default=True,
+        description="Send vLLM's `ignore_eos` so every answer has exactly max_tokens tokens "
+        "(stable TPOT and throughput); set false for servers that reject unknown fields.",
+    )
+
+
+class ResourcesConfig(Section):
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join; None uses RAY_ADDRESS or starts a local Ray.",
+    )
+    num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="Logical CPUs for a local Ray (Serve needs more than engines).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for every Ray worker. Values of secret-looking "
+        "names (TOKEN, KEY, SECRET, PASSWORD) show as <redacted> in config.resolved.yaml; "
+        "HF_TOKEN and the teachers' api_key_env pass through from the driver's environment.",
+    )
+
+
+class DemoConfig(Section):
+    """The quickstart's stand-in teacher: a small model distray trains itself on a built-in task."""
+
+    train_teacher: bool = Field(
+        default=False,
+        description="Train the stand-in teacher on the built-in task's ground truth when "
+        "teacher.model does not exist yet (cached for later runs).",
+    )
+    teacher_layers: int = Field(default=4, ge=1, description="Stand-in teacher layers.")
+    teacher_hidden: int = Field(default=256, ge=32, description="Stand-in teacher hidden size.")
+    teacher_heads: int = Field(default=8, ge=1, description="Stand-in teacher attention heads.")
+    teacher_train_rows: int = Field(
+        default=20000, ge=1, description="Ground-truth rows for the teacher."
+    )
+    teacher_steps: int = Field(default=500, ge=1, description="Teacher training steps.")
+    teacher_lr: float = Field(default=3e-3, gt=0, description="Teacher learning rate.")
+    student_layers: int = Field(
+        default=2, ge=1, description="Student layers (make the student folder)."
+    )
+    student_hidden: int = Field(default=128, ge=32, description="Student hidden size.")
+    student_heads: int = Field(default=4, ge=1, description="Student attention heads.")
+    baseline_labels: int = Field(
+        default=200, ge=1, description="Ground-truth labels the baseline student is trained on."
+    )
+    baseline_epochs: int = Field(
+        default=40,
+        ge=1,
+        description="Epochs over the baseline's few labels (it sees them many times).",
+    )
+

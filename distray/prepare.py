@@ -1,0 +1,245 @@
+"""The one place a run is prepared: every face (cli, api, jobs, pipeline) calls `prepare` once.
+
+    cfg = prepare(load_config("jobs/configs/quickstart.yaml"))
+
+Preparing a run turns the config a user wrote into the config every stage and every Ray worker
+receives:
+- local paths become absolute (Ray workers run in their own working directories);
+- models named by a hub id are downloaded once into `<output_dir>/_models/`;
+- a built-in task's JSONL files are written into `<run>/data/` and `data.*` point at them;
+- the quickstart's stand-ins (`demo.train_teacher`) are built when missing.
+
+The result is validated once, here, and handed unchanged to the stages. `write_record` writes it
+into the run folder as `config.resolved.yaml` (secrets redacted).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from distray.config import DistrayConfig, config_from_dict, dump_config
+from distray.errors import ConfigError
+from distray.paths import RunPaths, is_hub_id
+
+__all__ = [
+    "MODEL_FIELDS", "PATH_FIELDS", "absolutize", "check_vocabularies", "fetch_hub_models", "local_paths",
+    "prepare", "write_record",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that hold a model: a local folder, a hub id, or (teachers) an API model name.
+#: Teachers are listed separately because `teachers` is a list and openai teachers hold no path.
+MODEL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("student", "model"),
+    ("student", "tokenizer"),
+    ("evaluate", "baseline"),
+    ("serve", "model"),
+)
+
+#: Config fields that hold a file or folder path (local or URI), never a model.
+PATH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("run", "output_dir"),
+    ("data", "train"),
+    ("data", "validation"),
+    ("data", "test"),
+    ("generate", "cache_dir"),
+    ("bench", "prompts"),
+)
+
+
+def _teacher_sections(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(config path, section) of each local teacher (vllm/hf) in a dumped config."""
+    out = []
+    if data.get("teacher") and data["teacher"].get("kind") != "openai":
+        out.append(("teacher", data["teacher"]))
+    for i, t in enumerate(data.get("teachers") or []):
+        if t.get("kind") != "openai":
+            out.append((f"teachers[{i}]", t))
+    return out
+
+
+def _absolutize(data: dict[str, Any]) -> None:
+    """Make relative local paths in a dumped config absolute, in place.
+
+    Ray workers (Train workers, engine actors) run in their own working directories, so a path
+    relative to where the user typed the command would point nowhere there. Cloud URIs and hub
+    ids (`org/name` that is not a local folder) are left alone.
+    """
+    demo_models = bool(data["demo"]["train_teacher"])
+
+    def fix(section: dict[str, Any] | None, key: str, *, model: bool = False) -> None:
+        if not section:
+            return
+        value = section.get(key)
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            return
+        if model and not (Path(value).exists() or demo_models or value.startswith((".", "~"))):
+            return  # a hub id such as meta-llama/Llama-3.1-8B-Instruct
+        section[key] = str(Path(value).expanduser().resolve())
+
+    for section, key in PATH_FIELDS:
+        fix(data[section], key)
+    for _, t in _teacher_sections(data):
+        fix(t, "model", model=True)
+    for section, key in MODEL_FIELDS:
+        fix(data.get(section), key, model=True)
+
+
+def absolutize(cfg: DistrayConfig) -> DistrayConfig:
+    """`cfg` with relative local paths made absolute (see `_absolutize`)."""
+    data = cfg.model_dump(mode="json")
+    _absolutize(data)
+    return DistrayConfig.model_validate(data)
+
+
+def local_paths(cfg: DistrayConfig) -> dict[str, str]:
+    """Config fields that hold a local absolute path, which every node of a cluster must see."""
+    data = cfg.model_dump(mode="json")
+    fields = {f"{s}.{k}": (data.get(s) or {}).get(k) for s, k in (*PATH_FIELDS, *MODEL_FIELDS)}
+    fields.pop("generate.cache_dir", None)  # a per-node cache may be local
+    fields.pop("bench.prompts", None)  # read by the driver only
+    for at, t in _teacher_sections(data):
+        fields[f"{at}.model"] = t.get("model")
+    return {
+        k: v for k, v in fields.items()
+        if isinstance(v, str) and v and "://" not in v and Path(v).is_absolute()
+    }
+
+
+def _fetch_hub_model(value: str, field: str, output_dir: str) -> str:
+    """Download a hub id (`org/name`) once into `<output_dir>/_models/` and return the folder.
+
+    The student is read by every Ray Train worker and exported from a folder, so it must be a
+    folder; vLLM teachers download hub ids themselves and are left alone.
+    """
+    base = output_dir
+    if "://" in base:  # workers cannot load from a bucket: use this machine's cache
+        base = str(Path("~/.cache/distray").expanduser())
+    target = Path(base) / "_models" / value.replace("/", "--")
+    if (target / "config.json").is_file():
+        return str(target)
+    logger.info("%s: downloading `%s` from the Hugging Face hub into %s", field, value, target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            repo_id=value, local_dir=str(target),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+        )
+    except Exception as e:
+        raise ConfigError(
+            f"`{field}` is `{value}`, which is not a local folder, and downloading it from the "
+            f"Hugging Face hub failed ({type(e).__name__}: {str(e)[:200]}); download it yourself "
+            f"(`huggingface-cli download {value} --local-dir DIR`) and set {field}=DIR"
+        ) from e
+    return str(target)
+
+
+def _fetch_models(data: dict[str, Any]) -> None:
+    """Replace hub ids in the student, tokenizer, baseline and served model by local folders."""
+    for section, key in MODEL_FIELDS:
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and is_hub_id(value):
+            data[section][key] = _fetch_hub_model(value, f"{section}.{key}", data["run"]["output_dir"])
+
+
+def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
+    """`cfg` with hub ids in the model fields replaced by local folders (downloaded once)."""
+    data = cfg.model_dump(mode="json")
+    before = repr(data)
+    _fetch_models(data)
+    return DistrayConfig.model_validate(data) if repr(data) != before else cfg
+
+
+def _builtin_data(data: dict[str, Any], run_dir: str) -> None:
+    """Write a built-in task's splits into `<run>/data/` (once) and point `data.*` at them."""
+    b = data["data"].get("builtin")
+    if not b:
+        return
+    from distray.storage import exists
+    from distray.tasks import make_task
+
+    paths = RunPaths(run_dir)
+    if not exists(paths.task_split("test")):
+        make_task(b["name"], paths.data, b["n_train"], b["seed"],
+                  n_validation=b["n_validation"], n_test=b["n_test"])
+    data["data"]["train"] = paths.task_split("train")
+    data["data"]["validation"] = paths.task_split("validation") if b["n_validation"] else None
+    data["data"]["test"] = paths.task_split("test")
+
+
+def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
+    """Prepare a run: the config every stage receives.
+
+    Args:
+        cfg: the loaded config.
+        demo: build the quickstart's stand-in teacher and the student's initial weights when
+            `demo.train_teacher` is on and they are missing (serve and bench build nothing).
+        baseline: with `demo`, also train the demo baseline student (evaluate needs it).
+
+    Returns:
+        The prepared config: absolute paths, local model folders, built-in data written, demo
+        parts built. Validated once.
+
+    Raises:
+        ConfigError: a model could not be fetched, or a setting contradicts another.
+    """
+    data = cfg.model_dump(mode="json")
+    _absolutize(data)
+    _fetch_models(data)
+    _builtin_data(data, f"{data['run']['output_dir'].rstrip('/')}/{data['run']['name']}")
+    cfg = config_from_dict(data, "(prepared)")
+    if demo and cfg.demo.train_teacher:
+        from distray.demo import baseline_dir, prepare_demo
+
+        prepare_demo(cfg, baseline=baseline)
+        if cfg.evaluate.baseline is None and "baseline" in cfg.evaluate.models:
+            ev = cfg.evaluate.model_copy(update={"baseline": baseline_dir(cfg)})
+            cfg = cfg.model_copy(update={"evaluate": ev})
+    return cfg
+
+
+def write_record(cfg: DistrayConfig) -> str:
+    """Write `config.resolved.yaml` into the run folder (secrets redacted); returns its path."""
+    from distray.storage import write_text
+
+    path = RunPaths(cfg.run_dir).resolved_config
+    write_text(path, dump_config(cfg))
+    return path
+
+
+def check_vocabularies(cfg: DistrayConfig) -> None:
+    """Before generate: logit KD with a local teacher whose tokenizer is not the student's stops.
+
+    The train stage checks the generated token ids again (API and hub teachers are only
+    checked there); this catches the common mistake before the teacher's hours are spent.
+
+    Raises:
+        ConfigError: naming both models, both vocabulary sizes and a token that differs.
+    """
+    if not cfg.train.is_logit_loss or cfg.student is None:
+        return
+    student = (cfg.student.tokenizer or cfg.student.model)
+    if not Path(student, "config.json").is_file() and not Path(student, "tokenizer.json").is_file():
+        return  # not built yet (demo) or not local: train checks it
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distray.train.vocab import check_vocab, teacher_tokenizers
+
+    teachers = teacher_tokenizers(cfg)
+    if not teachers:
+        return
+    problem = check_vocab(
+        AutoTokenizer.from_pretrained(student),
+        int(AutoConfig.from_pretrained(cfg.student.model).vocab_size),
+        [], teachers, student_name=cfg.student.model,
+    )
+    if problem:
+        raise ConfigError(
+            f"{problem}. `train.loss: {cfg.train.loss}` distils the teacher's logits, which needs "
+            "one tokenizer for teacher and student: pick a student of the teacher's family, or "
+            "set train.loss=sft (sequence-level distillation on the teacher's text)"
+        )
