@@ -64,12 +64,14 @@ def worker_env(cfg: DistrayConfig | None = None) -> dict[str, str]:
     return env
 
 
-def init_ray(cfg: DistrayConfig | None = None, **kwargs: Any) -> None:
+def init_ray(cfg: DistrayConfig | None = None, *, address: str | None = None, **kwargs: Any) -> None:
     """Join the configured Ray cluster, or start a local one; a no-op when Ray is up.
 
     Args:
         cfg: the run config (resources.ray_address, resources.num_cpus, resources.env).
-        **kwargs: extra `ray.init` arguments.
+        address: the cluster to join; wins over `resources.ray_address` and RAY_ADDRESS.
+            `"local"` starts a new embedded Ray even when one runs on this machine.
+        **kwargs: extra `ray.init` arguments (`num_cpus` wins over `resources.num_cpus`).
     """
     import ray
 
@@ -78,24 +80,26 @@ def init_ray(cfg: DistrayConfig | None = None, **kwargs: Any) -> None:
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
-    address = (cfg.resources.ray_address if cfg else None) or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        address = (cfg.resources.ray_address if cfg else None) or os.environ.get("RAY_ADDRESS")
+    if address == "local":
+        address = None
     runtime_env = {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         logger.info("joined Ray cluster at %s", address)
         return
-    num_cpus = (cfg.resources.num_cpus if cfg else None) or max(4, os.cpu_count() or 1)
+    num_cpus = kwargs.pop("num_cpus", None) or (cfg.resources.num_cpus if cfg else None) or max(
+        4, os.cpu_count() or 1
+    )
     # Logical CPUs above the physical count on purpose: Serve's proxy and controller and the
     # engine actors each hold a CPU slot while mostly idle.
     # address="local": a new embedded Ray, even when `ray start` left a cluster on this machine
     # (plain ray.init() would join that one instead, which is what ray_address is for).
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        **kwargs,
-    )
+    ray.init(**{
+        "address": "local", "num_cpus": num_cpus, "include_dashboard": False,
+        "runtime_env": runtime_env, **kwargs,
+    })
     logger.info("started a local Ray (%d logical CPUs)", num_cpus)
 
 

@@ -27,7 +27,16 @@ def _has_gpu() -> bool:
         return False
 
 
+#: Per-test limits (pytest-timeout), so one hung engine fails its test instead of hanging CI.
+#: A test sets its own with @pytest.mark.timeout(N); these are the defaults per folder.
+TIMEOUT_S = {"unit": 60, "integration": 900, "gpu": 600}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.parent.name
+        if folder in TIMEOUT_S and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUT_S[folder]))
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
