@@ -27,13 +27,21 @@ import copy
 import difflib
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from distray.config import DistrayConfig, config_from_dict, dump_config, load_config
+from distray.config import (
+    DistrayConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    redact,
+    secret_env,
+)
 from distray.errors import ConfigError, StageError, UsageError
 
 __all__ = ["DistillationJob", "HYPERPARAMETERS", "METRICS"]
@@ -117,6 +125,21 @@ def _is_local_address(address: str) -> bool:
 
     host = urlsplit(address if "://" in address else f"http://{address}").hostname
     return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _inline_secrets(cfg: DistrayConfig) -> list[str]:
+    """Dotted config paths (outside `resources.env`) whose values `redact` would mask."""
+    data = cfg.model_dump(mode="json")
+    data["resources"]["env"] = {}
+
+    def walk(a: Any, b: Any, at: str) -> list[str]:
+        if isinstance(a, dict):
+            return [p for k in a for p in walk(a[k], b[k], f"{at}.{k}" if at else str(k))]
+        if isinstance(a, list):
+            return [p for i, (x, y) in enumerate(zip(a, b, strict=True)) for p in walk(x, y, f"{at}[{i}]")]
+        return [at] if a != b else []
+
+    return walk(data, redact(data), "")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -286,14 +309,32 @@ class DistillationJob:
                 )
         entry = "python -m distray run distray_config.yaml"
         if stages:
-            entry += f" --stages {','.join(stages)}"
+            from distray.pipeline import STAGES
+
+            unknown = [st for st in stages if st not in STAGES]
+            if unknown:
+                raise UsageError(f"`stages` has {unknown}; choose from {', '.join(STAGES)}")
+            entry += f" --stages {shlex.quote(','.join(stages))}"
+        secrets = secret_env(cfg)
+        inline = _inline_secrets(cfg)
+        if inline:
+            logger.warning(
+                "the config holds credentials at %s; they travel inside the job's working dir. "
+                "Put them in environment variables instead (teacher.api_key_env, resources.env "
+                "with a secret-looking name), which the job receives as env vars only",
+                ", ".join(inline),
+            )
         work = Path(tempfile.mkdtemp(prefix="distray-job-"))
         try:
-            # Unredacted: the job needs resources.env's tokens (the run folder's copy is redacted).
-            (work / "distray_config.yaml").write_text(dump_config(cfg, redact=False))
+            # Secret resources.env entries are left out of the file: they travel as the job's
+            # environment variables, which Ray gives every worker of the job.
+            (work / "distray_config.yaml").write_text(
+                dump_config(cfg, redact_secrets=False, drop_secret_env=True)
+            )
             pkg = Path(__file__).resolve().parent
             shutil.copytree(pkg, work / "distray", ignore=shutil.ignore_patterns("__pycache__"))
             env = {**(runtime_env or {}), "working_dir": str(work)}
+            env["env_vars"] = {**secrets, **(env.get("env_vars") or {})}
             # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override an explicit address (inside
             # a Ray job or after a local run they point elsewhere); the address asked for wins.
             keys = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")

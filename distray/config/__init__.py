@@ -28,6 +28,8 @@ from distray.config.load import (
     is_secret_name,
     load_config,
     parse_overrides,
+    redact,
+    secret_env,
 )
 from distray.config.root import DistrayConfig, deep_merge
 from distray.config.stages import (
@@ -82,4 +84,6 @@ __all__ = [
     "ScorerName",
     "Verifier",
     "is_secret_name",
+    "redact",
+    "secret_env",
 ]

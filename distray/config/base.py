@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "Section",
@@ -41,6 +41,20 @@ class RunConfig(Section):
         "multi-node cluster it must be shared storage.",
     )
     seed: int = Field(default=0, description="Seed for data splits, sampling and training.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        # The run folder is <output_dir>/<name> and `--force` deletes inside it: a name that
+        # climbs out (`..`), nests (`a/b`) or is empty would point it at other folders.
+        bad = (not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0")
+               or v != v.strip())
+        if bad:
+            raise ValueError(
+                f"must be one folder name, got {v!r}: not empty, not `.` or `..`, no `/`, "
+                "`\\` or surrounding spaces; e.g. run.name=llama8b-kd-v2"
+            )
+        return v
 
     @property
     def dir(self) -> str:

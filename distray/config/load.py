@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -185,31 +186,69 @@ def load_config(
     return config_from_dict(data, source)
 
 
-#: Parts of an env var name that mark its value as a secret.
-_SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+#: Words that mark a name (env var, header, body field) as holding a secret.
+_SECRET_WORDS = frozenset({
+    "token", "key", "apikey", "secret", "password", "passwd", "pass", "auth", "authorization",
+    "credential", "credentials", "cookie", "signature",
+})
 
-_REDACTED = "<redacted>"
+REDACTED = "<redacted>"
+
+# `scheme://user:password@host` in any string value: the userinfo is a credential.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 def is_secret_name(name: str) -> bool:
-    """True for an env var name like HF_TOKEN, OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY."""
-    return any(part in name.upper() for part in _SECRET_NAME_PARTS)
+    """True for names like HF_TOKEN, OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY, Authorization.
+
+    Words are split at `_`, `-`, `.` and case changes, so `max_tokens` and
+    TOKENIZERS_PARALLELISM are not secrets, and a name ending in `_env` (`api_key_env`) names
+    a variable rather than holding a value.
+    """
+    words = [w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", name) if w]
+    if not words or words[-1] == "env":
+        return False
+    return any(w in _SECRET_WORDS for w in words)
 
 
-def dump_config(cfg: DistrayConfig, *, redact: bool = True) -> str:
+def redact(value: Any, mask: Any = None) -> Any:
+    """A copy of a dumped config (or any part) with secrets masked.
+
+    Values under secret-looking keys (at any depth: `resources.env`, `extra_body`,
+    `engine_kwargs`, ...) become `mask(value)` (default `<redacted>`), and `user:password@` in
+    URL strings becomes `<redacted>@`.
+    """
+    mask = mask or (lambda v: REDACTED)
+    if isinstance(value, dict):
+        return {
+            k: (mask(v) if isinstance(k, str) and is_secret_name(k) and isinstance(v, (str, int))
+                and v != "" else redact(v, mask))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v, mask) for v in value]
+    if isinstance(value, str) and "@" in value:
+        return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+    return value
+
+
+def secret_env(cfg: DistrayConfig) -> dict[str, str]:
+    """`resources.env` entries whose names look secret: they travel as env vars, never in files."""
+    return {k: v for k, v in cfg.resources.env.items() if is_secret_name(k)}
+
+
+def dump_config(cfg: DistrayConfig, *, redact_secrets: bool = True, drop_secret_env: bool = False) -> str:
     """The resolved config as YAML (every field, defaults included).
 
     Args:
         cfg: the config.
-        redact: show `resources.env` values with a secret-looking name as `<redacted>`, so
-            config.resolved.yaml holds no tokens; False keeps them (a config shipped to a job
-            that needs them). `resources` is no stage's input (pipeline.changed_settings), so a
-            redacted file still tells a rerun which stages are stale.
+        redact_secrets: mask secrets (see `redact`), so config.resolved.yaml and logs hold none.
+        drop_secret_env: leave secret `resources.env` entries out altogether: a config shipped to
+            a Ray job, whose secrets travel as the job's environment variables instead.
     """
     data = cfg.model_dump(mode="json")
-    if redact:
-        env = data["resources"]["env"]
-        data["resources"]["env"] = {
-            k: _REDACTED if is_secret_name(k) else v for k, v in env.items()
-        }
+    if drop_secret_env:
+        data["resources"]["env"] = {k: v for k, v in data["resources"]["env"].items() if not is_secret_name(k)}
+    if redact_secrets:
+        data = redact(data)
     return yaml.safe_dump(data, sort_keys=False)

@@ -365,8 +365,9 @@ class ResourcesConfig(Section):
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables for every Ray worker. Values of secret-looking "
-        "names (TOKEN, KEY, SECRET, PASSWORD) show as <redacted> in config.resolved.yaml; "
-        "HF_TOKEN and the teachers' api_key_env pass through from the driver's environment.",
+        "names (TOKEN, KEY, SECRET, PASSWORD, AUTH, ...) show as <redacted> in config.resolved.yaml "
+        "and travel to a submitted job as environment variables only; HF_TOKEN and the "
+        "teachers' api_key_env pass through from the driver's environment.",
     )
 
 

@@ -173,6 +173,7 @@ def job_client(monkeypatch):
                 entrypoint=entrypoint,
                 runtime_env=runtime_env,
                 shipped=sorted(p.name for p in work.iterdir()),
+                config_text=(work / "distray_config.yaml").read_text(),
             )
             return "raysubmit_fake"
 
@@ -211,3 +212,35 @@ def test_submit_refuses_a_user_working_dir(tmp_path, job_client):
     with pytest.raises(distray.errors.UsageError, match=r"working_dir.*set by distray.*py_modules"):
         job.submit(runtime_env={"working_dir": "."})
     assert job_client == []  # nothing was sent
+
+
+def test_submit_ships_secrets_only_as_env_vars(tmp_path, job_client, caplog):
+    job = DistillationJob(
+        student_model="s", output_dir=str(tmp_path),
+        resources={"env": {"HF_TOKEN": "hf_s3cret", "OMP_NUM_THREADS": "2"}},
+    )
+    job.submit(runtime_env={"env_vars": {"A": "1"}})
+    call = job_client[-1]
+    assert "hf_s3cret" not in call["config_text"]  # nothing secret in the uploaded working dir
+    assert "OMP_NUM_THREADS" in call["config_text"]
+    assert call["runtime_env"]["env_vars"] == {"HF_TOKEN": "hf_s3cret", "A": "1"}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_submit_warns_about_inline_credentials(tmp_path, job_client, caplog):
+    job = DistillationJob(
+        teacher_model={"kind": "openai", "model": "m", "base_url": "https://user:pw@api.example/v1"},
+        student_model="s", output_dir=str(tmp_path),
+    )
+    job.submit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("teacher.base_url" in w and "api_key_env" in w for w in warnings)
+    assert all("pw@" not in w for w in warnings)
+
+
+@pytest.mark.parametrize("stages", [["generate; rm -rf /"], ["train", "serve"]])
+def test_submit_refuses_unknown_stage_names(tmp_path, job_client, stages):
+    job = DistillationJob(student_model="s", output_dir=str(tmp_path))
+    with pytest.raises(distray.errors.UsageError, match="choose from generate, train, evaluate, bench, report"):
+        job.submit(stages=stages)
+    assert len(job_client) == 0 or "entrypoint" not in job_client[-1]

@@ -200,7 +200,7 @@ def test_resolved_yaml_redacts_secret_env_values(tmp_path: Path) -> None:
         "HF_TOKEN": "<redacted>", "OPENAI_API_KEY": "<redacted>", "DB_PASSWORD": "<redacted>",
         "OMP_NUM_THREADS": "2",
     }
-    assert yaml.safe_load(dump_config(cfg, redact=False))["resources"]["env"] == env
+    assert yaml.safe_load(dump_config(cfg, redact_secrets=False))["resources"]["env"] == env
 
 
 def test_workers_get_hub_and_teacher_keys_from_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,3 +265,25 @@ def test_every_setting_has_a_description() -> None:
         if name != "kind" and not (f.description or "").strip()
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../up", "a\\b", " padded "])
+def test_run_name_must_be_one_folder(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"`run.name`: must be one folder name, got"):
+        config_from_dict({"run": {"name": name}})
+
+
+def test_redaction_covers_urls_bodies_and_engine_kwargs(tmp_path: Path) -> None:
+    cfg = config_from_dict({
+        "run": {"output_dir": str(tmp_path)},
+        "teacher": {"kind": "openai", "model": "m", "base_url": "https://me:pw123@api.example/v1",
+                    "extra_body": {"api_key": "sk-inline", "max_tokens": 7}},
+        "resources": {"env": {"TOKENIZERS_PARALLELISM": "false", "MY_AUTH_HEADER": "Bearer x"}},
+    })
+    text = Path(write_record(cfg)).read_text()
+    for secret in ("pw123", "sk-inline", "Bearer x"):
+        assert secret not in text
+    data = yaml.safe_load(text)
+    assert data["teacher"]["base_url"] == "https://<redacted>@api.example/v1"
+    assert data["teacher"]["extra_body"] == {"api_key": "<redacted>", "max_tokens": 7}
+    assert data["resources"]["env"]["TOKENIZERS_PARALLELISM"] == "false"  # not a secret
