@@ -122,7 +122,7 @@ def _reset_peak_rss() -> None:
 
 def _render_ids(tokenizer: Any, messages: list[dict[str, str]], use_chat_template: bool) -> list[int]:
     """Prompt token ids exactly as the generate engines build them."""
-    from distray.teacher.engines.common import render_prompt
+    from distray.prompts import render_prompt
 
     return render_prompt(tokenizer, messages, use_chat_template)[1]
 
@@ -254,40 +254,14 @@ def _hf_engine(
     use_chat_template: bool,
     trust_remote_code: bool,
 ) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from distray.hf_engine import HFEngine
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    tok.padding_side = "left"  # decoder-only batches pad on the left
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code
-    )
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs miss str devices
-    model.eval()
+    engine = HFEngine(model_dir, trust_remote_code=trust_remote_code)
 
     def _gen(msgs: list[list[dict[str, str]]]) -> int:
-        ids = [_render_ids(tok, m, use_chat_template) for m in msgs]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(device)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1]:]
-        # Count generated tokens up to and including the first eos (the rest is padding).
-        n = 0
-        for row in new.tolist():
-            for t in row:
-                n += 1
-                if t == tok.eos_token_id:
-                    break
-        return n
+        ids = [_render_ids(engine.tok, m, use_chat_template) for m in msgs]
+        # Greedy; each answer's ids end at its first eos (kept), so padding is not counted.
+        return sum(len(a.token_ids) for a in engine.generate(ids, max_tokens=max_tokens))
 
     def one(messages: list[dict[str, str]]) -> int:
         return _gen([messages])
@@ -341,8 +315,8 @@ def measure_api(
 
     Throughput is left to the caller: for an API model it is the prediction run's rows/s.
     429, 408, 409, 5xx, timeouts and dropped connections are retried up to `max_retries` times
-    with the openai teacher's backoff (a Retry-After is a floor on the wait, up to
-    `backoff_max_s`). A request that still fails, or fails with another 4xx, leaves the latency
+    with the openai teacher's backoff, `distray.http_retry` (a Retry-After is a floor on the
+    wait, up to `backoff_max_s`). A request that still fails, or fails with another 4xx, leaves the latency
     figures None, with a warning naming the URL and the error: the predictions are already
     made, and one busy probe should not discard them.
 
@@ -361,7 +335,7 @@ def measure_api(
     """
     import httpx
 
-    from distray.teacher.engines.openai import backoff_s, retry_after_s, retryable_status
+    from distray.http_retry import backoff_s, retry_after_s, retryable_status
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/chat/completions"

@@ -7,7 +7,8 @@ from typing import Any
 import pyarrow as pa
 
 from distray import formats as F
-from distray.teacher.engines.hf import HFGenerator, _topk_per_step
+from distray.hf_engine import topk_per_step
+from distray.teacher.engines.hf import HFGenerator
 
 PROMPTS = ["hello there", "what is 2+2?", "x"]
 
@@ -38,19 +39,19 @@ def test_topk_per_step_equals_full_tensor_on_sampled_answers(tiny_model: str, mo
     # Sampling at T=0.8 with top_p: the logprobs must still be the raw logits' at T=1.
     g = _generator(tiny_model, temperature=0.8, top_p=0.9, seed=3)
     seen: list[Any] = []
-    generate = g.model.generate
+    generate = g.engine.model.generate
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         out = generate(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(g.model, "generate", spy)
+    monkeypatch.setattr(g.engine.model, "generate", spy)
     rows = g(_rows()).to_pylist()
     (out,) = seen
     assert len(out.logits) > 1
     full_ids, full_lps = _full_topk(out.logits, 3)
-    assert _topk_per_step(out.logits, 3) == (full_ids, full_lps)
+    assert topk_per_step(out.logits, 3) == (full_ids, full_lps)
     for i, r in enumerate(rows):
         n = len(r[F.RESPONSE_TOKEN_IDS])
         assert n > 0 and r[F.TOPK_TOKEN_IDS] == full_ids[i][:n]
@@ -66,24 +67,24 @@ def test_stop_string_cuts_text_ids_and_topk_like_vllm(tiny_model: str) -> None:
         (j, c)
         for j, t in enumerate(ids0)
         if j >= 3
-        and len(c := g.tok.decode([t])) == 1
+        and len(c := g.engine.tok.decode([t])) == 1
         and c.isprintable()
         and not c.isspace()
-        and c not in g.tok.decode(ids0[:j], skip_special_tokens=True)
+        and c not in g.engine.tok.decode(ids0[:j], skip_special_tokens=True)
     )
     g = _generator(tiny_model, stop=[stop])
     stopped = g(_rows()).to_pylist()
 
     r0 = stopped[0]
     assert r0[F.RESPONSE_TOKEN_IDS] == ids0[: j + 1]  # the completing token is kept, as in vLLM
-    assert r0[F.RESPONSE] == g.tok.decode(ids0[:j], skip_special_tokens=True)
+    assert r0[F.RESPONSE] == g.engine.tok.decode(ids0[:j], skip_special_tokens=True)
     assert stop not in r0[F.RESPONSE]
     assert r0[F.FINISH_REASON] == "stop"
     assert r0[F.COMPLETION_TOKENS] == j + 1
     for r, f in zip(stopped, free, strict=True):
         n = len(r[F.RESPONSE_TOKEN_IDS])
         assert stop not in r[F.RESPONSE]
-        assert g.pad_id not in r[F.RESPONSE_TOKEN_IDS]
+        assert g.engine.pad_id not in r[F.RESPONSE_TOKEN_IDS]
         assert r[F.RESPONSE_TOKEN_IDS] == f[F.RESPONSE_TOKEN_IDS][:n]
         assert r[F.TOPK_TOKEN_IDS] == f[F.TOPK_TOKEN_IDS][:n]
         assert r[F.TOPK_LOGPROBS] == f[F.TOPK_LOGPROBS][:n]

@@ -34,10 +34,8 @@ teacher requires that setting (checked at config load).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
-import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -47,6 +45,7 @@ import pyarrow as pa
 from distray import formats as F
 from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
 from distray.errors import ConfigError, StageError
+from distray.http_retry import backoff_s, retry_after_s, retryable_status
 from distray.teacher.engines import common
 from distray.teacher.rows import ERROR, sample_seed
 
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The retry helpers live in distray.http_retry; they stay importable from here for older callers.
 __all__ = [
     "OpenAIClient", "generate", "api_key", "preflight", "MIN_REQUESTS_FOR_RATIO", "backoff_s",
     "retry_after_s", "retryable_status",
@@ -62,13 +62,6 @@ __all__ = [
 
 #: Finished requests before the success ratio can stop a run (fewer say too little).
 MIN_REQUESTS_FOR_RATIO = 10
-
-_RETRY_STATUS = frozenset({408, 409, 429})
-
-
-def retryable_status(code: int) -> bool:
-    """An HTTP status worth retrying: 408, 409, 429 and every 5xx."""
-    return code in _RETRY_STATUS or code >= 500
 
 #: Extra column: HTTP attempts the row took (for stats).
 ATTEMPTS = "_attempts"
@@ -92,34 +85,6 @@ def api_key(teacher: OpenAITeacher) -> str | None:
             "set teacher.api_key_env: null for an endpoint that needs no key"
         )
     return key
-
-
-def retry_after_s(headers: Any) -> float | None:
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
-    """Full-jitter exponential backoff; a server's Retry-After is a floor."""
-    delay = random.uniform(0, min(max_s, base_s * (2**attempt)))
-    if retry_after_s is not None:
-        delay = max(delay, retry_after_s)
-    return delay
 
 
 def preflight(teacher: OpenAITeacher, key: str | None) -> None:

@@ -1,0 +1,69 @@
+"""When and how long to retry an HTTP request: shared by the openai teacher and evaluate's latency probe.
+
+    from distray.http_retry import backoff_s, retry_after_s, retryable_status
+    if retryable_status(resp.status_code):
+        time.sleep(backoff_s(attempt, 0.5, 30.0, retry_after_s(resp.headers)))
+
+429, 408, 409 and every 5xx are worth retrying; another 4xx will fail the same way again.
+The wait is exponential backoff with full jitter, and a server's `Retry-After` (seconds or an
+HTTP date) or `retry-after-ms` is a floor on it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from typing import Any
+
+__all__ = ["backoff_s", "retry_after_s", "retryable_status"]
+
+_RETRY_STATUS = frozenset({408, 409, 429})
+
+
+def retryable_status(code: int) -> bool:
+    """An HTTP status worth retrying: 408, 409, 429 and every 5xx."""
+    return code in _RETRY_STATUS or code >= 500
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """The wait a server asks for, in seconds: `retry-after-ms`, else `retry-after`.
+
+    Args:
+        headers: a mapping with `.get` (httpx headers are case-insensitive).
+
+    Returns:
+        The seconds to wait (0 for a date in the past), or None when the server asks nothing.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
+    """Full-jitter exponential backoff; a server's Retry-After is a floor.
+
+    Args:
+        attempt: the attempt that just failed, from 0.
+        base_s: the first attempt's longest wait; it doubles with each attempt.
+        max_s: the longest wait backoff picks (a Retry-After may ask for more).
+        retry_after_s: the server's wait, from `retry_after_s(headers)`.
+    """
+    delay = random.uniform(0, min(max_s, base_s * (2**attempt)))
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)
+    return delay
