@@ -108,8 +108,7 @@ def _deploy_ray_stock(model: str, engine: dict[str, Any], batching_ms: float | N
 def _deploy_ray_single_hop(model: str, engine: dict[str, Any]) -> None:
     """Ray's `LLMServer` as the ingress (its late-bound vLLM FastAPI app), mounted at /single."""
     from ray import serve as ray_serve
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer
-    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
     llm = LLMConfig(
         model_loading_config={"model_id": "student", "model_source": model},

@@ -1,6 +1,6 @@
 """Serve's request guards and config resolution, without Ray.
 
-    .venv/bin/python -m pytest tests/unit/test_serve.py -q
+    .venv/bin/python -m pytest tests/unit/test_serve_limits.py -q
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import pytest
 
 from distray.config import config_from_dict
 from distray.errors import ConfigError
-from distray.serve import (
+from distray.hf_engine import IncrementalText
+from distray.serve.endpoints import api_key_digest, endpoint_url, resolve_models, served_endpoints
+from distray.serve.guards import (
     RequestRejected,
     check_bearer,
     check_prompt_tokens,
-    endpoint_url,
     key_digest,
     openai_error,
     output_budget,
-    resolve_models,
-    served_endpoints,
 )
+from distray.serve.vllm_app import llm_config
 
 
 def test_bearer_check() -> None:
@@ -121,13 +121,11 @@ def test_default_bind_is_loopback(tmp_path) -> None:
 
 
 def test_missing_api_key_env_is_a_config_error(tmp_path, monkeypatch) -> None:
-    from distray.serve import _api_key_digest
-
     monkeypatch.delenv("DISTRAY_UNSET_KEY", raising=False)
     with pytest.raises(ConfigError, match="DISTRAY_UNSET_KEY"):
-        _api_key_digest(_cfg(tmp_path, api_key_env="DISTRAY_UNSET_KEY"))
+        api_key_digest(_cfg(tmp_path, api_key_env="DISTRAY_UNSET_KEY"))
     monkeypatch.setenv("DISTRAY_UNSET_KEY", "k")
-    assert _api_key_digest(_cfg(tmp_path, api_key_env="DISTRAY_UNSET_KEY")) == key_digest("k")
+    assert api_key_digest(_cfg(tmp_path, api_key_env="DISTRAY_UNSET_KEY")) == key_digest("k")
     assert os.environ["DISTRAY_UNSET_KEY"] == "k"
 
 
@@ -145,9 +143,7 @@ def byte_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _stream(tok: Any, ids: list[int], stops: list[str]) -> tuple[list[str], bool]:
-    from distray.serve import _IncrementalText
-
-    text = _IncrementalText(tok, stops)
+    text = IncrementalText(tok, stops)
     chunks = []
     for i in ids:
         chunks.append(text.push(i))
@@ -200,8 +196,6 @@ def test_stop_string_not_completed_is_sent_at_the_end(byte_tok) -> None:
 
 def test_each_token_decodes_a_short_window(byte_tok) -> None:
     """Streaming cost per token stays flat: no re-decoding of the whole answer."""
-    from distray.serve import _IncrementalText
-
     sizes: list[int] = []
 
     class Counting:
@@ -209,7 +203,7 @@ def test_each_token_decodes_a_short_window(byte_tok) -> None:
             sizes.append(len(ids))
             return str(byte_tok.decode(ids, **kw))
 
-    text = _IncrementalText(Counting(), ["zz"])
+    text = IncrementalText(Counting(), ["zz"])
     for i in byte_tok.encode("the answer is 42, 日本 " * 40, add_special_tokens=False):
         text.push(i)
     assert len(sizes) > 400 and max(sizes) <= 8
@@ -219,8 +213,6 @@ def test_each_token_decodes_a_short_window(byte_tok) -> None:
 
 
 def test_llm_config_trusts_remote_code_only_when_enabled(tmp_path) -> None:
-    from distray.serve import _llm_config
-
     def cfg(student_trust: bool, teacher_trust: bool) -> Any:
         return config_from_dict({
             "run": {"output_dir": str(tmp_path)},
@@ -230,7 +222,7 @@ def test_llm_config_trusts_remote_code_only_when_enabled(tmp_path) -> None:
         })
 
     def kwargs(c: Any, name: str) -> dict[str, Any]:
-        out: dict[str, Any] = _llm_config(c, name, f"/m/{name}", on_gpu=True)["engine_kwargs"]
+        out: dict[str, Any] = llm_config(c, name, f"/m/{name}", on_gpu=True)["engine_kwargs"]
         return out
 
     assert "trust_remote_code" not in kwargs(cfg(False, False), "student")

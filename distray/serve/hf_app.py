@@ -1,0 +1,296 @@
+"""The `hf` serve backend: transformers in a plain Serve deployment, for machines without vLLM.
+
+    distray serve --config run.yaml serve.backend=hf
+
+Same routes and the same hardened front as the vllm backend. Each replica holds one
+`distray.hf_engine.HFEngine` per model; a request decodes one token per forward step, and
+concurrent requests interleave token by token (no batching, but fair time to first token).
+Streams are detokenized incrementally (`hf_engine.IncrementalText`): stop strings are found
+across tokens and never sent. `n` must be 1.
+"""
+
+# No `from __future__ import annotations` here on purpose: FastAPI reads the route handlers'
+# annotations (the request classes below) when the routes are declared.
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distray import prompts
+from distray.config import DistrayConfig
+from distray.hf_engine import HFEngine, IncrementalText
+from distray.serve.endpoints import trusts_remote_code
+from distray.serve.front import harden
+from distray.serve.guards import (
+    Limits,
+    RequestRejected,
+    check_prompt_tokens,
+    output_budget,
+    plain_messages,
+)
+
+__all__ = ["build", "hf_app"]
+
+#: Context length assumed for a model whose config does not state one.
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class _ChatRequest(_SamplingFields):
+    messages: list[_Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class _CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] = Field(...)
+
+
+def _chat_prompt_ids(engine: HFEngine, messages: list[_Message]) -> list[int]:
+    """The chat prompt as `prompts.render_prompt` renders it for every other stage."""
+    plain = plain_messages([m.model_dump() for m in messages])
+    if not getattr(engine.tok, "chat_template", None):
+        raise RequestRejected(
+            "cannot apply the chat template: the model has none; use /v1/completions", param="messages"
+        )
+    try:
+        return prompts.render_prompt(engine.tok, plain, apply_chat_template=True)[1]
+    except Exception as e:
+        raise RequestRejected(f"cannot apply the chat template: {e}", param="messages") from e
+
+
+def _completion_prompt_ids(engine: HFEngine, prompt: Any) -> list[int]:
+    """A completion prompt (one string, a one-string list, or token ids) as token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise RequestRejected("the hf backend takes one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if any(not 0 <= t < len(engine.tok) for t in prompt):
+            raise RequestRejected("a prompt token id is out of vocabulary", param="prompt")
+        return list(prompt)
+    return list(engine.tok(prompt)["input_ids"])
+
+
+class _Answer:
+    """One request's answer: the engine's token stream as OpenAI JSON or SSE chunks.
+
+    Raises:
+        RequestRejected: `n` is not 1, the prompt is empty or over the prompt cap, or prompt +
+            max_tokens does not fit in the model's context.
+    """
+
+    _END = object()
+
+    def __init__(
+        self, name: str, engine: HFEngine, body: _SamplingFields, prompt_ids: list[int],
+        budget: int, limits: Limits, *, chat: bool,
+    ) -> None:
+        if body.n != 1:
+            raise RequestRejected("the hf backend supports n=1 only", param="n")
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        check_prompt_tokens(len(prompt_ids), limits.max_prompt_tokens)
+        max_len = engine.max_model_len or DEFAULT_MAX_MODEL_LEN
+        if len(prompt_ids) + budget > max_len:
+            raise RequestRejected(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({budget}) exceeds the "
+                f"model's context of {max_len} tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        self.name, self.engine, self.body = name, engine, body
+        self.prompt_ids, self.budget, self.chat = prompt_ids, budget, chat
+        self.stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    async def pieces(self) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(text delta, finish_reason or None, completion tokens so far), one per token."""
+        b = self.body
+        it = self.engine.stream(
+            self.prompt_ids, max_tokens=self.budget, temperature=b.temperature, top_p=b.top_p,
+            seed=b.seed, ignore_eos=b.ignore_eos,
+        )
+        text = IncrementalText(self.engine.tok, self.stops)
+        while True:
+            # Each step blocks on the model: run it off the event loop.
+            tok: Any = await asyncio.to_thread(next, it, self._END)
+            if tok is self._END:
+                done = len(text.ids)
+                rest = text.flush()
+                yield rest, "stop" if text.stopped or done < self.budget else "length", done
+                return
+            delta = text.push(tok)
+            if text.stopped:
+                yield delta, "stop", len(text.ids)
+                return
+            yield delta, None, len(text.ids)
+
+    def usage(self, done: int) -> dict[str, int]:
+        n = len(self.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+
+    def choice(self, delta: str, finish: str | None, stream: bool) -> dict[str, Any]:
+        if self.chat:
+            key = "delta" if stream else "message"
+            msg = {"role": "assistant", "content": delta} if not stream else {"content": delta}
+            return {"index": 0, key: msg, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+
+    async def whole(self) -> dict[str, Any]:
+        """The non-streamed response body."""
+        text, finish, done = "", "stop", 0
+        async for delta, fin, done in self.pieces():  # noqa: B007 (done: the last count)
+            text += delta
+            finish = fin or finish
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.name,
+                "choices": [self.choice(text, finish, False)], "usage": self.usage(done)}
+
+    async def sse(self) -> AsyncIterator[str]:
+        """The streamed response: `data: {chunk}` events, then `data: [DONE]`."""
+
+        def event(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        head = {"id": self.id, "object": obj, "created": self.created, "model": self.name}
+        if self.chat:
+            yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]})
+        done = 0
+        async for delta, fin, done in self.pieces():  # noqa: B007 (done: the last count)
+            if delta or fin:
+                yield event({**head, "choices": [self.choice(delta, fin, True)]})
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield event({**head, "choices": [], "usage": self.usage(done)})
+        yield "data: [DONE]\n\n"
+
+
+async def _respond(answer: _Answer) -> Any:
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    if answer.body.stream:
+        return StreamingResponse(answer.sse(), media_type="text/event-stream")
+    return JSONResponse(await answer.whole())
+
+
+def hf_app(
+    models: dict[str, str], limits: Limits, digest: str | None, deployment_options: dict[str, Any],
+    remote_code: frozenset[str] = frozenset(),
+) -> Any:
+    """A Serve deployment serving `models` with transformers behind the same hardened front.
+
+    Args:
+        models: model id → folder.
+        limits: the output and prompt caps.
+        digest: the API key's digest, or None to serve without a key.
+        deployment_options: Serve deployment options (autoscaling, actor resources).
+        remote_code: the models whose folders may run their own code (trust_remote_code).
+    """
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = harden(FastAPI(), digest)
+
+    @serve.deployment(**deployment_options)
+    @serve.ingress(app)
+    class HFServer:
+        def __init__(self, models: dict[str, str], limits: Limits, remote_code: frozenset[str]) -> None:
+            self.models = {
+                name: HFEngine(path, trust_remote_code=name in remote_code) for name, path in models.items()
+            }
+            self.limits = limits
+            self.created = int(time.time())
+
+        def _model(self, name: str | None) -> tuple[str, HFEngine]:
+            if name is None and len(self.models) == 1:
+                name = next(iter(self.models))
+            if name not in self.models:
+                raise RequestRejected(
+                    f"model `{name}` does not exist; available: {sorted(self.models)}",
+                    status_code=404, param="model", code="model_not_found",
+                )
+            return name, self.models[name]
+
+        def _card(self, name: str) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "distray",
+                    "root": name}
+
+        @app.get("/health")
+        async def health(self) -> Any:
+            return {"status": "ok", "models": sorted(self.models), "failed": {}}
+
+        @app.get("/v1/models")
+        async def list_models(self) -> Any:
+            return {"object": "list", "data": [self._card(n) for n in sorted(self.models)]}
+
+        @app.get("/v1/models/{model:path}")
+        async def get_model(self, model: str) -> Any:
+            name, _ = self._model(model)
+            return self._card(name)
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, body: _ChatRequest) -> Any:
+            name, engine = self._model(body.model)
+            cap = self.limits.max_tokens_cap
+            if body.max_completion_tokens is not None:
+                budget = output_budget(body.max_completion_tokens, body.n, cap, param="max_completion_tokens")
+            else:
+                budget = output_budget(body.max_tokens, body.n, cap)
+            prompt_ids = _chat_prompt_ids(engine, body.messages)
+            return await _respond(_Answer(name, engine, body, prompt_ids, budget, self.limits, chat=True))
+
+        @app.post("/v1/completions")
+        async def completions(self, body: _CompletionRequest) -> Any:
+            name, engine = self._model(body.model)
+            budget = output_budget(body.max_tokens, body.n, self.limits.max_tokens_cap)
+            prompt_ids = _completion_prompt_ids(engine, body.prompt)
+            return await _respond(_Answer(name, engine, body, prompt_ids, budget, self.limits, chat=False))
+
+    server: Any = HFServer
+    return server.bind(models=models, limits=limits, remote_code=remote_code)
+
+
+def build(cfg: DistrayConfig, models: dict[str, str], limits: Limits, digest: str | None) -> Any:
+    """The hf backend's Serve application for `models` (model id → folder)."""
+    s = cfg.serve
+    options = {
+        "autoscaling_config": {
+            "min_replicas": max(1, s.min_replicas),
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        },
+        "max_ongoing_requests": max(64, 4 * s.target_ongoing_requests),
+        "ray_actor_options": {"num_cpus": 1},
+    }
+    remote_code = frozenset(n for n in models if trusts_remote_code(cfg, n))
+    return hf_app(models, limits, digest, options, remote_code)
