@@ -124,7 +124,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides)
     t0 = time.perf_counter()
-    result = pipeline.run_stage(cfg, args.command)
+    result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False))
     _print_result(args.command, result, t0)
     return EXIT_OK
 
@@ -218,7 +218,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
-    from distray.pipeline import REGISTRY
+    from distray.pipeline import REGISTRY, RESUMABLE
     from distray.pipeline import STAGES as PIPELINE_STAGES
 
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help, parents=[verbose])
         p.add_argument("--config", "-c", required=True, metavar="CONFIG", help="YAML config file")
         overrides(p)
+        if stage.name in RESUMABLE:
+            p.add_argument(
+                "--force", action="store_true",
+                help=f"remove {stage.name}'s outputs first (needed when they were made with other settings)",
+            )
         p.set_defaults(func=_cmd_stage)
 
     run_stages = ", ".join(PIPELINE_STAGES)

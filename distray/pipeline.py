@@ -25,7 +25,7 @@ from distray.paths import RunPaths
 from distray.storage import exists, read_text
 
 __all__ = [
-    "COMMANDS", "REGISTRY", "STAGES", "PipelineResult", "Stage", "changed_settings", "clear_stage", "headline", "run",
+    "COMMANDS", "REGISTRY", "STAGES", "PipelineResult", "Stage", "clear_stage", "headline", "run",
     "run_stage", "stage_done",
 ]
 
@@ -85,24 +85,14 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           command=False, demo=False),
 )}
 
+#: The stages that record their lineage (settings and inputs) next to their outputs.
+LINEAGE_STAGES = ("generate", "train", "evaluate", "bench")
+#: The stages that resume what an interrupted run left (the others start over).
+RESUMABLE = ("generate", "train")
 #: The stages `distray run` runs, in order.
 STAGES = tuple(name for name, s in REGISTRY.items() if s.in_pipeline)
 #: The stages with a `distray <stage> --config ...` command.
 COMMANDS = tuple(name for name, s in REGISTRY.items() if s.command)
-
-# The settings each stage's outputs are made from, besides those of the stages before it that it
-# reads (evaluate and bench read train's student, train reads generate's data). A finished stage
-# whose settings changed since its outputs were written is not skipped silently: `run` stops
-# and says which settings changed. `resources` and `run.name`/`output_dir` change no output.
-_OWN_INPUTS: dict[str, tuple[str, ...]] = {
-    "generate": ("data", "task", "teacher", "teachers", "generate", "demo", "run.seed"),
-    "train": ("student", "train"),
-    "evaluate": ("evaluate",),
-    "bench": ("serve", "bench"),
-}
-_READS = {"generate": (), "train": ("generate",), "evaluate": ("generate", "train"),
-          "bench": ("generate", "train")}
-
 
 @dataclass
 class PipelineResult:
@@ -114,43 +104,6 @@ class PipelineResult:
     stages_skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     headline: dict[str, Any] = field(default_factory=dict)
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def changed_settings(old: dict[str, Any], new: dict[str, Any], stage: str) -> list[str]:
-    """Dotted settings that `stage`'s outputs depend on and that differ between two configs.
-
-    Returns:
-        Lines `key: old → new`, sorted; empty when the stage's outputs are still current.
-    """
-    prefixes = [p for s in (*_READS[stage], stage) for p in _OWN_INPUTS[s]]
-    a, b = _flat(old), _flat(new)
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p + ".") for p in prefixes) and a.get(key) != b.get(key):
-            lines.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
-    return lines
-
-
-def _previous_config(cfg: DistrayConfig) -> dict[str, Any] | None:
-    import yaml
-
-    path = RunPaths(cfg.run_dir).resolved_config
-    if not exists(path):
-        return None
-    try:
-        data = yaml.safe_load(read_text(path))
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def stage_done(cfg: DistrayConfig, stage: str) -> bool:
@@ -205,24 +158,42 @@ def headline(run_dir: str) -> dict[str, Any]:
     return dict(metrics.get("headline") or {})
 
 
-def _check_stale(cfg: DistrayConfig, wanted: list[str], force: bool) -> None:
-    """Stop when a finished stage that would be skipped was made with other settings."""
-    previous = _previous_config(cfg)
-    if previous is None:
+def _check_settings(cfg: DistrayConfig, wanted: list[str], force: bool, how: str) -> None:
+    """Before any work: stop when a stage to run has outputs made with other settings."""
+    if force:
         return
-    new = cfg.model_dump(mode="json")
-    for stage in STAGES[:-1]:
-        if stage not in wanted or force or not stage_done(cfg, stage):
-            continue
-        diff = changed_settings(previous, new, stage)
-        if diff:
-            more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
-            raise ConfigError(
-                f"stage {stage}: its outputs in {cfg.run_dir} were made with other settings: "
-                + "; ".join(diff[:5]) + more
-                + f". Pass --force to rerun {stage} and the stages after it with the new "
-                "settings, or set a new run.name to keep both runs"
-            )
+    from distray import lineage
+
+    for stage in wanted:
+        # A stage that starts over (evaluate, bench) is only at risk when it would be skipped.
+        if stage in RESUMABLE or (stage in LINEAGE_STAGES and stage_done(cfg, stage)):
+            lineage.check(cfg, stage, how_to_force=how)
+
+
+def _refresh_if_inputs_changed(cfg: DistrayConfig, stage: str) -> None:
+    """Make a stage whose inputs changed since it ran run again (see `distray.lineage`).
+
+    generate resumes (its rows are keyed by content, and new prompts get labelled); the others
+    start over, since their outputs were computed from the old inputs.
+    """
+    from distray import lineage
+
+    changed = lineage.inputs_changed(cfg, stage)
+    if not changed:
+        return
+    if stage == "generate":
+        logger.warning("stage generate: its input files changed (%s); resuming to label new prompts",
+                       ", ".join(changed))
+        stats = RunPaths(cfg.run_dir).generate_stats
+        if exists(stats):
+            from distray.storage import filesystem_for
+
+            fs, inner = filesystem_for(stats)
+            fs.delete_file(inner)
+        return
+    logger.warning("stage %s: its inputs changed since it ran (%s); running it again",
+                   stage, ", ".join(changed))
+    clear_stage(cfg, stage)
 
 
 def _check_demo_teacher(stage: str, cfg: DistrayConfig) -> None:
@@ -241,26 +212,46 @@ def _check_demo_teacher(stage: str, cfg: DistrayConfig) -> None:
     )
 
 
-def run_stage(cfg: DistrayConfig, name: str) -> Any:
+def run_stage(cfg: DistrayConfig, name: str, force: bool = False) -> Any:
     """Prepare a run for one stage and run it, as `distray <stage> --config ...` does.
 
-    A stage runs whether or not its outputs exist (generate and train resume their own state).
-    The run folder's `config.resolved.yaml` is written for stages that write outputs, and
-    evaluate's comparison is added to report.md.
+    A stage runs whether or not its outputs exist: generate and train resume their own state,
+    after checking that it was made with the same settings (`force` clears it first); evaluate
+    and bench start over. The run folder's `config.resolved.yaml` and the stage's lineage
+    record are written, and evaluate's comparison is added to report.md.
 
     Returns:
         The stage's result.
     """
-    from distray.prepare import prepare, write_record
-
     stage = REGISTRY.get(name)
     if stage is None or not stage.command:
         raise ConfigError(f"unknown stage `{name}`; choose from {', '.join(COMMANDS)}")
+    if name not in LINEAGE_STAGES:  # serve reads the run folder, it writes nothing there
+        return _run_stage_held(cfg, stage, force)
+    from distray.lease import hold
+    from distray.prepare import run_dir_of
+
+    with hold(run_dir_of(cfg)):
+        return _run_stage_held(cfg, stage, force)
+
+
+def _run_stage_held(cfg: DistrayConfig, stage: Stage, force: bool) -> Any:
+    from distray.prepare import prepare, write_record
+
+    name = stage.name
     cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline)
     if name in ("serve", "bench"):
         _check_demo_teacher(name, cfg)
     else:
         write_record(cfg)
+    if name in LINEAGE_STAGES:
+        from distray import lineage
+
+        if force:
+            clear_stage(cfg, name)
+        elif name in RESUMABLE:
+            lineage.check(cfg, name, how_to_force=f"Pass --force (`distray {name} --force ...`)")
+        lineage.write(cfg, name)
     result = stage.fn()(cfg)
     if name == "evaluate":
         from distray.report import build_report
@@ -280,7 +271,6 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     Returns:
         PipelineResult with paths, the stages run and skipped, and the headline figures.
     """
-    from distray.prepare import check_vocabularies, prepare, write_record
     from distray.ray_utils import init_ray
 
     wanted = list(STAGES) if not stages else list(stages)
@@ -290,8 +280,18 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     if any(t.kind == "openai" for t in cfg.all_teachers) and cfg.demo.train_teacher:
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
     init_ray(cfg)
+    from distray.lease import hold
+    from distray.prepare import run_dir_of
+
+    with hold(run_dir_of(cfg)):
+        return _run_held(cfg, wanted, force)
+
+
+def _run_held(cfg: DistrayConfig, wanted: list[str], force: bool) -> PipelineResult:
+    from distray.prepare import check_vocabularies, prepare, write_record
+
     cfg = prepare(cfg)
-    _check_stale(cfg, wanted, force)
+    _check_settings(cfg, wanted, force, "Pass --force (`distray run ... --force --stages STAGE`)")
     if "generate" in wanted and (force or not stage_done(cfg, "generate")):
         check_vocabularies(cfg)
     resolved = write_record(cfg)
@@ -302,13 +302,19 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
             continue
         if force:
             clear_stage(cfg, name)
-        elif stage_done(cfg, name):
+        elif name in LINEAGE_STAGES:
+            _refresh_if_inputs_changed(cfg, name)
+        if not force and stage_done(cfg, name):
             logger.info("stage %s: done already (outputs exist), skipped; --force reruns it", name)
             if name == "generate":
                 _warn_retry_rows(cfg)
             result.stages_skipped.append(name)
             continue
         logger.info("stage %s: starting", name)
+        if name in LINEAGE_STAGES:
+            from distray import lineage
+
+            lineage.write(cfg, name)
         t0 = time.perf_counter()
         stage = REGISTRY[name]
         out = stage.fn()(cfg, **stage.pipeline_kwargs)

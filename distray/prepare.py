@@ -25,7 +25,7 @@ from distray.paths import RunPaths, is_hub_id
 
 __all__ = [
     "MODEL_FIELDS", "PATH_FIELDS", "absolutize", "check_vocabularies", "fetch_hub_models", "local_paths",
-    "prepare", "write_record",
+    "prepare", "run_dir_of", "write_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,14 @@ def _builtin_data(data: dict[str, Any], run_dir: str) -> None:
     data["data"]["test"] = paths.task_split("test")
 
 
+def run_dir_of(cfg: DistrayConfig) -> str:
+    """The run folder as `prepare` will make it (a local output_dir made absolute)."""
+    out = cfg.run.output_dir
+    if "://" not in out:
+        out = str(Path(out).expanduser().resolve())
+    return f"{out.rstrip('/')}/{cfg.run.name}"
+
+
 def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
     """Prepare a run: the config every stage receives.
 
@@ -190,7 +198,7 @@ def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> 
     data = cfg.model_dump(mode="json")
     _absolutize(data)
     _fetch_models(data)
-    _builtin_data(data, f"{data['run']['output_dir'].rstrip('/')}/{data['run']['name']}")
+    _builtin_data(data, run_dir_of(cfg))
     cfg = config_from_dict(data, "(prepared)")
     if demo and cfg.demo.train_teacher:
         from distray.demo import baseline_dir, prepare_demo

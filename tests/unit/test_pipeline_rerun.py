@@ -3,6 +3,7 @@ and `--force` clearing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,78 @@ def _cfg(tmp_path: Path, **sections: Any) -> Any:
     return config_from_dict(data)
 
 
-def test_changed_settings_follow_what_each_stage_reads(tmp_path: Path) -> None:
-    old = _cfg(tmp_path).model_dump(mode="json")
-    lr = _cfg(tmp_path, train={"lr": 1e-5}).model_dump(mode="json")
-    assert pipeline.changed_settings(old, lr, "generate") == []
-    for stage in ("train", "evaluate", "bench"):
-        assert [line.split(":")[0] for line in pipeline.changed_settings(old, lr, stage)] == ["train.lr"]
-    temp = _cfg(tmp_path, generate={"sampling": {"temperature": 0.3}}).model_dump(mode="json")
-    for stage in ("generate", "train", "evaluate", "bench"):
-        assert any(line.startswith("generate.sampling.temperature:") for line in pipeline.changed_settings(old, temp, stage))
-    # Scheduling settings make no output stale.
-    cpus = _cfg(tmp_path, resources={"num_cpus": 7}).model_dump(mode="json")
-    assert all(pipeline.changed_settings(old, cpus, s) == [] for s in ("generate", "train", "evaluate", "bench"))
-    # evaluate's own settings: only evaluate.
-    ev = _cfg(tmp_path, evaluate={"latency_samples": 3}).model_dump(mode="json")
-    assert pipeline.changed_settings(old, ev, "train") == []
-    assert pipeline.changed_settings(old, ev, "bench") == []
-    assert pipeline.changed_settings(old, ev, "evaluate")
+def test_settings_follow_what_each_stage_makes_its_outputs_from(tmp_path: Path) -> None:
+    from distray import lineage
+
+    def diff(stage: str, **sections: Any) -> list[str]:
+        old, new = lineage.settings(_cfg(tmp_path), stage), lineage.settings(_cfg(tmp_path, **sections), stage)
+        return [line.split(":")[0] for line in lineage.changed_settings(old, new)]
+
+    assert diff("generate", train={"lr": 1e-5}) == []
+    assert diff("train", train={"lr": 1e-5}) == ["train.lr"]
+    assert diff("generate", generate={"sampling": {"temperature": 0.3}}) == ["generate.sampling.temperature"]
+    # Upstream settings reach train through generate's outputs (their digest), not as settings.
+    assert diff("train", generate={"sampling": {"temperature": 0.3}}) == []
+    # Scheduling settings, and settings a stage does not read, make no output stale.
+    assert all(diff(s, resources={"num_cpus": 7}) == [] for s in ("generate", "train", "evaluate", "bench"))
+    assert diff("generate", data={"test": str(tmp_path / "other.jsonl")}) == []
+    assert diff("evaluate", data={"test": str(tmp_path / "other.jsonl")}) == ["data.test"]
+    assert diff("generate", demo={"teacher_steps": 5}) == []  # not a demo run
+    assert diff("train", evaluate={"latency_samples": 3}) == [] and diff("evaluate", evaluate={"latency_samples": 3})
+
+
+def test_secrets_change_the_fingerprint_without_being_written(tmp_path: Path) -> None:
+    from distray import lineage
+
+    key1 = _cfg(tmp_path, teacher={"engine_kwargs": {"hf_token": "sk-one"}})
+    key2 = _cfg(tmp_path, teacher={"engine_kwargs": {"hf_token": "sk-two"}})
+    s1, s2 = lineage.settings(key1, "generate"), lineage.settings(key2, "generate")
+    assert s1 != s2 and "sk-one" not in repr(s1)
+
+
+def test_a_partial_generate_refuses_new_settings_and_a_rerun_train_marks_evaluate_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr("distray.ray_utils.init_ray", lambda cfg: None)
+
+    def fake(self: Any) -> Any:
+        def stage(cfg: Any, **kw: Any) -> None:
+            ran.append(self.name)
+            p = RunPaths(cfg.run_dir)
+            done = {"generate": p.generate_stats, "train": p.train_metrics, "evaluate": p.eval_metrics,
+                    "bench": p.bench_results}.get(self.name)
+            if done:
+                Path(done).parent.mkdir(parents=True, exist_ok=True)
+                Path(done).write_text(json.dumps({"stage": self.name, "run": len(ran)}))
+            if self.name == "train":
+                Path(p.student).mkdir(parents=True, exist_ok=True)
+                Path(p.student, "model.safetensors").write_text(f"weights {len(ran)}")
+        return stage
+
+    monkeypatch.setattr(pipeline.Stage, "fn", fake)
+    cfg = _cfg(tmp_path)
+    # An interrupted generate: its record exists, its outputs are partial (no stats.json).
+    prepared = prepare.prepare(cfg)
+    from distray import lineage
+
+    lineage.write(prepared, "generate")
+    hot = _cfg(tmp_path, generate={"sampling": {"temperature": 0.7}})
+    with pytest.raises(ConfigError, match=r"generate.sampling.temperature: 0.0 → 0.7"):
+        pipeline.run(hot, stages=["generate"])
+    assert ran == []
+
+    pipeline.run(cfg, stages=["generate", "train", "evaluate"])
+    assert ran == ["generate", "train", "evaluate"]
+    pipeline.run(cfg, stages=["generate", "train", "evaluate"])
+    assert ran == ["generate", "train", "evaluate"]  # all current: skipped
+    # --force --stages train gives a new student: evaluate is stale and runs again.
+    pipeline.run(cfg, stages=["train"], force=True)
+    with caplog.at_level("WARNING", logger="distray.pipeline"):
+        result = pipeline.run(cfg, stages=["generate", "train", "evaluate"])
+    assert ran == ["generate", "train", "evaluate", "train", "evaluate"]
+    assert result.stages_skipped == ["generate", "train"]
+    assert any("stage evaluate: its inputs changed" in r.getMessage() for r in caplog.records)
 
 
 def _finish_generate(cfg: Any) -> None:
