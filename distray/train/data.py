@@ -91,7 +91,7 @@ class ChatEncoder:
     given it twice.
 
     A tokenizer without a chat template (a base model) gets the prompt generate and evaluate
-    give it (`distray.teacher.engines.common.render_prompt`: the turns' contents joined with
+    give it (`distray.prompts.render_prompt`: the turns' contents joined with
     newlines, plus the tokenizer's own special tokens) and eos as the end of a turn.
 
     Args:
@@ -145,7 +145,7 @@ class ChatEncoder:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered prompt turns plus the generation prompt."""
         if not self.has_template:
-            from distray.teacher.engines.common import render_prompt
+            from distray.prompts import render_prompt
 
             return render_prompt(self.tokenizer, list(messages), apply_chat_template=False)[1]
         text = self.tokenizer.apply_chat_template(

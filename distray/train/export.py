@@ -27,9 +27,31 @@ from typing import Any
 
 from distray.errors import StageError
 
-__all__ = ["export_checkpoint", "latest_tag", "load_checkpoint_state_dict"]
+__all__ = ["export_checkpoint", "export_source", "latest_tag", "load_checkpoint_state_dict"]
 
 logger = logging.getLogger(__name__)
+
+
+def export_source(result: Any) -> Any:
+    """The checkpoint of a Ray Train result to export: the best one when early stopping ended
+    the run (its `best_step`), else the latest.
+
+    Args:
+        result: a `ray.train.Result` (`metrics`, `checkpoint`, `best_checkpoints`).
+
+    Returns:
+        A `ray.train.Checkpoint`; the latest when the best one has been deleted.
+    """
+    m = result.metrics or {}
+    if not m.get("early_stopped") or m.get("best_step") is None:
+        return result.checkpoint
+    name = f"checkpoint_{int(m['best_step']):08d}"
+    for ckpt, _ in result.best_checkpoints or []:
+        if ckpt.path.rstrip("/").endswith(name):
+            logger.info("early stopping: exporting the best checkpoint, %s", name)
+            return ckpt
+    logger.warning("early stopping: best checkpoint %s is gone; exporting the latest", name)
+    return result.checkpoint
 
 
 def latest_tag(checkpoint_dir: str) -> str:

@@ -1,6 +1,11 @@
-"""The Ray Train worker function: one DeepSpeed engine per worker, streamed batches, KD losses.
+"""The Ray Train worker: one DeepSpeed engine per worker, streamed batches, KD losses.
 
     (started by distray.train.trainer.train_model through ray.train.torch.TorchTrainer)
+
+`train_loop_per_worker(config)` builds a `TrainWorker` and runs it: `setup()` (device, DeepSpeed
+engine, resume), `train()` (the epoch loop), `validate()` (validation loss, early stopping),
+`checkpoint()` (DeepSpeed checkpoint + `ray.train.report`) and `finish()` (the last evaluation,
+checkpoint and metrics line).
 
 Why our own loop rather than transformers' Trainer under Ray Train: DeepSpeed's engine already
 does gradient accumulation, clipping, mixed precision, ZeRO partitioning, LR stepping and sharded
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -28,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distray.config import DistrayConfig
+from distray.train.plan import WorkerPlan, lr_lambda
 
-__all__ = ["WorkerPlan", "TrainState", "train_loop_per_worker", "lr_lambda"]
+__all__ = ["TrainState", "TrainWorker", "train_loop_per_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +42,8 @@ logger = logging.getLogger(__name__)
 #: checkpoint by it, and needs a number: None fails its sort, inf turns null in its snapshot.
 NOT_EVALUATED = 1e30
 
-
-@dataclass
-class WorkerPlan:
-    """What the driver resolved for the workers (everything else is in the config)."""
-
-    model: str
-    tokenizer: str
-    out_dir: str
-    metrics_path: str
-    ds_config: dict[str, Any]
-    total_steps: int
-    steps_per_epoch: int
-    micro_batches_per_epoch: int
-    epochs: int
-    use_teacher_ids: bool
-    with_topk: bool
-    has_validation: bool
-    seed: int
-    use_gpu: bool
+#: Validation batches kept in memory after the first pass (see `TrainWorker.evaluate`).
+VAL_CACHE_LIMIT = 256
 
 
 @dataclass
@@ -78,18 +66,42 @@ class TrainState:
     last_train_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def record_eval(self, ev: dict[str, float], patience: int | None) -> bool:
+        """Store one validation result (`ev["val_loss"]`, ...) at the current step.
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`.
+        Args:
+            ev: the validation losses.
+            patience: `train.early_stopping_patience`; None or 0 never stops.
 
-    Step 0 of the warm-up already trains at lr/warmup (DeepSpeed's WarmupCosineLR starts at 0 and
-    forces ≥ 2 warm-up steps, which is why distray passes its own LambdaLR).
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        Returns:
+            True when early stopping should stop the run (`patience` evaluations in a row
+            without improvement); `early_stopped` is then set.
+        """
+        self.last_val_loss = ev["val_loss"]
+        self.history.append({"step": self.step, "val_step": self.step, **ev})
+        if self.best_val_loss is None or ev["val_loss"] < self.best_val_loss - 1e-6:
+            self.best_val_loss = ev["val_loss"]
+            self.best_step = self.step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        if patience and self.evals_without_improvement >= patience:
+            self.early_stopped = True
+            return True
+        return False
+
+
+@dataclass
+class _Window:
+    """This worker's figures since the last step line (all-reduced when the line is logged)."""
+
+    loss: float = 0.0
+    sft: float = 0.0
+    logit: float = 0.0
+    micro: int = 0
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
 
 
 def _worker_logging(rank: int) -> None:
@@ -189,332 +201,390 @@ def _batch_loss(engine: Any, batch: dict[str, Any], tc: Any) -> Any:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`).
+class TrainWorker:
+    """One Ray Train worker's run: setup, the training loop, validation and checkpoints.
 
     Args:
-        config: {"cfg": DistrayConfig as a dict, "plan": WorkerPlan as a dict}.
+        cfg: the run config (validated on arrival).
+        plan: what the driver resolved (`distray.train.plan.WorkerPlan`).
     """
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
 
-    from distray.formats import write_text
-    from distray.train.data import ChatEncoder, Collator
+    def __init__(self, cfg: DistrayConfig, plan: WorkerPlan) -> None:
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.plan = plan
+        self.micro = plan.micro_batch_size
+        self.accum = plan.accumulation_steps
+        self.micro_per_epoch = plan.steps_per_epoch * self.accum  # micro-batches used per epoch
+        self.state = TrainState()
+        self.stop = False
+        self.window = _Window()
+        self.step_loss = 0.0
+        # Validation batches are kept in memory after the first pass when small: restarting a
+        # Ray Data stream costs seconds, often more than the forward passes. All workers take
+        # the same decision (an all-reduce), or a worker would wait forever on a shard the
+        # others left.
+        self.val_cache: list[dict[str, Any]] | None = None
+        self.val_cacheable = True
 
-    cfg = DistrayConfig.model_validate(config["cfg"])
-    plan = WorkerPlan(**config["plan"])
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    _worker_logging(rank)
+    # ---- setup ----------------------------------------------------------------------------
 
-    if plan.use_gpu:
-        from ray.train.torch import get_device
+    def setup(self) -> None:
+        """Device, process group, collator, DeepSpeed engine, dataset shards; resume if asked."""
+        import deepspeed
+        import ray.train
+        import torch
 
-        device = get_device()
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        # Ray sets OMP threads from the worker's CPU share; torch needs telling too.
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    torch.manual_seed(plan.seed + rank)
-    # Ray Train has set up torch.distributed already; DeepSpeed adopts that process group
-    # (its config checks, e.g. ZeRO-3's at model load, need the world size).
-    deepspeed.init_distributed(dist_backend="nccl" if plan.use_gpu else "gloo")
+        plan, tc = self.plan, self.tc
+        self.rank = ray.train.get_context().get_world_rank()
+        _worker_logging(self.rank)
+        if plan.use_gpu:
+            from ray.train.torch import get_device
 
-    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoder = ChatEncoder(tokenizer, tc.max_seq_len)
-    collator = _arrow_collate(
-        Collator(
-            encoder,
-            pad_id,
-            with_topk=plan.with_topk,
-            packing=tc.packing,
-            use_teacher_ids=plan.use_teacher_ids,
-        )
-    )
-
-    model, keepalive = _load_model(plan, cfg, torch.float32)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_cfg = plan.ds_config
-    kwargs: dict[str, Any] = {"model": model, "config": ds_cfg, "model_parameters": trainable}
-    if "optimizer" not in ds_cfg:
-        kwargs["optimizer"] = torch.optim.AdamW(
-            trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95)
-        )
-    if "scheduler" not in ds_cfg:
-        kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, tc.warmup_steps, plan.total_steps, tc.min_lr_ratio)
-        )
-    engine, _, _, scheduler = deepspeed.initialize(**kwargs)
-    del keepalive
-
-    state = TrainState()
-    resumed_from = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d)
-        if client and "distray" in client:
-            state = TrainState(**client["distray"])
-        resumed_from = state.step
-        if rank == 0:
-            logger.info("resumed from checkpoint at step %d (epoch %d)", state.step, state.epoch)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if plan.has_validation else None
-    micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-    accum = int(ds_cfg["gradient_accumulation_steps"])
-
-    def allreduce(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def write_metrics() -> None:
-        if rank == 0:
-            write_text(plan.metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
-
-    # Validation batches are kept in memory after the first pass when small: restarting a Ray
-    # Data stream costs seconds, often more than the forward passes. All workers take the same
-    # decision (an all-reduce), or a worker would wait forever on a shard the others left.
-    val_cache: list[dict[str, Any]] | None = None
-    val_cache_limit = 256
-    val_cacheable = True
-
-    def evaluate() -> dict[str, float]:
-        nonlocal val_cache, val_cacheable
-        assert val_shard is not None
-        engine.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]
-        seen: list[dict[str, Any]] = []
-        batches = (
-            val_cache
-            if val_cache is not None
-            else val_shard.iter_torch_batches(batch_size=micro, collate_fn=collator, prefetch_batches=1)
-        )
-        with torch.no_grad():
-            for batch in batches:
-                if val_cache is None and val_cacheable and len(seen) <= val_cache_limit:
-                    seen.append(batch)
-                batch = _batch_to(batch, device)
-                parts = _batch_loss(engine, batch, tc)
-                sums[0] += float(parts.sft_sum)
-                sums[1] += float(parts.sft_count)
-                sums[2] += float(parts.logit_sum)
-                sums[3] += float(parts.logit_count)
-        engine.train()
-        if val_cache is None and val_cacheable:
-            val_cacheable = allreduce([float(len(seen) > val_cache_limit)])[0] == 0
-            val_cache = seen if val_cacheable else None
-        s = allreduce(sums)
-        val_sft = s[0] / max(s[1], 1.0)
-        out = {"val_sft_loss": val_sft}
-        if tc.is_logit_loss:
-            val_logit = s[2] / max(s[3], 1.0)
-            out["val_logit_loss"] = val_logit
-            out["val_loss"] = tc.alpha * val_logit + (1 - tc.alpha) * val_sft
+            self.device = get_device()
+            torch.cuda.set_device(self.device)
         else:
-            out["val_loss"] = val_sft
-        return out
+            self.device = torch.device("cpu")
+            # Ray sets OMP threads from the worker's CPU share; torch needs telling too.
+            torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.manual_seed(plan.seed + self.rank)
+        # Ray Train has set up torch.distributed already; DeepSpeed adopts that process group
+        # (its config checks, e.g. ZeRO-3's at model load, need the world size).
+        deepspeed.init_distributed(dist_backend="nccl" if plan.use_gpu else "gloo")
+        self.collator = self._collator()
+        self.engine, self.scheduler = self._engine()
+        self._resume()
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("validation") if plan.has_validation else None
 
-    def summary() -> dict[str, Any]:
-        return {
-            "step": state.step,
-            "epoch": state.epoch,
-            "train_loss": state.last_train_loss,
-            "val_loss": state.last_val_loss,
-            "best_val_loss": state.best_val_loss,
-            "best_step": state.best_step,
-            "early_stopped": state.early_stopped,
-            "train_tokens": state.train_tokens,
-            "train_time_s": state.train_time_s,
-            "tokens_per_s": state.train_tokens / state.train_time_s if state.train_time_s else 0.0,
-            "truncated": state.truncated,
-            "no_target": state.no_target,
-            "examples": state.examples,
-            "resumed_from_step": resumed_from,
-        }
+    def _collator(self) -> Any:
+        from transformers import AutoTokenizer
 
-    last_ckpt_step = state.step if ckpt is not None else -1
+        from distray.train.data import ChatEncoder, Collator
 
-    def checkpoint() -> None:
-        nonlocal last_ckpt_step
-        if last_ckpt_step == state.step:
-            return
-        # The validation loss of exactly these weights ranks the checkpoint (the trainer's
-        # checkpoint_score_attribute), so the best one outlives train.keep_checkpoints.
-        ev = next((r for r in reversed(state.history) if "val_step" in r), None)
-        score = ev["val_loss"] if ev is not None and ev["val_step"] == state.step else NOT_EVALUATED
-        with tempfile.TemporaryDirectory(prefix="distray-ckpt-") as d:
-            engine.save_checkpoint(
-                d, tag=f"step{state.step:08d}", client_state={"distray": asdict(state)}
+        tokenizer = AutoTokenizer.from_pretrained(self.plan.tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return _arrow_collate(
+            Collator(
+                ChatEncoder(tokenizer, self.tc.max_seq_len),
+                pad_id,
+                with_topk=self.plan.with_topk,
+                packing=self.tc.packing,
+                use_teacher_ids=self.plan.use_teacher_ids,
             )
-            ray.train.report(
-                {**summary(), "checkpoint_val_loss": score},
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"checkpoint_{state.step:08d}",
-            )
-        last_ckpt_step = state.step
-
-    # An early-stopped run that is rerun is finished, not continued past its stop.
-    stop = state.step >= plan.total_steps or state.early_stopped
-    win_loss = win_sft = win_logit = 0.0
-    win_micro = 0
-    win_tokens = 0
-    win_steps = 0
-    win_start = time.perf_counter()
-    step_loss = 0.0
-    steps_in_epoch = plan.steps_per_epoch * accum  # micro-batches used per epoch
-
-    while not stop and state.epoch < plan.epochs:
-        skip = state.micro_in_epoch
-        it = train_shard.iter_torch_batches(
-            batch_size=micro,
-            collate_fn=collator,
-            prefetch_batches=2,
-            local_shuffle_buffer_size=max(micro * 8, 64),
-            local_shuffle_seed=plan.seed * 1000 + state.epoch,
         )
-        for i, batch in enumerate(it):
-            if stop:
+
+    def _engine(self) -> tuple[Any, Any]:
+        """The DeepSpeed engine and LR scheduler (distray's AdamW and warm-up/cosine unless
+        `train.deepspeed` names its own)."""
+        import deepspeed
+        import torch
+
+        plan, tc = self.plan, self.tc
+        model, keepalive = _load_model(plan, self.cfg, torch.float32)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        ds_cfg = plan.ds_config
+        kwargs: dict[str, Any] = {"model": model, "config": ds_cfg, "model_parameters": trainable}
+        if "optimizer" not in ds_cfg:
+            kwargs["optimizer"] = torch.optim.AdamW(
+                trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95)
+            )
+        if "scheduler" not in ds_cfg:
+            kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_lambda(s, tc.warmup_steps, plan.total_steps, tc.min_lr_ratio)
+            )
+        engine, _, _, scheduler = deepspeed.initialize(**kwargs)
+        del keepalive
+        return engine, scheduler
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint Ray Train hands this (re)start, if any."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        self.restored = ckpt is not None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                _, client = self.engine.load_checkpoint(d)
+            if client and "distray" in client:
+                self.state = TrainState(**client["distray"])
+            if self.rank == 0:
+                logger.info(
+                    "resumed from checkpoint at step %d (epoch %d)", self.state.step, self.state.epoch
+                )
+        self.resumed_from = self.state.step
+        self.last_ckpt_step = self.state.step if self.restored else -1
+
+    # ---- train ----------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Epochs of the shard until the planned steps, `max_steps` or early stopping."""
+        st, plan = self.state, self.plan
+        # An early-stopped run that is rerun is finished, not continued past its stop.
+        self.stop = st.step >= plan.total_steps or st.early_stopped
+        self.window = _Window()
+        while not self.stop and st.epoch < plan.epochs:
+            self._train_epoch()
+            if not self.stop and st.micro_in_epoch != 0:
+                # The shard ran out before the planned micro-batches (fewer rows than counted).
+                st.epoch += 1
+                st.micro_in_epoch = 0
+            if st.step >= plan.total_steps:
+                self.stop = True
+
+    def _train_epoch(self) -> None:
+        st = self.state
+        skip = st.micro_in_epoch
+        batches = self.train_shard.iter_torch_batches(
+            batch_size=self.micro,
+            collate_fn=self.collator,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=max(self.micro * 8, 64),
+            local_shuffle_seed=self.plan.seed * 1000 + st.epoch,
+        )
+        for i, batch in enumerate(batches):
+            if self.stop:
                 # Every worker stops at the same step (max_steps, or early stopping on an
                 # all-reduced loss), so all of them leave the stream together.
                 break
-            if i >= steps_in_epoch:
+            if i >= self.micro_per_epoch:
                 # The tail that does not fill an accumulation group; drained so the Ray Data
                 # epoch completes in step on every worker.
                 continue
             if i < skip:
                 # Resuming mid-epoch: the micro-batches the checkpointed run already used.
                 continue
-            batch = _batch_to(batch, device)
-            parts = _batch_loss(engine, batch, tc)
-            engine.backward(parts.loss)
-            engine.step()
-            loss_v = float(parts.loss.detach())
-            step_loss += loss_v
-            win_loss += loss_v
-            win_sft += float(parts.sft_sum) / max(float(parts.sft_count), 1.0)
-            win_logit += float(parts.logit_sum) / max(float(parts.logit_count), 1.0)
-            win_micro += 1
-            win_tokens += int(batch["n_tokens"])
-            state.truncated += int(batch["n_truncated"])
-            state.no_target += int(batch["n_no_target"])
-            state.examples += int(batch["n_examples"])
-            state.micro_in_epoch = i + 1
-            if (i + 1) % accum:
-                continue
+            self._micro_step(batch)
+            st.micro_in_epoch = i + 1
+            if (i + 1) % self.accum == 0:
+                self._after_optimizer_step()
 
-            # ---- one optimizer step done ----
-            state.step += 1
-            win_steps += 1
-            state.last_train_loss = step_loss / accum
-            step_loss = 0.0
-            if state.micro_in_epoch >= steps_in_epoch:
-                state.epoch += 1
-                state.micro_in_epoch = 0
-            at_end = state.step >= plan.total_steps
-            log_now = state.step % tc.log_every_steps == 0 or at_end
-            if log_now:
-                elapsed = time.perf_counter() - win_start
-                g = allreduce([win_loss, win_sft, win_logit, float(win_micro), float(win_tokens)])
-                n_micro = max(g[3], 1.0)
-                tokens = int(g[4])
-                state.train_tokens += tokens
-                state.train_time_s += elapsed
-                lr = scheduler.get_last_lr()[0] if scheduler is not None else tc.lr
-                rec = {
-                    "step": state.step,
-                    "epoch": state.epoch,
-                    "loss": g[0] / n_micro,
-                    "sft_loss": g[1] / n_micro,
-                    "lr": lr,
-                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                    "step_ms": 1000 * elapsed / max(win_steps, 1),
-                    "time_s": state.train_time_s,
-                }
-                if tc.is_logit_loss:
-                    rec["logit_loss"] = g[2] / n_micro
-                state.history.append(rec)
-                if rank == 0:
-                    logger.info(
-                        "step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.0f ms",
-                        state.step,
-                        plan.total_steps,
-                        rec["loss"],
-                        lr,
-                        _fmt_count(rec["tokens_per_s"]),
-                        rec["step_ms"],
-                    )
-                write_metrics()
-                win_loss = win_sft = win_logit = 0.0
-                win_micro = win_tokens = win_steps = 0
-            early_stop = False
-            if val_shard is not None and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
-                early_stop = _record_eval(state, evaluate(), tc, rank)
-                write_metrics()
-                if tc.early_stopping_patience and state.best_step == state.step:
-                    checkpoint()  # the weights early stopping exports
-            if early_stop or at_end:
-                stop = True
-            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0:
-                checkpoint()
-            elif state.step % tc.report_every_steps == 0:
-                ray.train.report(summary())
-            if log_now:
-                # Time spent in eval / checkpoint / report is not training throughput.
-                win_start = time.perf_counter()
-            if state.micro_in_epoch == 0 and not stop:
-                checkpoint()  # epoch end
-        if not stop and state.micro_in_epoch != 0:
-            # The shard ran out before the planned micro-batches (fewer rows than counted).
-            state.epoch += 1
-            state.micro_in_epoch = 0
-        if state.step >= plan.total_steps:
-            stop = True
+    def _micro_step(self, batch: dict[str, Any]) -> None:
+        """Forward, backward and (every `accum` micro-batches, inside DeepSpeed) the step."""
+        st, w = self.state, self.window
+        batch = _batch_to(batch, self.device)
+        parts = _batch_loss(self.engine, batch, self.tc)
+        self.engine.backward(parts.loss)
+        self.engine.step()
+        loss_v = float(parts.loss.detach())
+        self.step_loss += loss_v
+        w.loss += loss_v
+        w.sft += float(parts.sft_sum) / max(float(parts.sft_count), 1.0)
+        w.logit += float(parts.logit_sum) / max(float(parts.logit_count), 1.0)
+        w.micro += 1
+        w.tokens += int(batch["n_tokens"])
+        st.truncated += int(batch["n_truncated"])
+        st.no_target += int(batch["n_no_target"])
+        st.examples += int(batch["n_examples"])
 
-    if val_shard is not None and (not state.history or state.history[-1].get("val_step") != state.step):
-        _record_eval(state, evaluate(), tc, rank)
-        write_metrics()
-    checkpoint()
-    if last_ckpt_step == state.step and resumed_from == state.step and ckpt is not None:
-        # Nothing new happened (the run had already finished); report the figures anyway.
-        ray.train.report(summary())
-    # The run's figures as the last metrics line (what the report shows); kept out of the
-    # checkpointed history so a resumed run writes it once.
-    state.history = [r for r in state.history if not r.get("final")]
-    state.history.append({"final": True, **summary()})
-    write_metrics()
+    def _after_optimizer_step(self) -> None:
+        """Count the step; log, validate, checkpoint and report on their cadences."""
+        import ray.train
 
+        st, tc, plan = self.state, self.tc, self.plan
+        st.step += 1
+        self.window.steps += 1
+        st.last_train_loss = self.step_loss / self.accum
+        self.step_loss = 0.0
+        if st.micro_in_epoch >= self.micro_per_epoch:
+            st.epoch += 1
+            st.micro_in_epoch = 0
+        at_end = st.step >= plan.total_steps
+        log_now = st.step % tc.log_every_steps == 0 or at_end
+        if log_now:
+            self._log_step()
+        early_stop = False
+        if self.val_shard is not None and tc.eval_every_steps and st.step % tc.eval_every_steps == 0:
+            early_stop = self.validate()
+            if tc.early_stopping_patience and st.best_step == st.step:
+                self.checkpoint()  # the weights early stopping exports
+        if early_stop or at_end:
+            self.stop = True
+        if tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0:
+            self.checkpoint()
+        elif st.step % tc.report_every_steps == 0:
+            ray.train.report(self.summary())
+        if log_now:
+            # Time spent in eval / checkpoint / report is not training throughput.
+            self.window.start = time.perf_counter()
+        if st.micro_in_epoch == 0 and not self.stop:
+            self.checkpoint()  # epoch end
 
-def _record_eval(state: TrainState, ev: dict[str, float], tc: Any, rank: int) -> bool:
-    """Store one validation result; True when early stopping should stop the run."""
-    state.last_val_loss = ev["val_loss"]
-    state.history.append({"step": state.step, "val_step": state.step, **ev})
-    improved = state.best_val_loss is None or ev["val_loss"] < state.best_val_loss - 1e-6
-    if improved:
-        state.best_val_loss = ev["val_loss"]
-        state.best_step = state.step
-        state.evals_without_improvement = 0
-    else:
-        state.evals_without_improvement += 1
-    if rank == 0:
-        logger.info(
-            "step %d | val_loss %.4f | best %.4f", state.step, ev["val_loss"], state.best_val_loss
-        )
-    patience = tc.early_stopping_patience
-    if patience and state.evals_without_improvement >= patience:
-        if rank == 0:
+    def _log_step(self) -> None:
+        """One metrics record and one dense step line over the window, all workers together."""
+        st, w = self.state, self.window
+        elapsed = time.perf_counter() - w.start
+        g = self._allreduce([w.loss, w.sft, w.logit, float(w.micro), float(w.tokens)])
+        n_micro = max(g[3], 1.0)
+        tokens = int(g[4])
+        st.train_tokens += tokens
+        st.train_time_s += elapsed
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.tc.lr
+        rec = {
+            "step": st.step,
+            "epoch": st.epoch,
+            "loss": g[0] / n_micro,
+            "sft_loss": g[1] / n_micro,
+            "lr": lr,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "step_ms": 1000 * elapsed / max(w.steps, 1),
+            "time_s": st.train_time_s,
+        }
+        if self.tc.is_logit_loss:
+            rec["logit_loss"] = g[2] / n_micro
+        st.history.append(rec)
+        if self.rank == 0:
             logger.info(
-                "early stopping at step %d: %d evaluations without improvement",
-                state.step,
-                state.evals_without_improvement,
+                "step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.0f ms",
+                st.step,
+                self.plan.total_steps,
+                rec["loss"],
+                lr,
+                _fmt_count(rec["tokens_per_s"]),
+                rec["step_ms"],
             )
-        state.early_stopped = True
-        return True
-    return False
+        self._write_metrics()
+        self.window = _Window()
+
+    # ---- validate -------------------------------------------------------------------------
+
+    def validate(self) -> bool:
+        """Evaluate, record and log the validation loss; True when early stopping says stop."""
+        st = self.state
+        stop = st.record_eval(self.evaluate(), self.tc.early_stopping_patience)
+        if self.rank == 0:
+            logger.info("step %d | val_loss %.4f | best %.4f", st.step, st.last_val_loss, st.best_val_loss)
+            if stop:
+                logger.info(
+                    "early stopping at step %d: %d evaluations without improvement",
+                    st.step,
+                    st.evals_without_improvement,
+                )
+        self._write_metrics()
+        return stop
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation losses over every worker's shard, averaged over answer tokens."""
+        import torch
+
+        assert self.val_shard is not None
+        self.engine.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]
+        seen: list[dict[str, Any]] = []
+        fill_cache = self.val_cache is None and self.val_cacheable
+        batches = (
+            self.val_cache
+            if self.val_cache is not None
+            else self.val_shard.iter_torch_batches(
+                batch_size=self.micro, collate_fn=self.collator, prefetch_batches=1
+            )
+        )
+        with torch.no_grad():
+            for batch in batches:
+                if fill_cache and len(seen) <= VAL_CACHE_LIMIT:
+                    seen.append(batch)
+                parts = _batch_loss(self.engine, _batch_to(batch, self.device), self.tc)
+                sums[0] += float(parts.sft_sum)
+                sums[1] += float(parts.sft_count)
+                sums[2] += float(parts.logit_sum)
+                sums[3] += float(parts.logit_count)
+        self.engine.train()
+        if fill_cache:
+            self.val_cacheable = self._allreduce([float(len(seen) > VAL_CACHE_LIMIT)])[0] == 0
+            self.val_cache = seen if self.val_cacheable else None
+        s = self._allreduce(sums)
+        val_sft = s[0] / max(s[1], 1.0)
+        out = {"val_sft_loss": val_sft}
+        if self.tc.is_logit_loss:
+            val_logit = s[2] / max(s[3], 1.0)
+            out["val_logit_loss"] = val_logit
+            out["val_loss"] = self.tc.alpha * val_logit + (1 - self.tc.alpha) * val_sft
+        else:
+            out["val_loss"] = val_sft
+        return out
+
+    # ---- checkpoint -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Save a DeepSpeed checkpoint of this step and report it to Ray Train (once per step)."""
+        import ray.train
+
+        st = self.state
+        if self.last_ckpt_step == st.step:
+            return
+        # The validation loss of exactly these weights ranks the checkpoint (the trainer's
+        # checkpoint_score_attribute), so the best one outlives train.keep_checkpoints.
+        ev = next((r for r in reversed(st.history) if "val_step" in r), None)
+        score = ev["val_loss"] if ev is not None and ev["val_step"] == st.step else NOT_EVALUATED
+        with tempfile.TemporaryDirectory(prefix="distray-ckpt-") as d:
+            self.engine.save_checkpoint(d, tag=f"step{st.step:08d}", client_state={"distray": asdict(st)})
+            ray.train.report(
+                {**self.summary(), "checkpoint_val_loss": score},
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"checkpoint_{st.step:08d}",
+            )
+        self.last_ckpt_step = st.step
+
+    def finish(self) -> None:
+        """The last evaluation and checkpoint, and the run's figures as the last metrics line."""
+        import ray.train
+
+        st = self.state
+        if self.val_shard is not None and (not st.history or st.history[-1].get("val_step") != st.step):
+            self.validate()
+        self.checkpoint()
+        if self.last_ckpt_step == st.step and self.resumed_from == st.step and self.restored:
+            # Nothing new happened (the run had already finished); report the figures anyway.
+            ray.train.report(self.summary())
+        # Kept out of the checkpointed history so a resumed run writes it once.
+        st.history = [r for r in st.history if not r.get("final")]
+        st.history.append({"final": True, **self.summary()})
+        self._write_metrics()
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The figures reported to Ray Train (the driver's `TrainResult` reads the last)."""
+        st = self.state
+        return {
+            "step": st.step,
+            "epoch": st.epoch,
+            "train_loss": st.last_train_loss,
+            "val_loss": st.last_val_loss,
+            "best_val_loss": st.best_val_loss,
+            "best_step": st.best_step,
+            "early_stopped": st.early_stopped,
+            "train_tokens": st.train_tokens,
+            "train_time_s": st.train_time_s,
+            "tokens_per_s": st.train_tokens / st.train_time_s if st.train_time_s else 0.0,
+            "truncated": st.truncated,
+            "no_target": st.no_target,
+            "examples": st.examples,
+            "resumed_from_step": self.resumed_from,
+        }
+
+    def _allreduce(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def _write_metrics(self) -> None:
+        if self.rank == 0:
+            from distray.storage import write_text
+
+            write_text(self.plan.metrics_path, "".join(json.dumps(r) + "\n" for r in self.state.history))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`).
+
+    Args:
+        config: {"cfg": DistrayConfig as a JSON-able dict, "plan": WorkerPlan}.
+    """
+    worker = TrainWorker(DistrayConfig.model_validate(config["cfg"]), config["plan"])
+    worker.setup()
+    worker.train()
+    worker.finish()

@@ -82,7 +82,7 @@ def test_deepspeed_bf16_kd_steps_reduce_loss_on_gpu(nccl_world, zero_stage: int)
 
     from distray.config import TrainConfig
     from distray.train.losses import compute_loss
-    from distray.train.trainer import build_deepspeed_config
+    from distray.train.plan import build_deepspeed_config
 
     tc = TrainConfig(zero_stage=zero_stage, precision="bf16", micro_batch_size=8, lr=3e-3, num_workers=1)
     ds_cfg = build_deepspeed_config(tc, world_size=1, use_gpu=True)

@@ -16,9 +16,9 @@ import torch
 from distray.config import TrainConfig
 from distray.errors import ConfigError, DataError
 from distray.train.data import ChatEncoder, Collator, holdout_flags, in_holdout, pack_examples
-from distray.train.loop import lr_lambda
 from distray.train.losses import IGNORE_INDEX, MISSING_LOGPROB
-from distray.train.trainer import build_deepspeed_config, check_vocab, plan_steps
+from distray.train.plan import build_deepspeed_config, lr_lambda, plan_steps
+from distray.train.vocab import check_vocab
 
 MSGS = [{"role": "user", "content": "rev abc"}]
 
@@ -76,7 +76,7 @@ def test_rows_with_different_k_are_padded_with_a_finite_missing_logprob(tok):
 
 
 def test_student_without_chat_template_gets_the_prompt_generation_used(tok):
-    from distray.teacher.engines.common import render_prompt
+    from distray.prompts import render_prompt
 
     base = copy.deepcopy(tok)
     base.chat_template = None
@@ -165,7 +165,7 @@ def test_holdout_is_deterministic_and_near_the_fraction():
 def test_holdout_keeps_every_answer_to_one_prompt_on_one_side():
     import pyarrow as pa
 
-    from distray.train.trainer import _holdout_filter
+    from distray.train.datasets import holdout_filter
 
     # 2 teachers × 3 samples per prompt: six row ids, one input id.
     rows = [
@@ -173,14 +173,14 @@ def test_holdout_keeps_every_answer_to_one_prompt_on_one_side():
         for p in (f"q{i}" for i in range(200)) for t in ("a", "b") for n in range(3)
     ]
     table = pa.Table.from_pylist(rows)
-    val = _holdout_filter(0.2, 0, keep_holdout=True)(table)
-    train = _holdout_filter(0.2, 0, keep_holdout=False)(table)
+    val = holdout_filter(0.2, 0, keep_holdout=True)(table)
+    train = holdout_filter(0.2, 0, keep_holdout=False)(table)
     val_prompts, train_prompts = set(val.column("input_id").to_pylist()), set(train.column("input_id").to_pylist())
     assert val.num_rows + train.num_rows == len(rows) and val.num_rows == 6 * len(val_prompts)
     assert val_prompts and not (val_prompts & train_prompts)
     # Rows without input_id (reference SFT: the id is the input id) split by id.
     plain = pa.Table.from_pylist([{"id": f"q{i}"} for i in range(200)])
-    assert _holdout_filter(0.2, 0, keep_holdout=True)(plain).column("id").to_pylist() == sorted(
+    assert holdout_filter(0.2, 0, keep_holdout=True)(plain).column("id").to_pylist() == sorted(
         val_prompts, key=lambda q: int(q[1:])
     )
 
@@ -273,11 +273,10 @@ def test_vocab_check_names_both_sizes(tok, tmp_path):
 
 
 def test_early_stopping_counts_evaluations_without_improvement():
-    from distray.train.loop import TrainState, _record_eval
+    from distray.train.loop import TrainState
 
-    tc = TrainConfig(early_stopping_patience=2)
     st = TrainState()
-    stops = [_record_eval(st, {"val_loss": v}, tc, rank=1) for v in (3.0, 2.0, 2.5, 1.5, 1.6, 1.7)]
+    stops = [st.record_eval({"val_loss": v}, patience=2) for v in (3.0, 2.0, 2.5, 1.5, 1.6, 1.7)]
     assert stops == [False, False, False, False, False, True]
     assert st.best_val_loss == 1.5 and st.last_val_loss == 1.7
     assert [r["val_step"] for r in st.history] == [0] * 6
@@ -286,14 +285,13 @@ def test_early_stopping_counts_evaluations_without_improvement():
 def test_early_stopping_exports_the_best_checkpoint_not_the_last():
     from types import SimpleNamespace
 
-    from distray.train.loop import TrainState, _record_eval
-    from distray.train.trainer import _export_source
+    from distray.train.export import export_source
+    from distray.train.loop import TrainState
 
-    tc = TrainConfig(early_stopping_patience=2)
     st = TrainState()
     for step, v in ((2, 2.0), (4, 1.5), (6, 1.6), (8, 1.7)):
         st.step = step
-        _record_eval(st, {"val_loss": v}, tc, rank=1)
+        st.record_eval({"val_loss": v}, patience=2)
     assert st.early_stopped and st.best_step == 4
 
     def ckpt(step):
@@ -304,6 +302,6 @@ def test_early_stopping_exports_the_best_checkpoint_not_the_last():
         metrics={"early_stopped": True, "best_step": 4}, checkpoint=last,
         best_checkpoints=[(ckpt(2), {}), (best, {}), (last, {})],
     )
-    assert _export_source(res) is best
+    assert export_source(res) is best
     res.metrics = {"early_stopped": False, "best_step": 4}  # ran to the end: the latest weights
-    assert _export_source(res) is last
+    assert export_source(res) is last
