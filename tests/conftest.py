@@ -68,9 +68,8 @@ def tiny_teacher_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: str
     )
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session (4 logical CPUs: engines plus Serve fit)."""
+def start_local_ray():
+    """The suite's local Ray (4 logical CPUs: engines plus Serve fit), unless one is up."""
     import ray
 
     from distray.ray_utils import init_ray
@@ -79,7 +78,39 @@ def ray_cluster():
         os.environ.pop("RAY_ADDRESS", None)
         from distray.config import DistrayConfig
 
-        cfg = DistrayConfig.model_validate({"resources": {"num_cpus": 4}})
-        init_ray(cfg)
-    yield ray
+        init_ray(DistrayConfig.model_validate({"resources": {"num_cpus": 4}}))
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the local Ray down at the end of the session."""
+    yield
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """One local Ray shared by the session's tests.
+
+    Started on first use, and again after a module that needs the cores for a cluster of its
+    own (the `ray job submit` pipeline test, the multi-node tests) shut it down with
+    `release_local_ray`: one Ray at a time holds this machine's cores.
+    """
+    yield start_local_ray()
+
+
+def release_local_ray() -> None:
+    """Shut the shared local Ray down (its Serve apps included) so another cluster gets the cores."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort: Serve may not be running
+            pass
+        ray.shutdown()

@@ -85,7 +85,11 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A `ray start --head --block` on 127.0.0.1 with its own ports; stopped by signalling it
-    (a global `ray stop` would also kill the session's other Ray)."""
+    (a global `ray stop` would also kill the session's other Ray). The session's local Ray is
+    shut down first: one Ray at a time holds the cores."""
+    from conftest import release_local_ray
+
+    release_local_ray()
     port, dash = _free_port(), _free_port()
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
