@@ -14,6 +14,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from decimal import MAX_EMAX, MIN_EMIN, Decimal, InvalidOperation, localcontext
 
 __all__ = [
     "final_answer",
@@ -126,11 +127,17 @@ def numbers_equal(pred: str | None, ref: str | None, rel_tol: float = 1e-6) -> b
         return False
     if pred == ref:
         return True
+    # Decimal, not float: "1" followed by 400 zeros overflows a float to inf, and inf == inf.
     try:
-        a, b = float(pred), float(ref)
-    except ValueError:
+        a, b = Decimal(pred.strip()), Decimal(ref.strip())
+    except InvalidOperation:
         return False
-    return abs(a - b) <= rel_tol * max(1.0, abs(a), abs(b))
+    if not (a.is_finite() and b.is_finite()):
+        return False
+    with localcontext() as ctx:
+        ctx.prec = 50  # the tolerance test needs a few significant digits, not all of them
+        ctx.Emax, ctx.Emin = MAX_EMAX, MIN_EMIN  # "1e9999999" is a number, not an overflow
+        return abs(a - b) <= Decimal(rel_tol) * max(Decimal(1), abs(a), abs(b))
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

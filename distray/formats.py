@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -56,6 +57,7 @@ __all__ = [
     "content_hash",
     "input_id",
     "normalize_row",
+    "render_row",
     "parse_jsonl_line",
     "iter_input_file",
     "iter_input_rows",
@@ -85,6 +87,7 @@ ROLES = ("system", "user", "assistant")
 REJECT_REASONS = (
     "invalid_utf8",  # bytes that are not UTF-8, or a JSON \\u escape that is a lone surrogate
     "invalid_json",  # the line does not parse as JSON
+    "number_too_long",  # a JSON integer longer than Python reads (sys.get_int_max_str_digits)
     "not_an_object",  # valid JSON, but not a {...} row
     "missing_prompt",  # neither `messages` nor `prompt`
     "empty_prompt",  # empty `prompt`, empty `messages`, or no non-empty user turn
@@ -94,6 +97,7 @@ REJECT_REASONS = (
     "bad_reference",  # `reference` that is not a string or number
     "bad_id",  # `id` that is not a non-empty string or an integer
     "duplicate_id",  # an id seen earlier in the same input
+    "chat_template",  # the teacher's chat template refuses the turns (`data check --tokenizer`)
 )
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -200,6 +204,68 @@ def _row_text(raw: Any) -> str:
     return text[:10_000]
 
 
+class _LongInt:
+    """A JSON integer too long for Python's `int(str)` (`sys.get_int_max_str_digits`): its text.
+
+    `json.loads` raises ValueError on the first such integer, which would take a whole file or
+    batch down with it; decoded as this, only the row that holds it is rejected.
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+    def __str__(self) -> str:
+        return self.digits
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInt(text)
+
+
+def _loads(text: str) -> tuple[Any, bool]:
+    """`(json.loads(text), holds_long_int)`; over-long integers decode as `_LongInt`.
+
+    Raises:
+        json.JSONDecodeError, RecursionError: as json.loads.
+    """
+    try:
+        return json.loads(text), False
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        # Only the int-digits limit raises a plain ValueError; the slower hook runs only then.
+        return json.loads(text, parse_int=_parse_int), True
+
+
+def _long_int_reject(raw: Any, text: str, line: int | None, source: str | None) -> Reject | None:
+    """A `number_too_long` reject when `raw` holds a `_LongInt` anywhere, else None."""
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, _LongInt):
+            n = len(v.digits.lstrip("-"))
+            field = f"`{where}`" if where else "the row"
+            return Reject(
+                "read",
+                "number_too_long",
+                f"{field} holds an integer of {n} digits, more than Python reads "
+                f"({sys.get_int_max_str_digits()}); quote it as a string",
+                text[:2000],
+                line,
+                source,
+            )
+        if isinstance(v, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
 def normalize_row(
     raw: Any,
     *,
@@ -229,6 +295,13 @@ def normalize_row(
     has_messages = raw.get(MESSAGES) is not None
     has_prompt = raw.get(PROMPT) is not None
     if not has_messages and not has_prompt:
+        nulls = [k for k in (MESSAGES, PROMPT) if k in raw]
+        if nulls:
+            return bad(
+                "missing_prompt",
+                " and ".join(f"`{k}` is null" for k in nulls) + "; give the prompt as a string "
+                "(`prompt`) or a list of {role, content} turns (`messages`)",
+            )
         keys = sorted(str(k) for k in raw)[:20]
         return bad(
             "missing_prompt",
@@ -296,6 +369,38 @@ def normalize_row(
     return {ID: row_id, MESSAGES: turns, PROMPT: prompt, REFERENCE: reference}, None
 
 
+def render_row(
+    tok: Any, messages: list[dict[str, str]], apply_chat_template: bool
+) -> tuple[str, list[int], str | None]:
+    """Render one row's turns as an engine will (`prompts.render_prompt`), or say why not.
+
+    Chat templates refuse some turns by raising (Llama-2 and Mistral style: "roles must
+    alternate", "system role not supported"); that is one row's problem, not its batch's.
+
+    Returns:
+        `(text, ids, None)`, or `("", [], "chat_template: <the template's message>")`.
+
+    Raises:
+        DataError: the template itself does not compile (every row would fail the same way).
+    """
+    import jinja2
+
+    from distray.prompts import render_prompt
+
+    try:
+        text, ids = render_prompt(tok, messages, apply_chat_template)
+    except jinja2.TemplateSyntaxError as e:
+        name = getattr(tok, "name_or_path", "the model")
+        raise DataError(
+            f"the chat template of `{name}` does not compile ({e}); fix chat_template in its "
+            "tokenizer files, or set teacher.apply_chat_template: false"
+        ) from e
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+        roles = "/".join(m.get("role", "?") for m in messages)
+        return "", [], f"chat_template: the chat template refuses these turns ({roles}): {e}"[:500]
+    return text, ids, None
+
+
 def parse_jsonl_line(
     data: bytes, *, line: int, source: str | None = None, **kwargs: Any
 ) -> tuple[dict[str, Any] | None, Reject | None]:
@@ -315,10 +420,14 @@ def parse_jsonl_line(
             source,
         )
     try:
-        raw = json.loads(text)
+        raw, long_ints = _loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         detail = str(e)[:200] if isinstance(e, json.JSONDecodeError) else "nested too deeply"
         return None, Reject("read", "invalid_json", detail, text[:2000], line, source)
+    if long_ints:
+        rej = _long_int_reject(raw, text, line, source)
+        if rej is not None:
+            return None, rej
     return normalize_row(raw, line=line, source=source, **kwargs)
 
 
@@ -404,15 +513,15 @@ def _iter_file(path: str, fs: pafs.FileSystem, **kwargs: Any) -> Iterator[tuple[
         with fs.open_input_stream(path) as f:
             data = f.read()
         try:
-            whole = json.loads(data.removeprefix(_BOM).decode("utf-8"))
+            whole, long_ints = _loads(data.removeprefix(_BOM).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            whole = None
-        if isinstance(whole, list):
-            for i, raw in enumerate(whole, start=1):
-                yield i, normalize_row(raw, line=i, source=path, **kwargs)
-            return
-        if isinstance(whole, dict):
-            yield 1, normalize_row(whole, line=1, source=path, **kwargs)
+            whole, long_ints = None, False
+        if isinstance(whole, (list, dict)):
+            for i, raw in enumerate(whole if isinstance(whole, list) else [whole], start=1):
+                rej = _long_int_reject(raw, _row_text(raw), i, path) if long_ints else None
+                yield i, (None, rej) if rej is not None else normalize_row(
+                    raw, line=i, source=path, **kwargs
+                )
             return
         import io
 
@@ -504,30 +613,57 @@ class InputCheck:
         return "\n".join(lines)
 
 
-def check_input(path: str, rejects_path: str | None = None, **kwargs: Any) -> InputCheck:
+def check_input(
+    path: str,
+    rejects_path: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    apply_chat_template: bool = True,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> InputCheck:
     """Validate every row of an input file or folder without keeping the rows.
 
     Args:
         path: JSONL/JSON/Parquet file or folder, local or a URI.
         rejects_path: where to write the rejects (JSONL, or Parquet if it ends in .parquet).
+        tokenizer: a model or tokenizer folder whose chat template every valid row is rendered
+            with, as a local teacher would (`chat_template` rejects); None skips that check.
+        apply_chat_template: as the teacher's setting of that name.
+        trust_remote_code: allow tokenizer code from the folder.
         **kwargs: passed to `normalize_row` (system_prompt, prompt_template).
 
     Returns:
         Counts of valid and rejected rows by reason code, with the first example of each reason.
 
     Raises:
-        DataError: the input does not exist or cannot be read.
+        DataError: the input does not exist or cannot be read, or the template does not compile.
     """
     check = InputCheck(path=path)
     rejects: list[Reject] = []
-    for _row, rej in iter_input_rows(path, **kwargs):
+    tok = None
+    if tokenizer is not None:
+        from distray.prompts import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, trust_remote_code)
+    for row, rej in iter_input_rows(path, **kwargs):
+        if rej is None and row is not None and tok is not None:
+            error = render_row(tok, row[MESSAGES], apply_chat_template)[2]
+            if error is not None:
+                _, _, detail = error.partition(": ")
+                rej = Reject(
+                    "prepare", "chat_template", detail, _row_text(row), input_id=row[ID]
+                )
         if rej is None:
             check.valid += 1
             continue
         check.rejected += 1
         check.reasons[rej.reason] = check.reasons.get(rej.reason, 0) + 1
         if rej.reason not in check.examples:
-            where = f"line {rej.line}" if rej.line is not None else "row"
+            where = (
+                f"line {rej.line}" if rej.line is not None
+                else f"id {rej.input_id!r}" if rej.input_id else "row"
+            )
             check.examples[rej.reason] = f"{where}: {rej.detail}"[:160]
         if rejects_path is not None:
             rejects.append(rej)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -186,7 +187,18 @@ def check_response(
             return Rejection("not_json", f"answer is not JSON ({e.msg} at char {e.pos})")
         except RecursionError:
             return Rejection("not_json", "answer nests too deeply to parse as JSON")
+        except ValueError:
+            # Python's int-digits limit: valid JSON no reader downstream could load either.
+            return Rejection("not_json", _long_int_detail(response))
     return verify(response, row.get("reference"), filters.verifier, labels, filters.min_f1)
+
+
+def _long_int_detail(response: str) -> str:
+    longest = max((len(m) for m in re.findall(r"\d+", response)), default=0)
+    return (
+        f"answer holds an integer of {longest} digits, more than Python reads "
+        f"({sys.get_int_max_str_digits()})"
+    )
 
 
 def response_digest(response: str) -> bytes:

@@ -61,6 +61,7 @@ from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.cache import AnswerCache
 from distray.teacher.dataset import answer, expand
+from distray.teacher.engines.common import is_prepare_error
 from distray.teacher.filters import DuplicateTracker, check_response, response_digest
 from distray.teacher.rows import ERROR, Teacher, reject_row
 
@@ -237,8 +238,8 @@ class _Sink:
             retries, self.rejects_dir, self.tmp_dir,
             schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix=self.retry_prefix,
         )
-        # Rows stopped before the engine (too long for it) cost no request.
-        asked = [r for r in answered if not str(r.get(ERROR) or "").startswith("prompt_too_long")]
+        # Rows stopped before the engine (too long for it, refused by its template) cost no request.
+        asked = [r for r in answered if not is_prepare_error(r.get(ERROR))]
         stats = {
             "rows": len(rows),
             "accepted": len(accepted),

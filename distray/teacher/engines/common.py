@@ -10,11 +10,13 @@ import math
 from typing import Any
 
 from distray import formats as F
-from distray.prompts import load_tokenizer, render_prompt
+from distray.prompts import load_tokenizer
 from distray.teacher.rows import ERROR
 
 __all__ = [
     "RESULT_COLUMNS",
+    "PREPARE_ERRORS",
+    "is_prepare_error",
     "prepare_rows",
     "finish_reason",
     "topk_from_vllm",
@@ -45,7 +47,8 @@ def prepare_rows(
     max_model_len: int | None,
 ) -> list[dict[str, Any]]:
     """Render and tokenize each row's prompt into `_prompt_token_ids` and `prompt_tokens`;
-    set `error` to `prompt_too_long: ...` when it exceeds the limits (the engine then skips it).
+    set `error` to `prompt_too_long: ...` when it exceeds the limits, or `chat_template: ...`
+    when the template refuses the turns (the engine then skips the row; it ends in rejects).
 
     The row's own `prompt` column moves to `_orig_prompt`: vLLM's stage uses `prompt` for the
     rendered text.
@@ -54,11 +57,13 @@ def prepare_rows(
     for r in rows:
         r["_orig_prompt"] = r.pop(F.PROMPT, None)
         r.setdefault(ERROR, None)
-        text, ids = render_prompt(tok, r[F.MESSAGES], apply_chat_template)
+        text, ids, error = F.render_row(tok, r[F.MESSAGES], apply_chat_template)
         r["_prompt_text"] = text
         r["_prompt_token_ids"] = ids
-        r[F.PROMPT_TOKENS] = len(ids)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        r[F.PROMPT_TOKENS] = len(ids) if error is None else None
+        if error is not None:
+            r[ERROR] = error
+        elif max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             r[ERROR] = (
                 f"prompt_too_long: {len(ids)} tokens > generate.max_prompt_tokens "
                 f"({max_prompt_tokens})"
@@ -69,6 +74,15 @@ def prepare_rows(
                 f"engine's max_model_len ({max_model_len})"
             )
     return rows
+
+
+#: Reason codes `prepare_rows` sets: final rejects, decided before any engine saw the row.
+PREPARE_ERRORS = frozenset({"prompt_too_long", "chat_template"})
+
+
+def is_prepare_error(error: str | None) -> bool:
+    """True when `error` (`code: detail`) was set by `prepare_rows`, not by an engine."""
+    return bool(error) and str(error).split(":", 1)[0].strip() in PREPARE_ERRORS
 
 
 def finish_reason(

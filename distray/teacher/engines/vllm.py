@@ -158,7 +158,14 @@ def generate(
             max_prompt_tokens=max_prompt_tokens,
             max_model_len=max_model_len,
         )
-        return pa.Table.from_pylist(rows)
+        table = pa.Table.from_pylist(rows)
+        # A block of rows the template refused has no ids at all (list<null>); give every
+        # block one type, so blocks concatenate downstream.
+        for name, typ in (("_prompt_token_ids", pa.list_(pa.int64())), (F.PROMPT_TOKENS, pa.int64())):
+            i = table.schema.get_field_index(name)
+            if i >= 0 and table.schema.field(i).type != typ:
+                table = table.set_column(i, name, table.column(i).cast(typ))
+        return table
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         if row.get(ERROR):
@@ -232,8 +239,7 @@ def _finalize(batch: Any) -> Any:
             row.pop(k, None)
         if err:
             # Our own prepare errors are `code: detail`; anything else came from the engine.
-            code = err.split(":", 1)[0]
-            msg = err if code in ("prompt_too_long",) else f"engine_error: {err[:500]}"
+            msg = err if common.is_prepare_error(err) else f"engine_error: {err[:500]}"
             common.empty_result(row, msg)
         else:
             for c in common.RESULT_COLUMNS:
