@@ -186,12 +186,12 @@ _NOUNS = [
 # 24 words per polarity: enough that 200 labelled examples leave a few unseen in the deciding
 # position, few enough that a 0.4M-parameter character-level student learns them all from a few
 # thousand teacher-labelled prompts.
-_POSITIVE = """great superb lovely friendly fresh clean cheap perfect warm quiet tasty cozy
+POSITIVE_WORDS = """great superb lovely friendly fresh clean cheap perfect warm quiet tasty cozy
 bright calm charming cheerful crisp elegant excellent gentle helpful neat polite sunny""".split()
-_NEGATIVE = """awful rude cold dirty slow noisy bland broken stale pricey greasy gloomy
+NEGATIVE_WORDS = """awful rude cold dirty slow noisy bland broken stale pricey greasy gloomy
 harsh lousy messy moldy musty nasty shabby smelly soggy stuffy tacky dusty""".split()
 # ordered noun pairs × (polarity, joiner) × first adjective × last adjective
-_SENTIMENT_PROMPTS = len(_NOUNS) * (len(_NOUNS) - 1) * 4 * len(_POSITIVE) * len(_NEGATIVE)
+_SENTIMENT_PROMPTS = len(_NOUNS) * (len(_NOUNS) - 1) * 4 * len(POSITIVE_WORDS) * len(NEGATIVE_WORDS)
 SENTIMENT_LABELS = ["positive", "negative"]
 
 
@@ -203,8 +203,8 @@ def _draw_sentiment(rng: random.Random) -> Example:
     positive = rng.random() < 0.5
     contrast = rng.random() < 0.5
     first_positive = positive != contrast
-    a1 = rng.choice(_POSITIVE if first_positive else _NEGATIVE)
-    a2 = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    a1 = rng.choice(POSITIVE_WORDS if first_positive else NEGATIVE_WORDS)
+    a2 = rng.choice(POSITIVE_WORDS if positive else NEGATIVE_WORDS)
     joiner = "but" if contrast else "and"
     return f"review: {first} {a1} {joiner} {last} {a2} =", "positive" if positive else "negative"
 

@@ -16,12 +16,12 @@ from distray.bench import (
     PERCENTILES,
     BenchResult,
     SweepPoint,
-    _run_sync,
     compute_metrics,
     generated_prompts,
     load_prompts,
     summary_markdown,
 )
+from distray.bench.load import run_sync
 from distray.config import EndpointConfig, config_from_dict
 from distray.tasks import COT_INSTRUCTION
 
@@ -172,9 +172,9 @@ def test_run_sync_works_inside_a_running_event_loop() -> None:
         await asyncio.sleep(0)
         return 42
 
-    assert _run_sync(answer()) == 42  # no loop running: plain asyncio.run
+    assert run_sync(answer()) == 42  # no loop running: plain asyncio.run
 
     async def notebook_cell() -> int:
-        return _run_sync(answer())
+        return run_sync(answer())
 
     assert asyncio.run(notebook_cell()) == 42

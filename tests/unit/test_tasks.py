@@ -86,7 +86,7 @@ def test_reverse_and_date_and_sentiment_rows_are_correct() -> None:
         iso = r["prompt"].removeprefix("date ").removesuffix("=")
         d = dt.date.fromisoformat(iso)
         assert r["reference"] == d.strftime("%B ") + f"{d.day}, {d.year}"
-    from distray.tasks import _NEGATIVE, _POSITIVE
+    from distray.tasks import NEGATIVE_WORDS, POSITIVE_WORDS
 
     labels = builtin_task("sentiment").labels
     seen = set()
@@ -95,10 +95,10 @@ def test_reverse_and_date_and_sentiment_rows_are_correct() -> None:
         first, joiner, last = words[1], words[2], words[4]
         assert joiner in ("and", "but")
         # the verdict is the last aspect's; "but" joins opposite polarities, "and" equal ones
-        assert r["reference"] == ("positive" if last in _POSITIVE else "negative")
-        assert (first in _POSITIVE) == (last in _POSITIVE) or joiner == "but"
-        assert (first in _POSITIVE) != (last in _POSITIVE) or joiner == "and"
-        assert first in _POSITIVE + _NEGATIVE
+        assert r["reference"] == ("positive" if last in POSITIVE_WORDS else "negative")
+        assert (first in POSITIVE_WORDS) == (last in POSITIVE_WORDS) or joiner == "but"
+        assert (first in POSITIVE_WORDS) != (last in POSITIVE_WORDS) or joiner == "and"
+        assert first in POSITIVE_WORDS + NEGATIVE_WORDS
         seen.add(r["reference"])
     assert seen == set(labels)  # both classes show up
 
