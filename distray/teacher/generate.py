@@ -60,10 +60,10 @@ from distray.errors import ConfigError, DataError, StageError
 from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.cache import AnswerCache
-from distray.teacher.dataset import answer, expand
+from distray.teacher.dataset import answer
 from distray.teacher.engines.common import is_prepare_error
 from distray.teacher.filters import DuplicateTracker, check_response, response_digest
-from distray.teacher.rows import ERROR, Teacher, reject_row
+from distray.teacher.rows import ERROR, Teacher, expand_rows, model_fingerprint, reject_row
 
 logger = logging.getLogger(__name__)
 
@@ -416,9 +416,15 @@ class _Stage:
         from distray.teacher.reader import read_raw, valid_rows
 
         gen = self.cfg.generate
-        ds = expand(
-            valid_rows(read_raw(src, self.cfg, max_rows=self.max_rows(split))),
-            teacher, gen.sampling, gen.logprobs, with_cache_key=with_cache_key,
+        # The split is in the id (a prompt in train and validation is two rows); the model's
+        # fingerprint is taken here, where the folder is, so every worker computes the same ids.
+        kwargs = {
+            "teacher": teacher, "sampling": gen.sampling, "logprobs": gen.logprobs,
+            "with_cache_key": with_cache_key, "split": split,
+            "fingerprint": model_fingerprint(teacher.model),
+        }
+        ds = valid_rows(read_raw(src, self.cfg, max_rows=self.max_rows(split))).map_batches(
+            _expand, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None
         )
         keep: Any = W.keep_not_done
         return ds.map_batches(
@@ -570,6 +576,11 @@ def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
             f"({teacher.min_success_ratio:.0%}); see the request_failed rows in "
             "rejects/retry-*, which a rerun sends again once the endpoint is healthy"
         )
+
+
+def _expand(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """One teacher row per (prompt row, sample), with ids (`rows.expand_rows`)."""
+    return pa.Table.from_pylist(expand_rows(batch.to_pylist(), **kwargs))
 
 
 def _cache_lookup(batch: pa.Table, cache_dir: str) -> pa.Table:

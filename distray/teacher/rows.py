@@ -5,16 +5,27 @@
 One input row becomes `len(teachers) × sampling.n` teacher rows. Each gets an id that is a hash
 of what determines its answer, so a rerun computes the same ids and can skip the finished ones:
 
-    id        = hash(input id, prompt turns, teacher label + model, sampling, logprobs k, sample index)
-    cache key = hash(prompt turns, teacher kind + model + weights fingerprint, sampling, k, sample index)
+    id        = hash(split, input id, prompt turns, teacher label, ident, sampling, k, sample)
+    cache key = hash(prompt turns, ident, sampling, logprobs k, sample index)
+    ident     = kind, model (a local folder: its content fingerprint), and every teacher setting
+                that may change the answer (engine_kwargs such as dtype / quantization /
+                max_model_len, apply_chat_template, extra_body, the hf dtype, base_url, ...)
 
-The cache key leaves out the input id and the teacher's label, so another run (or another
-input file) asking the same teacher the same question reuses the answer; it adds a fingerprint
-of a local model folder, so retrained weights under the same path do not.
+Settings that only change speed or cost (`ANSWER_NEUTRAL_FIELDS`, `ANSWER_NEUTRAL_ENGINE_KWARGS`)
+are left out, so a rerun with less GPU memory or more replicas resumes its rows; settings at
+their default are left out too, so a new optional setting does not change existing ids. Any
+other setting is in: an unknown one costs a recomputation, never a stale answer.
+
+The split is in the id: a prompt in both train and validation is two rows. The cache key leaves
+out the split, the input id and the teacher's label, so another run (or split, or input file)
+asking the same teacher the same question reuses the answer. A local model folder is keyed by
+its content (`model_fingerprint`), not its path or mtimes: retrained weights under the same
+path get new ids, a copy of the folder elsewhere keeps them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import lru_cache
@@ -26,7 +37,10 @@ from distray.config import HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
 __all__ = [
     "Teacher",
     "ERROR",
+    "ANSWER_NEUTRAL_FIELDS",
+    "ANSWER_NEUTRAL_ENGINE_KWARGS",
     "sampling_key",
+    "teacher_ident",
     "row_id",
     "cache_key",
     "model_fingerprint",
@@ -40,6 +54,39 @@ Teacher = VLLMTeacher | OpenAITeacher | HFTeacher
 #: Extra column beside TEACHER_DATA_SCHEMA while rows are in flight: why the row failed
 #: (`code: detail`), or null. Rows with an error end in rejects/.
 ERROR = "error"
+
+#: Teacher settings, per kind, that change how an answer is obtained but not what it says.
+#: (`name` is the label: in the row id on its own, out of the cache key.)
+ANSWER_NEUTRAL_FIELDS: dict[str, frozenset[str]] = {
+    "vllm": frozenset(
+        {
+            "name", "concurrency", "batch_size", "num_gpus_per_replica", "accelerator_type",
+            "placement_group_config", "trust_remote_code",
+        }
+    ),
+    "openai": frozenset(
+        {
+            "name", "api_key_env", "max_in_flight", "max_retries", "timeout_s", "backoff_base_s",
+            "backoff_max_s", "min_success_ratio", "usd_per_1m_input_tokens",
+            "usd_per_1m_output_tokens",
+        }
+    ),
+    "hf": frozenset(
+        {"name", "batch_size", "concurrency", "num_gpus_per_replica", "trust_remote_code"}
+    ),
+}
+
+#: vLLM engine_kwargs that size, place or speed up an engine without changing its answers.
+ANSWER_NEUTRAL_ENGINE_KWARGS = frozenset(
+    {
+        "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+        "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+        "distributed_executor_backend", "swap_space", "cpu_offload_gb", "enable_prefix_caching",
+        "enable_chunked_prefill", "disable_log_stats", "block_size", "max_logprobs",
+        "trust_remote_code", "download_dir", "compilation_config", "disable_custom_all_reduce",
+        "max_seq_len_to_capture", "max_parallel_loading_workers",
+    }
+)
 
 
 def sampling_key(sampling: SamplingConfig, logprobs: int | None) -> dict[str, Any]:
@@ -57,27 +104,100 @@ def sample_seed(sampling: SamplingConfig, sample_index: int) -> int | None:
     return None if sampling.seed is None else sampling.seed + sample_index
 
 
+# Files whose whole content decides answers: config, generation config, tokenizer, template.
+_CONTENT_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".yaml")
+_CONTENT_MAX_BYTES = 64 << 20
+_SAMPLE_BYTES = 64
+_MAX_TENSOR_SAMPLES = 1024
+
+
+def _safetensors_parts(f: Any, size: int) -> list[Any]:
+    """The header of a safetensors file and the first bytes of (up to 1024) of its tensors.
+
+    Fine-tuning changes every element of a tensor it touches, so the start of each tensor
+    tells retrained weights apart without reading them all; the header gives names, dtypes
+    and shapes.
+    """
+    n = int.from_bytes(f.read(8), "little")
+    if not 0 < n <= min(size - 8, 100 << 20):
+        return []
+    header = f.read(n)
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        return [hashlib.sha256(header).hexdigest()]
+    offsets = sorted(
+        int(v["data_offsets"][0])
+        for k, v in entries.items()
+        if k != "__metadata__" and isinstance(v, dict) and v.get("data_offsets")
+    )
+    step = max(1, len(offsets) // _MAX_TENSOR_SAMPLES)
+    h = hashlib.sha256(header)
+    for off in offsets[::step]:
+        f.seek(8 + n + off)
+        h.update(f.read(_SAMPLE_BYTES))
+    return [h.hexdigest()]
+
+
+def _sampled_parts(f: Any, size: int) -> list[Any]:
+    """64 evenly spaced 4 KiB reads of a weights file of another format."""
+    h = hashlib.sha256()
+    for i in range(64):
+        f.seek(size * i // 64)
+        h.update(f.read(4096))
+    return [h.hexdigest()]
+
+
 @lru_cache(maxsize=64)
 def model_fingerprint(model: str) -> str:
-    """A cheap fingerprint of a local model folder (file names, sizes, mtimes; config.json
-    content), or the name itself for hub ids and API model names."""
+    """A cheap content fingerprint of a local model folder, or the name itself for hub ids and
+    API model names.
+
+    Config, tokenizer and template files are hashed whole; weights by size, safetensors header
+    and the first bytes of each tensor. File mtimes are left out: a copied folder keeps its
+    fingerprint (and its cache entries and row ids).
+    """
     if not os.path.isdir(model):
         return model
     parts: list[Any] = []
     for name in sorted(os.listdir(model)):
         path = os.path.join(model, name)
-        if os.path.isfile(path):
-            st = os.stat(path)
-            parts.append([name, st.st_size, st.st_mtime_ns])
-    cfg = os.path.join(model, "config.json")
-    if os.path.isfile(cfg):
-        with open(cfg, encoding="utf-8") as f:
-            parts.append(f.read())
+        if not os.path.isfile(path) or name.startswith("."):
+            continue
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if name.endswith(_CONTENT_SUFFIXES) and size <= _CONTENT_MAX_BYTES:
+                digest = [hashlib.sha256(f.read()).hexdigest()]
+            elif name.endswith(".safetensors"):
+                digest = _safetensors_parts(f, size)
+            else:
+                digest = _sampled_parts(f, size)
+        parts.append([name, size, *digest])
     return F.content_hash("model", parts)
 
 
-def _teacher_ident(teacher: Teacher) -> dict[str, Any]:
-    ident: dict[str, Any] = {"kind": teacher.kind, "model": teacher.model}
+def teacher_ident(teacher: Teacher, fingerprint: str | None = None) -> dict[str, Any]:
+    """What about a teacher decides its answers (see the module docstring).
+
+    Args:
+        teacher: the teacher config.
+        fingerprint: `model_fingerprint(teacher.model)`, computed once where the model folder
+            is sure to be (the driver); None computes it here.
+    """
+    neutral = ANSWER_NEUTRAL_FIELDS.get(teacher.kind, frozenset())
+    ident = {
+        k: v
+        for k, v in teacher.model_dump(mode="json", exclude_defaults=True).items()
+        if k not in neutral
+    }
+    ident["kind"] = teacher.kind
+    # A local folder by its content alone: moved or copied, its answers are the same.
+    ident["model"] = fingerprint if fingerprint is not None else model_fingerprint(teacher.model)
+    if isinstance(ident.get("engine_kwargs"), dict):
+        kw = {k: v for k, v in ident["engine_kwargs"].items() if k not in ANSWER_NEUTRAL_ENGINE_KWARGS}
+        ident["engine_kwargs"] = kw
+        if not kw:
+            del ident["engine_kwargs"]
     if isinstance(teacher, OpenAITeacher):
         ident["base_url"] = teacher.base_url.rstrip("/")
     return ident
@@ -89,19 +209,27 @@ def row_id(
     teacher: Teacher,
     skey: dict[str, Any],
     sample_index: int,
+    *,
+    split: str = "train",
+    ident: dict[str, Any] | None = None,
 ) -> str:
-    """The id of one teacher row (see the module docstring)."""
+    """The id of one teacher row (see the module docstring); `ident` is `teacher_ident`."""
+    ident = ident if ident is not None else teacher_ident(teacher)
     return F.content_hash(
-        "row", input_id, messages, teacher.label, _teacher_ident(teacher), skey, sample_index
+        "row", split, input_id, messages, teacher.label, ident, skey, sample_index
     )
 
 
 def cache_key(
-    messages: list[dict[str, str]], teacher: Teacher, skey: dict[str, Any], sample_index: int
+    messages: list[dict[str, str]],
+    teacher: Teacher,
+    skey: dict[str, Any],
+    sample_index: int,
+    *,
+    ident: dict[str, Any] | None = None,
 ) -> str:
     """The content-addressed cache key of one answer (see the module docstring)."""
-    ident = _teacher_ident(teacher)
-    ident["fingerprint"] = model_fingerprint(teacher.model)
+    ident = ident if ident is not None else teacher_ident(teacher)
     return F.content_hash("cache", messages, ident, skey, sample_index)
 
 
@@ -112,16 +240,30 @@ def expand_rows(
     logprobs: int | None,
     *,
     with_cache_key: bool = False,
+    split: str = "train",
+    fingerprint: str | None = None,
 ) -> list[dict[str, Any]]:
     """Turn normalized prompt rows (id, messages, prompt, reference) into teacher rows, one per
-    sample, with `id`, `input_id`, `teacher`, `sample_index` (and `_cache_key`) set."""
+    sample, with `id`, `input_id`, `teacher`, `sample_index` (and `_cache_key`) set.
+
+    Args:
+        rows: normalized prompt rows.
+        teacher: the teacher config.
+        sampling: the sampling settings (`n` rows per prompt).
+        logprobs: top-k logprobs captured per position, or None.
+        with_cache_key: add `_cache_key` for the answer cache.
+        split: the split the rows belong to (in the id: one prompt in two splits is two rows).
+        fingerprint: `model_fingerprint(teacher.model)` computed on the driver; None computes
+            it in this process.
+    """
     skey = sampling_key(sampling, logprobs)
+    ident = teacher_ident(teacher, fingerprint)
     out: list[dict[str, Any]] = []
     for r in rows:
         messages = r[F.MESSAGES]
         for k in range(sampling.n):
             row = {
-                F.ID: row_id(r[F.ID], messages, teacher, skey, k),
+                F.ID: row_id(r[F.ID], messages, teacher, skey, k, split=split, ident=ident),
                 F.INPUT_ID: r[F.ID],
                 F.MESSAGES: messages,
                 F.PROMPT: r.get(F.PROMPT),
@@ -130,7 +272,7 @@ def expand_rows(
                 F.SAMPLE_INDEX: k,
             }
             if with_cache_key:
-                row["_cache_key"] = cache_key(messages, teacher, skey, k)
+                row["_cache_key"] = cache_key(messages, teacher, skey, k, ident=ident)
             out.append(row)
     return out
 
