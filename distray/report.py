@@ -184,20 +184,9 @@ def _kv_table(d: dict[str, Any], keys: list[str] | None = None) -> str:
 # ---- the report ---------------------------------------------------------------------------
 
 
-def build_report(run_dir: str) -> str:
-    """Write `<run_dir>/report.md` from the run folder's JSON and figures.
-
-    Args:
-        run_dir: a run folder (local or cloud URI).
-
-    Returns:
-        The path of report.md.
-    """
-    paths = RunPaths(run_dir)
+def _run_section(paths: RunPaths) -> list[str]:
+    """The run's models, task and loss, from config.resolved.yaml."""
     out: list[str] = []
-    name = os.path.basename(run_dir.rstrip("/"))
-    out.append(f"# distray run report: {name}\n")
-
     cfg = None
     if exists(paths.resolved_config):
         import yaml
@@ -223,8 +212,12 @@ def build_report(run_dir: str) -> str:
             "- config: [config.resolved.yaml](config.resolved.yaml)",
         ]
         out.append("\n".join(b for b in bits if b) + "\n")
+    return out
 
-    # evaluate
+
+def _evaluate_section(paths: RunPaths) -> list[str]:
+    """Teacher vs student vs baseline: the table, the headline and the plots."""
+    out: list[str] = []
     metrics = _read_json(paths.eval_metrics)
     if isinstance(metrics, dict) and metrics.get("models"):
         out.append("## Teacher vs student vs baseline\n")
@@ -254,14 +247,22 @@ def build_report(run_dir: str) -> str:
             out.append("\n".join(figs) + "\n")
         preds = [f"[{m}](evaluate/predictions/{m}.parquet)" for m in ordered_roles(metrics["models"])]
         out.append("Predictions: " + ", ".join(preds) + "; figures: [metrics.json](evaluate/metrics.json)\n")
+    return out
 
-    # generate
+
+def _generate_section(paths: RunPaths) -> list[str]:
+    """The teacher data's stats."""
+    out: list[str] = []
     stats = _read_json(paths.generate_stats)
     if isinstance(stats, dict):
         out.append("## Teacher data (generate)\n")
         out.append(_kv_table(stats) + "\n")
+    return out
 
-    # train
+
+def _train_section(paths: RunPaths) -> list[str]:
+    """The loss curve and the last metrics record."""
+    out: list[str] = []
     train_records = _load_jsonl(paths.train_metrics) if exists(paths.train_metrics) else []
     loss_png = paths.loss_plot
     if not exists(loss_png) and train_records:
@@ -274,8 +275,12 @@ def build_report(run_dir: str) -> str:
             last = train_records[-1]
             out.append(f"{len(train_records)} metric records; the last:\n")
             out.append(_kv_table(last) + "\n")
+    return out
 
-    # bench
+
+def _bench_section(paths: RunPaths) -> list[str]:
+    """The serving load benchmark's summary and plots."""
+    out: list[str] = []
     bench_summary = paths.bench_summary
     bench_json = _read_json(paths.bench_results)
     bench_pngs: list[str] = []
@@ -302,8 +307,25 @@ def build_report(run_dir: str) -> str:
             out.append("")
         if bench_json is not None:
             out.append("Every figure: [bench/results.json](bench/results.json)\n")
+    return out
 
-    if len(out) <= 2:
+
+def build_report(run_dir: str) -> str:
+    """Write `<run_dir>/report.md` from the run folder's JSON and figures.
+
+    Args:
+        run_dir: a run folder (local or cloud URI).
+
+    Returns:
+        The path of report.md.
+    """
+    paths = RunPaths(run_dir)
+    name = os.path.basename(run_dir.rstrip("/"))
+    out = [f"# distray run report: {name}\n", *_run_section(paths)]
+    n_head = len(out)
+    for section in (_evaluate_section, _generate_section, _train_section, _bench_section):
+        out += section(paths)
+    if len(out) <= n_head:
         out.append("Nothing to report yet: run `distray generate`, `train`, `evaluate` or `bench` first.\n")
     text = "\n".join(out).rstrip() + "\n"
     write_text(paths.report, text)

@@ -360,11 +360,68 @@ def _test_rows(path: str, cfg: DistrayConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _answer(m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]], test_path: str,
+            prompts: list[Any]) -> tuple[list[dict[str, Any] | None], dict[str, Any]]:
+    """One model's answers to every test row, and its efficiency figures.
+
+    Raises:
+        StageError: the model answered none of the rows.
+    """
+    n = len(rows)
+    by_id, wall = _predict(m, cfg, test_path, n)
+    outs = [by_id.get(str(r[F.ID])) for r in rows]
+    answered = sum(1 for o in outs if o is not None and o.get(F.RESPONSE) is not None)
+    if answered == 0:
+        errors = {str(o.get("error")) for o in outs if o is not None and o.get("error")}
+        raise StageError(
+            f"evaluate: {m.role} ({m.path or m.engine.model}) answered none of the {n} test "
+            f"prompts; errors: {sorted(errors)[:3] or 'none reported'}"
+        )
+    out_tokens = sum(int(o.get(F.COMPLETION_TOKENS) or 0) for o in outs if o)
+    logger.info("evaluate: %s answered %d/%d rows in %.1f s", m.role, answered, n, wall)
+    eff = _efficiency(m, cfg, prompts, wall, n, out_tokens) if cfg.evaluate.measure_efficiency else Efficiency()
+    figures = {
+        "model": m.path or m.engine.model,
+        "backend": "openai" if m.path is None else cfg.evaluate.backend,
+        **{k: v for k, v in eff.to_dict().items() if k not in ("method", "backend")},
+        "predict_wall_s": wall,
+        "answered_rows": answered,
+        "output_tokens": out_tokens,
+        "efficiency_method": eff.method,
+    }
+    return outs, figures
+
+
+def _prediction_rows(
+    role: str, rows: list[dict[str, Any]], outs: list[dict[str, Any] | None], scored: dict[str, ScoreResult]
+) -> list[dict[str, Any]]:
+    """The predictions table of one model: the prompt, the answer, engine stats, per-row scores."""
+    table = []
+    for i, r in enumerate(rows):
+        o = outs[i] or {}
+        rec: dict[str, Any] = {
+            F.ID: str(r[F.ID]),
+            F.PROMPT: r.get(F.PROMPT),
+            "prompt_text": "\n".join(t["content"] for t in r[F.MESSAGES]),
+            F.REFERENCE: r.get(F.REFERENCE),
+            F.RESPONSE: o.get(F.RESPONSE),
+            F.FINISH_REASON: o.get(F.FINISH_REASON),
+            F.PROMPT_TOKENS: o.get(F.PROMPT_TOKENS),
+            F.COMPLETION_TOKENS: o.get(F.COMPLETION_TOKENS),
+            "error": o.get("error"),
+            "model": role,
+        }
+        for name, res in scored.items():
+            rec[f"score_{name}"] = res.per_row[i] if res.per_row else None
+        table.append(rec)
+    return table
+
+
 def run(cfg: DistrayConfig) -> EvaluateResult:
     """Evaluate teacher, distilled student and baseline on the test set.
 
     Args:
-        cfg: the run config (evaluate, data.test or data.builtin, teacher, student).
+        cfg: the prepared run config (evaluate, data.test, teacher, student).
 
     Returns:
         EvaluateResult with the metrics, predictions and plot paths and the headline figures.
@@ -379,94 +436,39 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
     paths = RunPaths(cfg.run_dir)
     test_path = test_data_path(cfg)
     rows = _test_rows(test_path, cfg)
-    n = len(rows)
     refs = [r.get(F.REFERENCE) for r in rows]
-    prompts = [r[F.MESSAGES] for r in rows]
     models = resolve_models(cfg)
     labels = _labels(cfg)
     scorers: list[str] = list(cfg.evaluate.scorers)
     logger.info(
         "evaluate: %d test rows from %s; models %s; scorers %s",
-        n, test_path, [m.role for m in models], scorers,
+        len(rows), test_path, [m.role for m in models], scorers,
     )
-
-    preds: dict[str, list[str | None]] = {}
     outputs: dict[str, list[dict[str, Any] | None]] = {}
     figures: dict[str, dict[str, Any]] = {}
     for m in models:
-        by_id, wall = _predict(m, cfg, test_path, n)
-        outs = [by_id.get(str(r[F.ID])) for r in rows]
-        answered = sum(1 for o in outs if o is not None and o.get(F.RESPONSE) is not None)
-        if answered == 0:
-            errors = {str(o.get("error")) for o in outs if o is not None and o.get("error")}
-            raise StageError(
-                f"evaluate: {m.role} ({m.path or m.engine.model}) answered none of the {n} test "
-                f"prompts; errors: {sorted(errors)[:3] or 'none reported'}"
-            )
-        outputs[m.role] = outs
-        preds[m.role] = [o.get(F.RESPONSE) if o else None for o in outs]
-        out_tokens = sum(int(o.get(F.COMPLETION_TOKENS) or 0) for o in outs if o)
-        logger.info("evaluate: %s answered %d/%d rows in %.1f s", m.role, answered, n, wall)
-        if cfg.evaluate.measure_efficiency:
-            eff = _efficiency(m, cfg, prompts, wall, n, out_tokens)
-        else:
-            eff = Efficiency()
-        figures[m.role] = {
-            "model": m.path or m.engine.model,
-            "backend": "openai" if m.path is None else cfg.evaluate.backend,
-            **{k: v for k, v in eff.to_dict().items() if k not in ("method", "backend")},
-            "predict_wall_s": wall,
-            "answered_rows": answered,
-            "output_tokens": out_tokens,
-            "efficiency_method": eff.method,
-        }
-
-    teacher_preds = preds.get("teacher")
-    scored: dict[str, dict[str, ScoreResult]] = {}
-    for m in models:
-        scored[m.role] = score_all(
-            scorers,
-            preds[m.role],
-            refs,
-            teacher_preds=None if m.role == "teacher" else teacher_preds,
-            labels=labels,
-            regex=cfg.evaluate.regex,
-        )
-        scores: dict[str, float | None] = {}
-        counts: dict[str, int] = {}
-        for name, res in scored[m.role].items():
-            scores[name] = res.value
-            counts[name] = res.n
-            scores.update(res.extra)
-        figures[m.role]["scores"] = scores
-        figures[m.role]["scored_rows"] = counts
+        outputs[m.role], figures[m.role] = _answer(m, cfg, rows, test_path, [r[F.MESSAGES] for r in rows])
+    preds = {role: [o.get(F.RESPONSE) if o else None for o in outs] for role, outs in outputs.items()}
 
     pred_paths: dict[str, str] = {}
     for m in models:
-        table_rows = []
-        for i, r in enumerate(rows):
-            o = outputs[m.role][i] or {}
-            rec: dict[str, Any] = {
-                F.ID: str(r[F.ID]),
-                F.PROMPT: r.get(F.PROMPT),
-                "prompt_text": "\n".join(t["content"] for t in r[F.MESSAGES]),
-                F.REFERENCE: r.get(F.REFERENCE),
-                F.RESPONSE: o.get(F.RESPONSE),
-                F.FINISH_REASON: o.get(F.FINISH_REASON),
-                F.PROMPT_TOKENS: o.get(F.PROMPT_TOKENS),
-                F.COMPLETION_TOKENS: o.get(F.COMPLETION_TOKENS),
-                "error": o.get("error"),
-                "model": m.role,
-            }
-            for name, res in scored[m.role].items():
-                rec[f"score_{name}"] = res.per_row[i] if res.per_row else None
-            table_rows.append(rec)
+        scored = score_all(
+            scorers, preds[m.role], refs,
+            teacher_preds=None if m.role == "teacher" else preds.get("teacher"),
+            labels=labels, regex=cfg.evaluate.regex,
+        )
+        scores: dict[str, float | None] = {}
+        for name, res in scored.items():
+            scores[name] = res.value
+            scores.update(res.extra)
+        figures[m.role]["scores"] = scores
+        figures[m.role]["scored_rows"] = {name: res.n for name, res in scored.items()}
         pred_paths[m.role] = f"{paths.predictions}/{m.role}.parquet"
-        _write_predictions(pred_paths[m.role], table_rows)
+        _write_predictions(pred_paths[m.role], _prediction_rows(m.role, rows, outputs[m.role], scored))
 
     metrics: dict[str, Any] = {
         "test_data": test_path,
-        "test_rows": n,
+        "test_rows": len(rows),
         "rows_with_reference": sum(1 for x in refs if x is not None),
         "scorers": scorers,
         "primary_scorer": _primary(scorers),
