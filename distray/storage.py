@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.fs as pafs
 from distray.errors import DataError
 
 __all__ = [
-    "filesystem_for", "exists", "list_files", "write_bytes", "write_text", "read_text", "write_jsonl",
+    "filesystem_for", "exists", "list_files", "fsync_path", "publish", "write_bytes", "write_text", "read_text", "write_jsonl",
     "write_png",
 ]
 
@@ -85,21 +86,56 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     )
 
 
-def write_bytes(path: str, chunks: Iterable[bytes]) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a local file or folder (a folder: so a rename or delete in it survives a crash).
+
+    Filesystems that cannot fsync a folder (some network mounts) are let be.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+def publish(fs: pafs.FileSystem, tmp: str, final: str) -> None:
+    """Rename a fully written temp file into place, durably on a local disk.
+
+    Locally the file is fsynced before the rename (else a crash can leave a zero-byte file
+    under the final name) and its folder after (else the rename itself can be lost). An
+    object store's PUT is durable when it returns; there it is a plain move.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(os.path.dirname(final) or ".")
+    else:
+        fs.move(tmp, final)
+
+
+def write_bytes(path: str, chunks: Iterable[bytes], *, durable: bool = True) -> None:
     """Write a file atomically on any filesystem: readers never see a half-written file.
 
-    A temp name, then a rename (a copy on S3).
+    A temp name, then a rename (a copy on S3); with `durable`, fsynced (`publish`).
+    `durable=False` is for files whose loss costs nothing (a cache entry).
     """
     fs, p = filesystem_for(path)
     parent = os.path.dirname(p)
     if parent:
         fs.create_dir(parent, recursive=True)
-    tmp = f"{p}.tmp-{os.getpid()}"
+    # Unique per writer: two threads of one process may write the same path.
+    tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as f:
             for chunk in chunks:
                 f.write(chunk)
-        fs.move(tmp, p)
+        if durable:
+            publish(fs, tmp, p)
+        else:
+            fs.move(tmp, p)
     except BaseException:
         try:
             fs.delete_file(tmp)

@@ -55,8 +55,8 @@ class AnswerCache:
             return None
         try:
             entry = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None  # a damaged entry is a miss; the next answer overwrites it
+        except ValueError:
+            return None  # a damaged entry is a miss (bad UTF-8 or JSON); the next answer overwrites it
         if not isinstance(entry, dict) or F.RESPONSE not in entry:
             return None
         return {c: entry.get(c) for c in CACHED_COLUMNS}
@@ -64,4 +64,6 @@ class AnswerCache:
     def put(self, key: str, row: dict[str, Any]) -> None:
         """Store the answer columns of `row` under `key`."""
         entry = {c: row.get(c) for c in CACHED_COLUMNS}
-        storage.write_text(self._path(key), json.dumps(entry, ensure_ascii=False))
+        # Not fsynced: a lost or damaged entry is a cache miss, and one fsync per answer is not.
+        data = json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace")
+        storage.write_bytes(self._path(key), [data], durable=False)

@@ -540,6 +540,10 @@ def run(cfg: DistrayConfig) -> GenerateResult:
 
     stage = _Stage(cfg, inputs, cluster_has_gpu())
     W.clean_tmp(stage.tmp_dir)
+    # An unreadable shard would stop every rerun here: set it aside and label its rows again.
+    W.quarantine_unreadable(
+        [stage.paths.generate_data, stage.rejects_dir], f"{stage.paths.generate}/quarantine"
+    )
     if cfg.generate.filters.dedupe_responses:
         stage.tracker = _start_tracker(list(stage.out_dirs.values()))
     try:

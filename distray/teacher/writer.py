@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from distray import formats as F
 from distray import storage
+from distray.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ __all__ = [
     "digest",
     "digests",
     "load_done_ids",
+    "quarantine_unreadable",
     "keep_not_done",
     "RETRY_PREFIX",
     "is_retry_shard",
@@ -94,6 +96,58 @@ def is_retry_shard(path: str) -> bool:
     return os.path.basename(path).startswith(RETRY_PREFIX + "-")
 
 
+#: What reading a damaged shard raises (pyarrow's errors, bad UTF-8 or JSON, no `id` column).
+_UNREADABLE = (pa.ArrowException, OSError, ValueError, KeyError, AttributeError)
+
+
+def _check_shard(fs: pafs.FileSystem, path: str) -> None:
+    """Raise one of `_UNREADABLE` unless the shard reads: a Parquet footer naming an `id`
+    column (a truncated file has no footer), or JSONL lines that are all objects."""
+    if path.endswith(".parquet"):
+        with fs.open_input_file(path) as f:
+            if F.ID not in pq.read_schema(f).names:
+                raise KeyError(F.ID)
+        return
+    with fs.open_input_stream(path) as f:
+        for line in f.read().decode("utf-8").splitlines():
+            if line.strip():
+                json.loads(line).get(F.ID)
+
+
+def quarantine_unreadable(folders: list[str], quarantine_dir: str) -> list[str]:
+    """Move every shard under `folders` that cannot be read into `quarantine_dir`.
+
+    A zero-byte or truncated shard (a crash on a disk that lost unsynced writes, a partial
+    copy) would otherwise stop every rerun at start-up. Once moved, its rows are not done, so
+    the run labels them again. Each shard keeps its path below its folder's parent
+    (`data/train/part-x.parquet`), for a person to inspect.
+
+    Returns:
+        The quarantined paths (where they are now).
+    """
+    moved: list[str] = []
+    for folder in folders:
+        fs, root = storage.filesystem_for(folder)
+        _, qroot = storage.filesystem_for(quarantine_dir)
+        base = os.path.dirname(root.rstrip("/"))
+        for path in iter_shard_files(folder):
+            try:
+                _check_shard(fs, path)
+                continue
+            except _UNREADABLE as e:
+                error = f"{type(e).__name__}: {str(e)[:200]}"
+            rel = path[len(base) + 1 :] if path.startswith(base + "/") else os.path.basename(path)
+            dest = f"{qroot.rstrip('/')}/{rel}"
+            fs.create_dir(os.path.dirname(dest), recursive=True)
+            fs.move(path, dest)
+            logger.warning(
+                "shard %s cannot be read (%s): moved to %s; its rows will be labelled again",
+                path, error, dest,
+            )
+            moved.append(dest)
+    return moved
+
+
 def load_done_ids(folders: list[str], *, include_retry: bool = False) -> np.ndarray:
     """The sorted, unique digests of every id in the shards under `folders`.
 
@@ -101,13 +155,24 @@ def load_done_ids(folders: list[str], *, include_retry: bool = False) -> np.ndar
         folders: data and rejects folders.
         include_retry: count the rows of `retry-*` shards too (for totals); by default they are
             not done, so a rerun asks the teacher again.
+
+    Raises:
+        DataError: a shard cannot be read (`quarantine_unreadable` moves such shards aside).
     """
     parts: list[np.ndarray] = []
     for folder in folders:
         fs, _ = storage.filesystem_for(folder)
         for path in iter_shard_files(folder):
             if include_retry or not is_retry_shard(path):
-                parts.append(digests(_shard_ids(fs, path)))
+                try:
+                    ids = _shard_ids(fs, path)
+                except _UNREADABLE as e:
+                    raise DataError(
+                        f"shard `{path}` cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                        "`distray generate` moves such shards to <run>/generate/quarantine/ and "
+                        "labels their rows again: rerun it, or delete the shard"
+                    ) from e
+                parts.append(digests(ids))
     if not parts:
         return np.array([], dtype="S16")
     return np.unique(np.concatenate(parts))
@@ -215,7 +280,8 @@ def write_shard(
             data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
             with fs.open_output_stream(tmp) as f:
                 f.write(data.encode("utf-8", "backslashreplace"))
-        fs.move(tmp, final)
+        # fsync before the rename: a power cut must not leave a zero-byte shard in data/.
+        storage.publish(fs, tmp, final)
     except BaseException:
         try:
             fs.delete_file(tmp)

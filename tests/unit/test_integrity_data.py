@@ -20,6 +20,7 @@ from distray import formats as F
 from distray import storage
 from distray.answers import numbers_equal
 from distray.config import FilterConfig, HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
+from distray.errors import DataError
 from distray.teacher import rows as R
 from distray.teacher import writer as W
 from distray.teacher.engines import common
@@ -203,7 +204,7 @@ def test_unreadable_shards_are_quarantined_and_their_rows_redone(tmp_path: Path)
     assert rej_shard
     Path(rej_shard).write_text(Path(rej_shard).read_text()[:-8])  # cut mid-line
     folders = [str(data), str(rej)]
-    with pytest.raises(F.DataError, match="quarantine"):
+    with pytest.raises(DataError, match="quarantine"):
         W.load_done_ids(folders)  # a clear error, not pyarrow's
     moved = W.quarantine_unreadable(folders, str(quarantine))
     assert len(moved) == 3
