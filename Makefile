@@ -42,8 +42,9 @@ lint: setup
 	$(BIN)/ruff check distray tests jobs benchmarks
 	$(BIN)/mypy distray
 
+# Every benchmark runs even when one fails; the target fails if any did.
 bench: setup
-	$(BIN)/python benchmarks/generate.py && $(BIN)/python benchmarks/train.py && $(BIN)/python benchmarks/serve.py
+	@rc=0; for b in generate train serve; do $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || rc=1; done; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
