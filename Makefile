@@ -44,7 +44,7 @@ lint: setup
 
 # Every benchmark runs even when one fails; the target fails if any did.
 bench: setup
-	@rc=0; for b in generate train serve; do $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || rc=1; done; exit $$rc
+	@rc=0; for b in generate train serve; do $(BIN)/python benchmarks/$$b.py || rc=1; done; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
