@@ -340,6 +340,42 @@ def test_builtin_task_splits_into_train_and_validation(ray_cluster, tmp_path, fa
     assert set(res.splits) == {"train", "validation"} and server.calls == 7
 
 
+def test_prompt_in_both_splits_and_an_unreadable_shard(ray_cluster, tmp_path, fake_openai) -> None:
+    """A prompt in train and validation is labelled in both; a zero-byte or truncated shard is
+    moved to quarantine/ on the rerun and its rows are labelled again, once."""
+    from distray.config import config_from_dict
+    from distray.paths import RunPaths
+    from distray.teacher import run
+
+    server = fake_openai()
+    data_path = write_prompts(tmp_path / "in.jsonl", 6, bad=False)
+    cfg = config_from_dict({
+        "run": {"name": "both", "output_dir": str(tmp_path / "runs")},
+        "data": {"train": str(data_path), "validation": str(data_path)},
+        "teacher": api_teacher(server),
+        "generate": {"splits": ["train", "validation"], "rows_per_shard": 2},
+    })
+    run(cfg)
+    p = RunPaths(cfg.run_dir)
+    for split in ("train", "validation"):
+        assert sorted(r["input_id"] for r in pq.read_table(f"{p.generate_data}/{split}").to_pylist()) == [
+            f"q{i}" for i in range(6)
+        ]
+    assert server.calls == 12
+    shard = sorted(Path(p.generate_data, "validation").glob("*.parquet"))[0]
+    lost = pq.read_table(shard).num_rows
+    shard.write_bytes(shard.read_bytes()[:40])
+    Path(p.generate_data, "train", "part-0.parquet").write_bytes(b"")
+    res = run(cfg)
+    assert res.teacher_requests == lost and server.calls == 12 + lost
+    assert sorted(f.name for f in Path(p.generate, "quarantine").rglob("*.parquet")) == sorted(
+        [shard.name, "part-0.parquet"]
+    )
+    for split in ("train", "validation"):
+        ids = [r["id"] for r in pq.read_table(f"{p.generate_data}/{split}").to_pylist()]
+        assert len(ids) == len(set(ids)) == 6
+
+
 def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> None:
     """SIGKILL a `distray generate` process after some shards are written; the rerun finishes
     the rest, never asks the teacher again for a written row, and leaves every row once."""
