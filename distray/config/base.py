@@ -190,6 +190,12 @@ class OpenAITeacher(_TeacherBase):
         default=0.5, gt=0, description="First retry delay; doubles, plus jitter."
     )
     backoff_max_s: float = Field(default=30.0, gt=0, description="Longest retry delay.")
+    max_retry_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait honoured from a server's Retry-After header; a longer ask "
+        "is cut to this (the row fails sooner, and a rerun sends it again).",
+    )
     min_success_ratio: float = Field(
         default=0.7,
         ge=0,

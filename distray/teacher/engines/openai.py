@@ -3,12 +3,17 @@
     distray generate --config C teacher.kind=openai teacher.model=gpt-4o teacher.max_in_flight=32
 
 GPT-4, Claude behind a compatible gateway, DeepSeek's API, or a vLLM / Ray Serve deployment
-elsewhere. One Ray Data actor holds an async HTTP client:
+elsewhere. One Ray Data actor holds an async HTTP client; the API key reaches it as the environment
+variable `api_key_env` names (set on the actor's runtime_env), never as an argument:
 
 - at most `max_in_flight` requests are open at once (one semaphore across all the actor's batches);
-- 429, 408, 409, 5xx, timeouts and dropped connections are retried up to `max_retries` times with
-  exponential backoff and full jitter (`backoff_base_s` × 2^attempt, capped at `backoff_max_s`);
-  a `Retry-After` (or `retry-after-ms`) header is a floor on the wait;
+- 429, 408, 409, 5xx, timeouts, dropped connections and malformed 200 bodies (`parse_response`)
+  are retried up to `max_retries` times with exponential backoff and full jitter
+  (`backoff_base_s` × 2^attempt, capped at `backoff_max_s`); a `Retry-After` (or
+  `retry-after-ms`) header is a floor on the wait, up to `max_retry_after_s`;
+- 401, 403 and 404 stop the run at once (`StageError` naming the endpoint, the status and what
+  to check): a revoked key or a wrong model would fail every row, and rows written as final
+  rejects would never be retried. Rows not yet sent stay unsent, so a rerun sends them;
 - a request that still fails, or fails with another 4xx, becomes a reject (`request_failed`);
   one that ran out of retries goes to a retry shard, which a rerun sends again; another 4xx
   (an over-long prompt's 400) is marked `_retryable: False` and is final (`teacher.generate`);
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -45,7 +51,7 @@ import pyarrow as pa
 from distray import formats as F
 from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
 from distray.errors import ConfigError, StageError
-from distray.http_retry import backoff_s, retry_after_s, retryable_status
+from distray.http_retry import backoff_s, fatal_status, retry_after_s, retryable_status
 from distray.teacher.engines import common
 from distray.teacher.rows import ERROR, sample_seed
 
@@ -54,10 +60,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The retry helpers live in distray.http_retry; they stay importable from here for older callers.
 __all__ = [
-    "OpenAIClient", "generate", "api_key", "preflight", "MIN_REQUESTS_FOR_RATIO", "backoff_s",
-    "retry_after_s", "retryable_status",
+    "MIN_REQUESTS_FOR_RATIO", "MalformedResponse", "OpenAIClient", "api_key", "generate",
+    "parse_logprobs", "parse_response", "preflight",
 ]
 
 #: Finished requests before the success ratio can stop a run (fewer say too little).
@@ -111,6 +116,10 @@ def preflight(teacher: OpenAITeacher, key: str | None) -> None:
         )
 
 
+class MalformedResponse(ValueError):
+    """A 200 body that is not a chat completion distray can store; the request is retried."""
+
+
 def _parse_token_id(token: str) -> int | None:
     if token.startswith("token_id:"):
         try:
@@ -120,43 +129,151 @@ def _parse_token_id(token: str) -> int | None:
     return None
 
 
+def _logprob(value: Any, where: str) -> float:
+    """A logprob as a float ≤ 0; -inf becomes -1e30 (Arrow and the KD loss need finite values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedResponse(f"{where}.logprob is {type(value).__name__}, not a number")
+    v = float(value)
+    # A logprob is ≤ 0; a little above 0 is float rounding, more is garbage.
+    if math.isnan(v) or v > 1e-3:
+        raise MalformedResponse(f"{where}.logprob is {v}")
+    return min(max(v, -1e30), 0.0)
+
+
+def _entry(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedResponse(f"{where} is {type(value).__name__}, not an object")
+    return value
+
+
 def parse_logprobs(content: list[dict[str, Any]] | None, k: int) -> tuple[Any, Any, Any]:
     """`choices[0].logprobs.content` → (response ids, top-k ids, top-k logprobs), or Nones
-    when the server gave token strings rather than ids."""
+    when the server gave token strings rather than ids.
+
+    Raises:
+        MalformedResponse: an entry is not an object, or a logprob is NaN, positive or not a
+            number (it would poison the KD loss).
+    """
     if not content:
         return None, None, None
+    if not isinstance(content, list):
+        raise MalformedResponse(f"logprobs.content is {type(content).__name__}, not a list")
     resp_ids: list[int] = []
     top_ids: list[list[int]] = []
     top_lps: list[list[float]] = []
-    for pos in content:
+    for i, raw in enumerate(content):
+        pos = _entry(raw, f"logprobs.content[{i}]")
         tid = _parse_token_id(str(pos.get("token", "")))
-        if tid is None:
+        if tid is None:  # token strings, not ids: the columns stay null, nothing to check
             return None, None, None
         resp_ids.append(tid)
-        cands = sorted(pos.get("top_logprobs") or [], key=lambda c: -float(c.get("logprob", -1e30)))[:k]
-        ids = [_parse_token_id(str(c.get("token", ""))) for c in cands]
+        cands = pos.get("top_logprobs") or []
+        if not isinstance(cands, list):
+            raise MalformedResponse(f"logprobs.content[{i}].top_logprobs is not a list")
+        where = f"logprobs.content[{i}].top_logprobs"
+        scored = []
+        for j, raw_cand in enumerate(cands):
+            c = _entry(raw_cand, f"{where}[{j}]")
+            scored.append((_logprob(c.get("logprob"), f"{where}[{j}]"), c))
+        best = sorted(scored, key=lambda sc: -sc[0])[:k]
+        ids = [_parse_token_id(str(c.get("token", ""))) for _, c in best]
         if any(i is None for i in ids):
             return None, None, None
         top_ids.append([int(i) for i in ids if i is not None])
-        top_lps.append([max(float(c.get("logprob", -1e30)), -1e30) for c in cands])
+        top_lps.append([lp for lp, _ in best])
     return resp_ids, top_ids, top_lps
 
 
+def _count(usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedResponse(f"usage.{name} is {value!r}, not a count")
+    return value
+
+
+def _content(message: dict[str, Any]) -> str:
+    """The answer text: a string, or a list of `{type: text, text}` parts (some gateways)."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise MalformedResponse(f"message.content is {type(content).__name__}, not text")
+
+
+def parse_response(data: Any, k: int | None) -> dict[str, Any]:
+    """A chat-completion body → the teacher-data columns of its first choice, type-checked.
+
+    Every value is checked before it reaches Arrow or the KD loss: a body with a null or
+    string `message`, non-text `content`, string token counts or NaN logprobs raises.
+
+    Args:
+        data: the decoded JSON body of an HTTP 200.
+        k: the top-k logprobs asked for, or None.
+
+    Returns:
+        `{response, finish_reason, prompt_tokens, completion_tokens, response_token_ids,
+        topk_token_ids, topk_logprobs}`.
+
+    Raises:
+        MalformedResponse: the body does not have that shape or those types.
+    """
+    body = _entry(data, "the body")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedResponse("`choices` is missing or empty")
+    choice = _entry(choices[0], "choices[0]")
+    message = _entry(choice.get("message"), "choices[0].message")
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        raise MalformedResponse(f"finish_reason is {type(finish).__name__}, not a string")
+    usage = body.get("usage")
+    usage = {} if usage is None else _entry(usage, "usage")
+    ids = top_ids = top_lps = None
+    if k is not None:
+        lp = choice.get("logprobs")
+        if lp is not None:
+            ids, top_ids, top_lps = parse_logprobs(_entry(lp, "logprobs").get("content"), k)
+    return {
+        F.RESPONSE: _content(message),
+        F.FINISH_REASON: finish or "stop",
+        F.PROMPT_TOKENS: _count(usage, "prompt_tokens"),
+        F.COMPLETION_TOKENS: _count(usage, "completion_tokens"),
+        F.RESPONSE_TOKEN_IDS: ids,
+        F.TOPK_TOKEN_IDS: top_ids,
+        F.TOPK_LOGPROBS: top_lps,
+    }
+
+
+class _Stop(Exception):
+    """A status that fails every later request too (401, 403, 404): the run stops."""
+
+
 class OpenAIClient:
-    """A Ray Data callable class (async): answers a batch of rows over HTTP."""
+    """A Ray Data callable class (async): answers a batch of rows over HTTP.
+
+    The API key is read here from the environment variable `teacher.api_key_env` names, so it
+    never travels as an argument (arguments are pickled into the actor's task spec).
+    """
 
     def __init__(
         self,
         teacher: dict[str, Any],
         sampling: dict[str, Any],
         logprobs: int | None,
-        key: str | None,
     ) -> None:
         self.t = OpenAITeacher(**teacher)
         self.s = SamplingConfig(**sampling)
         self.k = logprobs
         self.url = self.t.base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}
+        key = api_key(self.t)
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         self._client: Any = None
@@ -164,6 +281,7 @@ class OpenAIClient:
         self.ok = 0
         self.failed = 0
         self.last_errors: deque[str] = deque(maxlen=3)
+        self.stopped: str | None = None
 
     def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
         s = self.s
@@ -185,6 +303,26 @@ class OpenAIClient:
         body.update(self.t.extra_body)
         return body
 
+    def _stop_message(self, code: int, text: str) -> str:
+        t = self.t
+        if code == 404:
+            fix = (
+                f"check teacher.model (`{t.model}`: the endpoint does not know it) and "
+                f"teacher.base_url (`{t.base_url}`: it must end in /v1)"
+            )
+        elif t.api_key_env:
+            fix = (
+                f"check the API key in ${t.api_key_env} (teacher.api_key_env): it was refused "
+                "or lacks access to this model"
+            )
+        else:
+            fix = "the endpoint needs an API key: set teacher.api_key_env to the variable holding it"
+        return (
+            f"the teacher endpoint {self.url} answered HTTP {code} ({text[:200]!r}); {fix}. "
+            "The run stopped at once: rows already answered are kept, rows not yet sent stay "
+            "unsent and a rerun sends them"
+        )
+
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
@@ -198,6 +336,8 @@ class OpenAIClient:
         for attempt in range(t.max_retries + 1):
             retry_after = None
             async with self._sem:
+                if self.stopped:  # another row hit a 401/403/404: send nothing more
+                    raise _Stop(self.stopped)
                 try:
                     resp = await self._client.post(self.url, json=body, headers=self.headers)
                 except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -206,10 +346,13 @@ class OpenAIClient:
                 else:
                     if resp.status_code == 200:
                         try:
-                            return self._result(row, resp.json(), attempt + 1)
-                        except (ValueError, KeyError, IndexError, TypeError) as e:
+                            return self._result(row, parse_response(resp.json(), self.k), attempt + 1)
+                        except ValueError as e:  # MalformedResponse, or a body that is not JSON
                             error = f"request_failed: malformed response ({type(e).__name__}: {e})"
                             retryable = True
+                    elif fatal_status(resp.status_code):
+                        self.stopped = self.stopped or self._stop_message(resp.status_code, resp.text)
+                        raise _Stop(self.stopped)
                     else:
                         retryable = retryable_status(resp.status_code)
                         retry_after = retry_after_s(resp.headers)
@@ -220,7 +363,9 @@ class OpenAIClient:
             if not retryable or attempt == t.max_retries:
                 break
             # Sleep outside the semaphore, so waiting rows do not hold request slots.
-            await asyncio.sleep(backoff_s(attempt, t.backoff_base_s, t.backoff_max_s, retry_after))
+            await asyncio.sleep(
+                backoff_s(attempt, t.backoff_base_s, t.backoff_max_s, retry_after, t.max_retry_after_s)
+            )
         self.failed += 1
         self.last_errors.append(error)
         out = common.empty_result(row, error)
@@ -230,20 +375,8 @@ class OpenAIClient:
         out["_t1"] = None
         return out
 
-    def _result(self, row: dict[str, Any], data: dict[str, Any], attempts: int) -> dict[str, Any]:
-        choice = data["choices"][0]
-        content = choice["message"].get("content") or ""
-        usage = data.get("usage") or {}
-        row[F.RESPONSE] = content
-        row[F.FINISH_REASON] = choice.get("finish_reason") or "stop"
-        row[F.PROMPT_TOKENS] = usage.get("prompt_tokens")
-        row[F.COMPLETION_TOKENS] = usage.get("completion_tokens")
-        ids = top_ids = top_lps = None
-        if self.k is not None:
-            ids, top_ids, top_lps = parse_logprobs((choice.get("logprobs") or {}).get("content"), self.k)
-        row[F.RESPONSE_TOKEN_IDS] = ids
-        row[F.TOPK_TOKEN_IDS] = top_ids
-        row[F.TOPK_LOGPROBS] = top_lps
+    def _result(self, row: dict[str, Any], columns: dict[str, Any], attempts: int) -> dict[str, Any]:
+        row.update(columns)
         row[ERROR] = None
         row[ATTEMPTS] = attempts
         row[RETRYABLE] = None
@@ -265,7 +398,15 @@ class OpenAIClient:
         rows = batch.to_pylist()
         for r in rows:
             r.setdefault(ERROR, None)
-        out = await asyncio.gather(*(self._one(r) for r in rows))
+        tasks = [asyncio.ensure_future(self._one(r)) for r in rows]
+        try:
+            out = await asyncio.gather(*tasks)
+        except _Stop as e:
+            # Rows still waiting for a request slot are never sent; the batch writes nothing.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise StageError(str(e)) from None
         done = self.ok + self.failed
         if done >= MIN_REQUESTS_FOR_RATIO and self.ok / done < self.t.min_success_ratio:
             raise StageError(
@@ -289,13 +430,15 @@ def generate(
 
     key = api_key(teacher)
     preflight(teacher, key)
+    # The key reaches the actor as an environment variable (merged into the job's runtime_env),
+    # never as a constructor argument.
+    env = {teacher.api_key_env: key} if teacher.api_key_env and key else {}
     return ds.map_batches(
         OpenAIClient,
         fn_constructor_kwargs={
             "teacher": teacher.model_dump(),
             "sampling": sampling.model_dump(),
             "logprobs": logprobs,
-            "key": key,
         },
         batch_format="pyarrow",
         batch_size=teacher.max_in_flight,
@@ -303,4 +446,5 @@ def generate(
         # while a slow batch drains; the semaphore still bounds open requests.
         compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=4),
         num_cpus=0.5,
+        runtime_env={"env_vars": env} if env else None,
     )
