@@ -203,6 +203,31 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from distray.models import fetch
+
+    t0 = time.perf_counter()
+    _print_result("models fetch", fetch(args.alias, args.out, force=args.force), t0)
+    return EXIT_OK
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from distray.models import ALIASES
+
+    for name, alias in sorted(ALIASES.items()):
+        print(f"{name}\t{alias.origin} ({alias.license}) from PyPI {alias.package}=={alias.version}", flush=True)
+    return EXIT_OK
+
+
+def _cmd_make_student(args: argparse.Namespace) -> int:
+    from distray.models import make_student
+
+    t0 = time.perf_counter()
+    out = make_student(args.teacher, args.layers, args.out, args.select, args.calibration)
+    _print_result("make-student", out, t0)
+    return EXIT_OK
+
+
 # ---- parser ------------------------------------------------------------------------------
 
 
@@ -335,7 +360,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab", type=_positive_int, default=None, metavar="N", help="tokenizer vocabulary size"
     )
     p.set_defaults(func=_cmd_make_tiny)
+    _add_model_commands(sub, verbose)
     return parser
+
+
+def _add_model_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """`distray models fetch|list` and `distray make-student`."""
+    from distray.models.aliases import ALIASES
+    from distray.models.pruning import SELECTIONS
+
+    p = sub.add_parser("models", help="models distray can fetch without the hub", parents=[verbose])
+    models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", parser_class=_Parser)
+    c = models_sub.add_parser(
+        "fetch", parents=[verbose],
+        help="write an offline alias as a Hugging Face folder (cached, checksummed, checked)",
+    )
+    c.add_argument("alias", choices=sorted(ALIASES), metavar="ALIAS", help=", ".join(sorted(ALIASES)))
+    c.add_argument("--out", metavar="DIR", help="folder to write (default: the shared cache)")
+    c.add_argument("--force", action="store_true", help="rebuild even when a checked copy exists")
+    c.set_defaults(func=_cmd_models_fetch)
+    c = models_sub.add_parser("list", help="the aliases and where each comes from", parents=[verbose])
+    c.set_defaults(func=_cmd_models_list)
+    p.set_defaults(func=_needs_action(p))
+
+    p = sub.add_parser(
+        "make-student", parents=[verbose],
+        help="a student made from the teacher by depth pruning (keeps N decoder layers)",
+        description="Keep N of the teacher's decoder layers (Minitron-style depth pruning); the "
+        "student shares the teacher's tokenizer, so logit KD applies.",
+    )
+    p.add_argument("--from", dest="teacher", required=True, metavar="TEACHER",
+                   help="teacher folder or alias")
+    p.add_argument("--layers", type=_positive_int, required=True, metavar="N", help="layers to keep")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--select", choices=SELECTIONS, default="uniform",
+                   help="uniform (evenly spaced) or block-influence (drop the layers that change "
+                   "their hidden state least, as ShortGPT)")
+    p.add_argument("--calibration", metavar="FILE", help="prompts for block-influence (JSONL/Parquet)")
+    p.set_defaults(func=_cmd_make_student)
 
 
 def _needs_action(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

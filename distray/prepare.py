@@ -5,7 +5,9 @@
 Preparing a run turns the config a user wrote into the config every stage and every Ray worker
 receives:
 - local paths become absolute (Ray workers run in their own working directories);
-- models named by a hub id are downloaded once into `<output_dir>/_models/`;
+- offline aliases (`distray models list`) are fetched into the shared model cache, and models
+  named by a hub id are downloaded once into `<output_dir>/_models/`;
+- a student made from the teacher (`student.from_teacher`) is pruned once into the run folder;
 - a built-in task's JSONL files are written into `<run>/data/` and `data.*` point at them;
 - the quickstart's stand-ins (`demo.train_teacher`) are built when missing.
 
@@ -154,6 +156,60 @@ def fetch_hub_models(cfg: DistrayConfig) -> DistrayConfig:
     return DistrayConfig.model_validate(data) if repr(data) != before else cfg
 
 
+def _resolve_aliases(data: dict[str, Any]) -> None:
+    """Replace offline model aliases (`smollm2-135m-instruct`) by their fetched folders."""
+    from distray.models.aliases import ALIASES, resolve_model
+
+    places: list[tuple[dict[str, Any], str]] = [(t, "model") for _, t in _teacher_sections(data)]
+    places += [(data[s], k) for s, k in MODEL_FIELDS if data.get(s)]
+    for section, key in places:
+        if section.get(key) in ALIASES:
+            section[key] = resolve_model(section[key])
+
+
+def _student_from_teacher(cfg: DistrayConfig) -> DistrayConfig:
+    """Build `student.from_teacher`'s depth-pruned student once; point student.model at it.
+
+    It goes into `<run>/student-init` (a machine-local cache for a run folder on a bucket, since
+    Train workers load the student from a folder), and is rebuilt only when its teacher, layer
+    count, selection or calibration file changed.
+
+    Raises:
+        ConfigError: the teacher is not a local model folder.
+    """
+    import json
+
+    ft = cfg.student.from_teacher if cfg.student else None
+    if ft is None or cfg.student is None:
+        return cfg
+    local = [t for t in cfg.all_teachers if t.kind != "openai" and Path(t.model, "config.json").is_file()]
+    if not local:
+        names = [t.model for t in cfg.all_teachers] or ["(none)"]
+        raise ConfigError(
+            f"`student.from_teacher` prunes the teacher's layers, but the teacher ({', '.join(names)}) "
+            "is not a local model folder; point teacher.model at a folder or an alias "
+            "(`distray models list`), or set student.model instead"
+        )
+    teacher = str(Path(local[0].model).resolve())
+    if "://" in cfg.run_dir:
+        out = Path("~/.cache/distray/students").expanduser() / cfg.run.name
+    else:
+        out = Path(cfg.run_dir) / "student-init"
+    from distray.models import STUDENT_INFO, make_student
+
+    info_path = out / STUDENT_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    calibration = str(Path(ft.calibration).resolve()) if ft.calibration else None
+    wanted = {"teacher": teacher, "layers": ft.layers, "select": ft.select,
+              "calibration": (calibration or "built-in") if ft.select == "block-influence" else None}
+    if any(info.get(k) != v for k, v in wanted.items()):
+        logger.info("student.from_teacher: pruning %s to %d layers (%s) into %s",
+                    teacher, ft.layers, ft.select, out)
+        make_student(teacher, ft.layers, str(out), ft.select, calibration)
+    student = cfg.student.model_copy(update={"model": str(out)})
+    return cfg.model_copy(update={"student": student})
+
+
 def _builtin_data(data: dict[str, Any], run_dir: str) -> None:
     """Write a built-in task's splits into `<run>/data/` (once) and point `data.*` at them."""
     b = data["data"].get("builtin")
@@ -196,10 +252,11 @@ def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> 
         ConfigError: a model could not be fetched, or a setting contradicts another.
     """
     data = cfg.model_dump(mode="json")
+    _resolve_aliases(data)
     _absolutize(data)
     _fetch_models(data)
     _builtin_data(data, run_dir_of(cfg))
-    cfg = config_from_dict(data, "(prepared)")
+    cfg = _student_from_teacher(config_from_dict(data, "(prepared)"))
     if demo and cfg.demo.train_teacher:
         from distray.demo import baseline_dir, prepare_demo
 

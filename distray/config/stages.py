@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distray.config.base import Section
 
 __all__ = [
+    "FromTeacherConfig",
     "SamplingConfig",
     "Verifier",
     "FilterConfig",
@@ -120,8 +121,29 @@ class LoraConfig(Section):
     )
 
 
+class FromTeacherConfig(Section):
+    layers: int = Field(..., ge=1, description="Decoder layers the student keeps.")
+    select: Literal["uniform", "block-influence"] = Field(
+        default="uniform",
+        description="uniform: evenly spaced layers (first and last kept); block-influence: drop "
+        "the layers that change their hidden state least on calibration prompts (ShortGPT).",
+    )
+    calibration: str | None = Field(
+        default=None, description="Prompt file for block-influence; default built-in prompts."
+    )
+
+
 class StudentConfig(Section):
-    model: str = Field(..., description="Student model: a local Hugging Face folder.")
+    model: str = Field(
+        default="",
+        description="Student model: a local Hugging Face folder, a hub id, or an offline alias "
+        "(`distray models list`); filled in by `from_teacher`.",
+    )
+    from_teacher: FromTeacherConfig | None = Field(
+        default=None,
+        description="Make the student from the teacher by depth pruning, once, into "
+        "<run>/student-init (shares the teacher's tokenizer, so logit KD applies).",
+    )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer folder; default the model's."
     )
@@ -131,6 +153,15 @@ class StudentConfig(Section):
     lora: LoraConfig | None = Field(
         default=None, description="Train LoRA adapters; merged at export."
     )
+
+    @model_validator(mode="after")
+    def _model_or_from_teacher(self) -> StudentConfig:
+        if not self.model and self.from_teacher is None:
+            raise ValueError(
+                "`student.model` is not set; name a model folder, hub id or alias, or set "
+                "student.from_teacher: {layers: N} to prune the teacher"
+            )
+        return self
 
 
 LossName = Literal["sft", "kd", "reverse_kl", "jsd"]
@@ -368,6 +399,12 @@ class ResourcesConfig(Section):
         "names (TOKEN, KEY, SECRET, PASSWORD, AUTH, ...) show as <redacted> in config.resolved.yaml "
         "and travel to a submitted job as environment variables only; HF_TOKEN and the "
         "teachers' api_key_env pass through from the driver's environment.",
+    )
+    shared_filesystem: bool = Field(
+        default=False,
+        description="`run.output_dir` is a local path that every node of a multi-node cluster "
+        "mounts at the same place (NFS, a cluster filesystem). Without it a local output_dir on "
+        "a cluster of more than one node is refused before any work starts: use s3:// or gs://.",
     )
 
 

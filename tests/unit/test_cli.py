@@ -488,3 +488,17 @@ def test_job_entry_config_without_a_path_is_a_usage_error(
     assert calls == []
     assert entry.main("run", ["--config=x.yaml", "--stages", "generate"]) == 0
     assert calls == [["run", "x.yaml", "--stages", "generate"]]
+
+
+def test_models_list_and_make_student_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from distray.tiny import make_tiny
+
+    code, out, _ = run_cli(capsys, "models", "list")
+    assert code == 0 and out.startswith("smollm2-135m-instruct\t") and "Apache-2.0" in out
+    teacher = make_tiny(tmp_path / "t", layers=4, hidden=64, heads=2)
+    code, out, err = run_cli(capsys, "make-student", "--from", teacher, "--layers", "2", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert out.startswith("make-student ok in ") and str(tmp_path / "s") in out
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 2
+    code, _, err = run_cli(capsys, "models", "fetch", "smollm3")
+    assert code == 2 and "smollm2-135m-instruct" in err
