@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from distray.errors import DataError
-from distray.storage import filesystem_for, list_files, write_jsonl
+from distray.storage import filesystem_for, list_files, write_bytes, write_jsonl
 
 __all__ = [
     "ID",
@@ -91,7 +90,7 @@ REJECT_REASONS = (
     "not_an_object",  # valid JSON, but not a {...} row
     "missing_prompt",  # neither `messages` nor `prompt`
     "empty_prompt",  # empty `prompt`, empty `messages`, or no non-empty user turn
-    "bad_message",  # a `messages` entry that is not an object
+    "bad_message",  # `messages` that is not a list, or an entry of it that is not an object
     "bad_role",  # a role outside system/user/assistant
     "non_string_content",  # content or prompt that is not a string
     "bad_reference",  # `reference` that is not a string or number
@@ -316,7 +315,12 @@ def normalize_row(
     prompt: str | None = None
     if has_messages:
         msgs = raw[MESSAGES]
-        if not isinstance(msgs, list) or not msgs:
+        if not isinstance(msgs, list):
+            return bad(
+                "bad_message",
+                f"`messages` is a {type(msgs).__name__}, expected a list of {{role, content}}",
+            )
+        if not msgs:
             return bad("empty_prompt", "`messages` must be a non-empty list of {role, content}")
         turns: list[dict[str, str]] = []
         for i, m in enumerate(msgs):
@@ -439,13 +443,14 @@ def write_rejects(path: str, rejects: Iterable[Reject]) -> int:
     """
     rows = [r.to_dict() for r in rejects]
     if path.endswith(".parquet"):
+        import io
+
         import pyarrow.parquet as pq
 
-        fs, p = filesystem_for(path)
-        parent = os.path.dirname(p)
-        if parent:
-            fs.create_dir(parent, recursive=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), p, filesystem=fs)
+        # Through write_bytes: atomic (a temp name, then a rename), as every other output.
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), buf)
+        write_bytes(path, [buf.getvalue()])
         return len(rows)
     return write_jsonl(path, rows)
 

@@ -6,7 +6,7 @@ Pure functions, no Ray: the generate stage calls `check_response` on every row a
 answered, and writes the row to `rejects/` with the returned reason when it fails. Rules run in
 a fixed order and the first failure is the reason:
 
-    engine error → empty → truncated → min/max chars → regex → JSON → verifier
+    engine error → empty → invalid UTF-8 → truncated → min/max chars → regex → JSON → verifier
 
 Duplicate answers (`dedupe_responses`) need state across rows and are checked by the pipeline
 with `DuplicateTracker` after these rules, so only answers that passed everything else count.
@@ -160,6 +160,13 @@ def check_response(
     response = row.get("response")
     if response is None:
         return Rejection("empty", "the teacher returned no answer")
+    try:
+        response.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # An API may send a lone surrogate escape ("\ud800"); no Parquet writer takes it.
+        return Rejection(
+            "invalid_utf8", f"the answer holds a lone surrogate (U+{ord(response[e.start]):04X}) at char {e.start}"
+        )
     if filters.drop_empty and not response.strip():
         return Rejection("empty", "the answer is empty or whitespace only")
     if filters.truncated == "drop" and row.get("finish_reason") == "length":

@@ -277,6 +277,16 @@ def expand_rows(
     return out
 
 
+def _json_text(row: dict[str, Any]) -> str:
+    """The row as JSON text any UTF-8 writer takes (escaped when it holds a lone surrogate)."""
+    text = json.dumps(row, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row, ensure_ascii=True, default=str)
+    return text
+
+
 def reject_row(row: dict[str, Any], stage: str, reason: str, detail: str) -> dict[str, Any]:
     """A rejects-file record (REJECT_SCHEMA) for a teacher row that failed `stage`."""
     keep = {k: v for k, v in row.items() if not k.startswith("_") and k != ERROR}
@@ -287,5 +297,5 @@ def reject_row(row: dict[str, Any], stage: str, reason: str, detail: str) -> dic
         "line": row.get("_line"),
         "stage": stage,
         "reason": f"{reason}: {detail}" if detail else reason,
-        "row": json.dumps(keep, ensure_ascii=False, default=str)[:10_000],
+        "row": _json_text(keep)[:10_000],
     }

@@ -320,9 +320,8 @@ def test_cache_and_multi_teacher_and_rerun(ray_cluster, tmp_path, fake_openai) -
 def test_builtin_task_splits_into_train_and_validation(ray_cluster, tmp_path, fake_openai) -> None:
     from distray.config import config_from_dict
     from distray.paths import RunPaths
-    from distray.teacher import run
-
     from distray.prepare import prepare
+    from distray.teacher import run
 
     server = fake_openai()
     cfg = prepare(config_from_dict({

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distray import formats
-from distray import storage
+from distray import formats, storage
 from distray.errors import DataError
 from distray.formats import (
     ID,

@@ -314,3 +314,35 @@ def test_a_null_prompt_is_named_as_null() -> None:
     assert rej is not None and "`messages` is null" in rej.detail
     _, rej = F.normalize_row({"text": "hi"})
     assert rej is not None and "neither" in rej.detail and "['text']" in rej.detail
+
+
+# ---- the same classes of defect, found nearby --------------------------------------------------
+
+
+def test_an_answer_with_a_lone_surrogate_is_a_reject_that_writes(tmp_path: Path) -> None:
+    """An API teacher may send "\\ud800" in JSON; no Parquet writer takes it, so the row (not
+    the batch) must go, and its reject record must itself be writable."""
+    row = {F.ID: "a" * 32, "response": "ok \ud800", "finish_reason": "stop", "reference": None}
+    rej = check_response(row, FilterConfig())
+    assert rej is not None and rej.reason == "invalid_utf8"
+    record = R.reject_row(row, "filter", rej.reason, rej.detail)
+    path = W.write_shard([record], str(tmp_path / "rej"), str(tmp_path / ".tmp"),
+                         schema=F.REJECT_SCHEMA, fmt="parquet", prefix="rejects")
+    assert path is not None and "\\ud800" in pq.read_table(path).column("row")[0].as_py()
+
+
+def test_messages_that_are_not_a_list_are_named() -> None:
+    _, rej = F.normalize_row({"messages": "What is 2+3?"})
+    assert rej is not None and rej.reason == "bad_message" and "is a str" in rej.detail
+
+
+def test_data_check_parquet_rejects_are_written_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _record_fsyncs(monkeypatch)
+    p = tmp_path / "in.jsonl"
+    p.write_text('not json\n{"prompt": "ok"}\n')
+    out = tmp_path / "rejects.parquet"
+    F.check_input(str(p), rejects_path=str(out))
+    assert pq.read_table(out).column("reason").to_pylist()[0].startswith("invalid_json")
+    assert ("replace", str(out)) in events
