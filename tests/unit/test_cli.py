@@ -498,7 +498,7 @@ def test_models_list_and_make_student_commands(capsys: pytest.CaptureFixture[str
     teacher = make_tiny(tmp_path / "t", layers=4, hidden=64, heads=2)
     code, out, err = run_cli(capsys, "make-student", "--from", teacher, "--layers", "2", "--out", str(tmp_path / "s"))
     assert code == 0, err
-    assert out.startswith("make-student ok in ") and str(tmp_path / "s") in out
+    assert out.strip().splitlines()[-1].startswith("make-student ok in ") and str(tmp_path / "s") in out
     assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 2
     code, _, err = run_cli(capsys, "models", "fetch", "smollm3")
     assert code == 2 and "smollm2-135m-instruct" in err
