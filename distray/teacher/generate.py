@@ -229,6 +229,14 @@ class _Sink:
                     reasons["duplicate_response"] += 1
             accepted = kept
         data_rows = [{f.name: r.get(f.name) for f in F.TEACHER_DATA_SCHEMA} for r in accepted]
+        # A value the schema cannot hold (an engine quirk) costs its row, not the batch.
+        data_rows, unstorable = W.split_writable(data_rows, F.TEACHER_DATA_SCHEMA)
+        for r, why in unstorable:
+            rejects.append(reject_row(r, "write", "bad_answer", f"cannot be stored: {why}"))
+            reasons["bad_answer"] += 1
+        if unstorable:
+            kept_ids = {d[F.ID] for d in data_rows}
+            accepted = [r for r in accepted if r[F.ID] in kept_ids]
         W.write_shard(data_rows, self.out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA)
         W.write_shard(
             rejects, self.rejects_dir, self.tmp_dir,

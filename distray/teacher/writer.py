@@ -47,6 +47,7 @@ __all__ = [
     "is_retry_shard",
     "settle_retry_shards",
     "write_shard",
+    "split_writable",
     "clean_tmp",
     "iter_shard_files",
     "STATS_SCHEMA",
@@ -237,6 +238,34 @@ def keep_not_done(batch: pa.Table, done: np.ndarray) -> pa.Table:
     pos[pos >= len(done)] = 0
     seen = done[pos] == d
     return batch.filter(pa.array(~seen))
+
+
+#: What pyarrow raises on a value its schema cannot hold.
+_UNSTORABLE = (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeEncodeError)
+
+
+def split_writable(
+    rows: list[dict[str, Any]], schema: pa.Schema
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """`(rows Arrow can store under schema, [(row, why not), ...])`.
+
+    The whole batch is tried first; only when that fails is each row tried alone, so one bad
+    value costs its row, not the batch (and the run).
+    """
+    try:
+        pa.Table.from_pylist(rows, schema=schema)
+        return rows, []
+    except _UNSTORABLE:
+        pass
+    ok: list[dict[str, Any]] = []
+    bad: list[tuple[dict[str, Any], str]] = []
+    for r in rows:
+        try:
+            pa.Table.from_pylist([r], schema=schema)
+            ok.append(r)
+        except _UNSTORABLE as e:
+            bad.append((r, f"{type(e).__name__}: {str(e)[:200]}"))
+    return ok, bad
 
 
 def clean_tmp(tmp_dir: str) -> None:

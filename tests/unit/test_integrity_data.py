@@ -346,3 +346,15 @@ def test_data_check_parquet_rejects_are_written_atomically(
     F.check_input(str(p), rejects_path=str(out))
     assert pq.read_table(out).column("reason").to_pylist()[0].startswith("invalid_json")
     assert ("replace", str(out)) in events
+
+
+def test_a_row_arrow_cannot_store_is_set_apart_not_the_batch() -> None:
+    """An answer column of the wrong type (an engine quirk: a count as text, a token count over
+    int32) fails only its own row."""
+    good = {F.ID: "a", F.RESPONSE: "fine", F.PROMPT_TOKENS: 3}
+    rows = [good, {F.ID: "b", F.RESPONSE: "x", F.PROMPT_TOKENS: "12"},
+            {F.ID: "c", F.RESPONSE: "y", F.COMPLETION_TOKENS: 2**40}]
+    ok, bad = W.split_writable(rows, F.TEACHER_DATA_SCHEMA)
+    assert ok == [good] and [r[F.ID] for r, _ in bad] == ["b", "c"]
+    assert all(err for _, err in bad)
+    assert W.split_writable([good], F.TEACHER_DATA_SCHEMA) == ([good], [])
