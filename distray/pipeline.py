@@ -107,16 +107,29 @@ class PipelineResult:
 
 
 def stage_done(cfg: DistrayConfig, stage: str) -> bool:
-    """True when `stage`'s final outputs exist in the run folder."""
+    """True when `stage` finished: the file it writes last exists in the run folder.
+
+    Each marker is written once everything else of its stage is in place: generate's
+    stats.json after the last shard, train's export marker after the student's files (on an
+    object store a folder is uploaded file by file, so a `model.safetensors` alone proves
+    nothing), evaluate's metrics.json and bench's results.json after their predictions.
+    """
+    from distray.cluster import EXPORT_MARKER
+
     p = RunPaths(cfg.run_dir)
     marker = {
         "generate": p.generate_stats,
-        "train": f"{p.student}/model.safetensors",
+        "train": f"{p.student}/{EXPORT_MARKER}",
         "evaluate": p.eval_metrics,
         "bench": p.bench_results,
         "report": None,
     }[stage]
-    return marker is not None and exists(marker)
+    if marker is None:
+        return False
+    if stage == "train" and "://" not in p.student and not exists(marker):
+        # A local export older than the marker was renamed into place whole: still complete.
+        return exists(f"{p.student}/model.safetensors")
+    return exists(marker)
 
 
 def clear_stage(cfg: DistrayConfig, stage: str) -> None:
@@ -228,9 +241,11 @@ def run_stage(cfg: DistrayConfig, name: str, force: bool = False) -> Any:
         raise ConfigError(f"unknown stage `{name}`; choose from {', '.join(COMMANDS)}")
     if name not in LINEAGE_STAGES:  # serve reads the run folder, it writes nothing there
         return _run_stage_held(cfg, stage, force)
+    from distray.cluster import check_shared_output
     from distray.lease import hold
     from distray.prepare import run_dir_of
 
+    check_shared_output(cfg)
     with hold(run_dir_of(cfg)):
         return _run_stage_held(cfg, stage, force)
 
@@ -280,9 +295,11 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     if any(t.kind == "openai" for t in cfg.all_teachers) and cfg.demo.train_teacher:
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
     init_ray(cfg)
+    from distray.cluster import check_shared_output
     from distray.lease import hold
     from distray.prepare import run_dir_of
 
+    check_shared_output(cfg)
     with hold(run_dir_of(cfg)):
         return _run_held(cfg, wanted, force)
 

@@ -33,7 +33,9 @@ def default_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
-#: Driver env vars every worker gets as they are (hub settings and tokens, CPU binding).
+#: Driver env vars every worker gets as they are (hub settings and tokens, CPU binding, and
+#: object-store settings: a run folder on s3:// or gs:// is written by every node, so the
+#: endpoint and credentials the driver uses must reach the workers).
 _PASSTHROUGH_ENV = (
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
@@ -41,6 +43,15 @@ _PASSTHROUGH_ENV = (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
     "VLLM_CPU_OMP_THREADS_BIND",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
 )
 
 

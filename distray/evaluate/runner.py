@@ -154,7 +154,10 @@ def resolve_models(cfg: DistrayConfig) -> list[_Model]:
                 f"the distilled student `{student}` does not exist yet; run `distray train` first, "
                 "or drop `student` from evaluate.models"
             )
-        out.append(_Model("student", _local_engine(cfg, "student", student, cfg.student), student))
+        from distray.cluster import localize_model
+
+        local = localize_model(student)  # vLLM and transformers load from a local folder
+        out.append(_Model("student", _local_engine(cfg, "student", local, cfg.student), local))
     if "baseline" in want:
         base = cfg.evaluate.baseline or (cfg.student.model if cfg.student else None)
         if base is None:

@@ -137,6 +137,12 @@ def deploy(
     # Ray first: building the LLM deployments reads the job's runtime_env (env vars such as
     # VLLM_CPU_KVCACHE_SPACE), and would otherwise auto-start a bare Ray without them.
     init_ray(cfg)
+    if any("://" in m for m in models.values()):
+        from distray.cluster import localize_model
+
+        # vLLM and transformers load from a local folder: a student exported to s3:// is
+        # copied to each node's local cache first.
+        models = {name: localize_model(path) for name, path in models.items()}
     app = _build(cfg, models)
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from distray.cluster import EXPORT_MARKER
 from distray.errors import StageError
 
 __all__ = ["export_checkpoint", "export_source", "latest_tag", "load_checkpoint_state_dict"]
@@ -184,18 +185,52 @@ def export_checkpoint(
     # One model.safetensors, whatever the size: the file later stages and vLLM look for.
     model.save_pretrained(local_out, safe_serialization=True, max_shard_size="1000GB")
     tok.save_pretrained(local_out)
+    marker = _marker_text(local_out, checkpoint_dir)
     if remote:
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(local_out, out_dir)
-        shutil.rmtree(local_out, ignore_errors=True)
+        _publish_remote(local_out, out_dir, marker)
     else:
+        with open(os.path.join(local_out, EXPORT_MARKER), "w") as f:
+            f.write(marker)
         # Replace the folder only once the new one is complete.
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(local_out, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("exported %s parameters (%s) → %s", f"{n_params:,}", str(dtype).removeprefix("torch."), out_dir)
     return out_dir
+
+
+def _marker_text(folder: str, checkpoint_dir: str) -> str:
+    """The export marker: the checkpoint exported, and every file with its size."""
+    import json
+
+    files = {
+        name: os.path.getsize(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name))
+    }
+    return json.dumps({"checkpoint": checkpoint_dir, "files": files}, indent=1) + "\n"
+
+
+def _publish_remote(local_out: str, out_dir: str, marker: str) -> None:
+    """Upload a finished export to an object store so that no reader takes a partial one.
+
+    An object store has no folder rename: the old marker goes first (the folder is no longer
+    complete), then the old files, then the new files, and the marker last
+    (`pipeline.stage_done` and `distray.cluster.localize_model` trust only the marker).
+    """
+    import pyarrow.fs as pafs
+
+    from distray.storage import filesystem_for, write_text
+
+    fs, inner = filesystem_for(out_dir)
+    marker_path = f"{inner.rstrip('/')}/{EXPORT_MARKER}"
+    if fs.get_file_info(marker_path).type != pafs.FileType.NotFound:
+        fs.delete_file(marker_path)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
+    pafs.copy_files(local_out, inner, destination_filesystem=fs)
+    shutil.rmtree(local_out, ignore_errors=True)
+    write_text(f"{out_dir.rstrip('/')}/{EXPORT_MARKER}", marker)
 
 
 def _add_end_of_turn_eos(model: Any, tok: Any) -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -254,6 +256,7 @@ class TrainWorker:
         self.collator = self._collator()
         self.engine, self.scheduler = self._engine()
         self._resume()
+        self._record_placement()
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if plan.has_validation else None
 
@@ -314,6 +317,19 @@ class TrainWorker:
                 )
         self.resumed_from = self.state.step
         self.last_ckpt_step = self.state.step if self.restored else -1
+
+    def _record_placement(self) -> None:
+        """A metrics record of where this (re)start's workers run and from which step:
+        `{"workers": [{"rank": 0, "node_id": "...", "host": "...", "pid": 4242}, ...], "start_step": 12}`."""
+        import ray
+        import torch.distributed as dist
+
+        me = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+              "host": socket.gethostname(), "pid": os.getpid()}
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+        self.state.history.append({"workers": everyone, "start_step": self.state.step})
+        self._write_metrics()
 
     # ---- train ----------------------------------------------------------------------------
 
