@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from typing import Any
@@ -85,9 +86,19 @@ def load_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> d
     stage0 = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     optim_files = [f for f in os.listdir(tag_dir) if f.endswith("optim_states.pt")]
     if os.path.isfile(stage0) and not optim_files:
-        # ZeRO stage 0: the module is saved whole.
-        sd = torch.load(stage0, map_location="cpu", weights_only=False)["module"]
+        # ZeRO stage 0: the module is saved whole, and everything in the file is tensors and
+        # plain containers, so it is loaded as data: a file carrying code is refused, not run.
+        try:
+            sd = torch.load(stage0, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as e:
+            raise StageError(
+                f"`{stage0}` holds objects other than tensors and plain data; distray does not "
+                "unpickle it. Export only checkpoints this run (or another you trust) wrote"
+            ) from e
         return {k: v.float() for k, v in sd.items()}
+    # ZeRO 1-3: DeepSpeed's own loader unpickles its optimizer-state files (they hold DeepSpeed
+    # objects, which `weights_only=True` rejects), so a checkpoint folder is trusted code, as
+    # DeepSpeed's format requires; the same holds for `engine.load_checkpoint` on resume.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
