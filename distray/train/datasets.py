@@ -230,29 +230,30 @@ def _teacher_datasets(
 def _check_teacher_sample(
     cfg: DistrayConfig, d: RunDatasets, data: str, model: str, tokenizer_dir: str
 ) -> None:
-    """Check the first rows of `data`: top-k present for a logit loss, one shared vocabulary.
+    """Check `data`: top-k present for a logit loss (a sample of every shard), one shared
+    vocabulary (every shard, `distray.train.vocab.check_teacher_data`).
 
     A vocabulary mismatch fails a logit loss; SFT falls back to re-tokenising the answer text
     (`d.use_teacher_ids` turns False).
     """
-    from distray.train.vocab import check_vocab, sample_rows, teacher_tokenizers
+    from distray.train.vocab import check_teacher_data, sample_rows, teacher_tokenizers
 
     tc = cfg.train
     sample = sample_rows(data)
     if d.with_topk and sample and not any(r.get(TOPK_TOKEN_IDS) for r in sample):
         raise DataError(
-            f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the first "
-            f"{len(sample)} rows of `{data}` have none (teacher {sample[0].get('teacher')!r}); "
+            f"`train.loss` ({tc.loss}) needs teacher top-k logprobs, but the "
+            f"{len(sample)} rows sampled from `{data}` have none (teacher {sample[0].get('teacher')!r}); "
             "regenerate with generate.logprobs set, or use train.loss: sft"
         )
     if not d.use_teacher_ids:
         return
     from transformers import AutoConfig, AutoTokenizer
 
-    problem = check_vocab(
+    problem = check_teacher_data(
+        data,
         AutoTokenizer.from_pretrained(tokenizer_dir),
         int(AutoConfig.from_pretrained(model).vocab_size),
-        sample,
         teacher_tokenizers(cfg),
         student_name=model,
     )

@@ -4,8 +4,10 @@
 
 Training on the teacher's `response_token_ids` and top-k logprobs only makes sense when both
 models share one tokenizer. `check_vocab` compares local teacher tokenizers with the student's,
-then looks at a small sample of teacher-data rows (`sample_rows`): every id must fit the
-student's embedding table, and the student must decode the ids back to the teacher's text.
+then looks at the teacher data: the largest token id of every shard (`max_token_id`, from
+the Parquet statistics, read from the column where a file has none) must fit the student's
+embedding table, and the student must decode the ids of a sample from every shard
+(`sample_rows`) back to the teacher's text. `check_teacher_data` runs all of it on a folder.
 """
 
 from __future__ import annotations
@@ -17,23 +19,107 @@ from distray.config import DistrayConfig
 from distray.formats import RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS
 from distray.storage import filesystem_for, list_files
 
-__all__ = ["check_vocab", "sample_rows", "teacher_tokenizers"]
+__all__ = ["check_teacher_data", "check_vocab", "max_token_id", "sample_rows", "teacher_tokenizers"]
+
+#: Columns holding teacher token ids.
+TOKEN_ID_COLUMNS = (RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS)
 
 
-def sample_rows(path: str, n: int = 32) -> list[dict[str, Any]]:
-    """The first `n` rows of the first Parquet file under `path` (nothing more is read)."""
+def sample_rows(path: str, n: int = 64) -> list[dict[str, Any]]:
+    """About `n` rows spread over every Parquet file under `path`: the first rows of each file
+    (at least one per file), so a shard written by another teacher or run is not missed."""
     import pyarrow.parquet as pq
 
     files = list_files(path, (".parquet",))
     if not files:
         return []
+    per_file = max(1, n // len(files))
     fs, _ = filesystem_for(path)
-    with fs.open_input_file(files[0]) as f:
-        pf = pq.ParquetFile(f)
-        cols = [c for c in (RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS, "teacher") if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=n, columns=cols):
-            return batch.to_pylist()
-    return []
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        with fs.open_input_file(file) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in (RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS, "teacher") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=per_file, columns=cols):
+                rows.extend(batch.to_pylist())
+                break
+    return rows
+
+
+def _file_max_token_id(pf: Any) -> int:
+    """The largest id in the token-id columns of one Parquet file; -1 when there is none.
+
+    Row-group statistics answer without reading data; a row group without them (written with
+    statistics off, or by another writer) has its columns read and reduced.
+    """
+    import pyarrow.compute as pc
+
+    names = [c for c in TOKEN_ID_COLUMNS if c in pf.schema_arrow.names]
+    best = -1
+    meta = pf.metadata
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for name in names:
+            leaves = [
+                group.column(j) for j in range(group.num_columns)
+                if group.column(j).path_in_schema.split(".")[0] == name
+            ]
+            stats = [c.statistics for c in leaves]
+            if leaves and all(s is not None and s.has_min_max for s in stats):
+                best = max([best, *(int(s.max) for s in stats)])
+                continue
+            if leaves and all(s is not None and s.null_count == group.num_rows for s in stats):
+                continue  # an all-null column
+            col: Any = pf.read_row_group(rg, columns=[name]).column(0)
+            while hasattr(col.type, "value_type"):
+                col = pc.list_flatten(col)
+            m = pc.max(col).as_py()
+            if m is not None:
+                best = max(best, int(m))
+    return best
+
+
+def max_token_id(path: str) -> tuple[int, str | None]:
+    """The largest teacher token id in any Parquet file under `path`, and the file holding it.
+
+    Returns:
+        `(max id, file)`, or `(-1, None)` when the data has no token ids.
+    """
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem_for(path)
+    best: tuple[int, str | None] = (-1, None)
+    for file in list_files(path, (".parquet",)):
+        with fs.open_input_file(file) as f:
+            m = _file_max_token_id(pq.ParquetFile(f))
+        if m > best[0]:
+            best = (m, file)
+    return best
+
+
+def check_teacher_data(
+    path: str,
+    student_tokenizer: Any,
+    student_vocab_size: int,
+    teacher_tokenizers: dict[str, Any] | None = None,
+    *,
+    student_name: str = "student",
+) -> str | None:
+    """`check_vocab` over the teacher data under `path`: every shard's largest token id, and a
+    sample of rows from every shard.
+
+    Returns:
+        None when the vocabularies agree, else a message (naming the file of an out-of-range id).
+    """
+    top, where = max_token_id(path)
+    return check_vocab(
+        student_tokenizer,
+        student_vocab_size,
+        sample_rows(path),
+        teacher_tokenizers,
+        student_name=student_name,
+        max_token_id=(top, where) if where else None,
+    )
 
 
 def check_vocab(
@@ -43,6 +129,7 @@ def check_vocab(
     teacher_tokenizers: dict[str, Any] | None = None,
     *,
     student_name: str = "student",
+    max_token_id: tuple[int, str] | None = None,
 ) -> str | None:
     """Check that teacher token ids mean the same tokens for the student.
 
@@ -56,6 +143,8 @@ def check_vocab(
         rows: a sample of teacher-data rows (response, response_token_ids, topk_token_ids).
         teacher_tokenizers: {teacher folder: tokenizer} for teachers available locally.
         student_name: for messages.
+        max_token_id: `(id, file)`, the largest token id of the whole data and where it is
+            (`max_token_id()`); checked beside the ids of `rows`.
 
     Returns:
         None when the vocabularies agree, else a message naming both sizes and a mismatch.
@@ -84,9 +173,12 @@ def check_vocab(
         for pos in r.get(TOPK_TOKEN_IDS) or []:
             for t in pos or []:
                 max_id = max(max_id, int(t))
+    where = ""
+    if max_token_id is not None and max_token_id[0] > max_id:
+        max_id, where = max_token_id[0], f" (in {max_token_id[1]})"
     if max_id >= student_vocab_size:
         return (
-            f"teacher data holds token id {max_id}, outside student `{student_name}`'s "
+            f"teacher data holds token id {max_id}{where}, outside student `{student_name}`'s "
             f"vocabulary of {student_vocab_size} ids (student tokenizer: {len(s_vocab)} tokens)"
         )
     checked = bad = 0
