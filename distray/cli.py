@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -119,12 +120,37 @@ def _print_result(command: str, result: Any, t0: float) -> None:
 # ---- commands ----------------------------------------------------------------------------
 
 
+def _captured(args: argparse.Namespace, cfg: Any) -> Any:
+    """The console capture for a command that works in a run folder (see distray.console)."""
+    global _log_path
+    from distray.console import capture
+    from distray.prepare import run_dir_of
+
+    run_dir = run_dir_of(cfg)
+    verbose = bool(getattr(args, "verbose", False)) or not _real_stdio()
+    _log_path = None if verbose else f"{run_dir}/logs/driver.log"
+    return capture(run_dir, verbose=verbose, cfg=cfg)
+
+
+def _real_stdio() -> bool:
+    """True when sys.stdout/stderr are the process's fds 1 and 2 (not replaced by a test
+    harness or a notebook, whose own capture must be left alone)."""
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from distray import pipeline
 
     cfg = _load(args.config, args.overrides)
     t0 = time.perf_counter()
-    result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False))
+    with _captured(args, cfg) as cap:
+        result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False))
+        if cap is not None:
+            print(format_result(args.command, result, time.perf_counter() - t0), file=cap.out, flush=True)
+            return EXIT_OK
     _print_result(args.command, result, t0)
     return EXIT_OK
 
@@ -144,7 +170,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"{', '.join(pipeline.STAGES)}"
             )
     t0 = time.perf_counter()
-    result = pipeline.run(cfg, stages=stages, force=args.force)
+    with _captured(args, cfg) as cap:
+        result = pipeline.run(cfg, stages=stages, force=args.force)
+        if cap is not None:
+            print(format_result("run", result, time.perf_counter() - t0), file=cap.out, flush=True)
+            return EXIT_OK
     _print_result("run", result, t0)
     return EXIT_OK
 
@@ -444,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(verbose)
         return int(args.func(args))
     except (ConfigError, UsageError) as e:
-        _report_error(e, verbose=False)  # the message is the whole story; no traceback
+        _report_error(e, verbose=False, with_log=False)  # the message is the whole story
         return EXIT_USAGE
     except DistrayError as e:
         _report_error(e, verbose)
@@ -452,15 +482,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distray: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an engine's or a library's own error: say it in one line, log the rest
+        if verbose or _log_path is None:
+            raise
+        _report_error(RuntimeError(f"{type(e).__name__}: {e}"), verbose=False)
+        return EXIT_FAILURE
 
 
-def _report_error(e: BaseException, verbose: bool) -> None:
+#: The log of the command running now (set once its run folder is known; None with -v).
+_log_path: str | None = None
+
+
+def _report_error(e: BaseException, verbose: bool, with_log: bool = True) -> None:
     if verbose:
         import traceback
 
         traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
     message = str(e) or type(e).__name__
     print(f"distray: error: {message}", file=sys.stderr, flush=True)
+    if with_log and _log_path and not verbose and os.path.isfile(_log_path):
+        from distray.console import error_tail
+
+        tail = [ln for ln in error_tail(_log_path) if message[:60] not in ln]
+        if tail:
+            print("last error lines of the log:\n  " + "\n  ".join(tail), file=sys.stderr)
+        print(f"full log: {_log_path}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

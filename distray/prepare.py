@@ -235,6 +235,31 @@ def run_dir_of(cfg: DistrayConfig) -> str:
     return f"{out.rstrip('/')}/{cfg.run.name}"
 
 
+def _check_local_models(cfg: DistrayConfig) -> None:
+    """A model given as a path (absolute, `./`, `~`) that is not there stops the run at once,
+    before Ray starts, instead of deep inside an engine actor.
+
+    Raises:
+        ConfigError: naming the field, the path, and how to get the model.
+    """
+    if cfg.demo.train_teacher:
+        return  # the quickstart builds its stand-ins at these paths
+    places = [(f"teachers.{i}.model" if cfg.teachers else "teacher.model", t.model)
+              for i, t in enumerate(cfg.all_teachers) if t.kind != "openai"]
+    if cfg.student is not None and not cfg.student.from_teacher:
+        places.append(("student.model", cfg.student.model))
+    places.append(("evaluate.baseline", cfg.evaluate.baseline or ""))
+    for field, value in places:
+        if not value or "://" in value or is_hub_id(value) or not value.startswith(("/", ".", "~")):
+            continue
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"`{field}` is `{value}`, which does not exist; point it at a Hugging Face model "
+                "folder (config.json + safetensors), a hub id (org/name), or an offline alias "
+                "(`distray models list`)"
+            )
+
+
 def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
     """Prepare a run: the config every stage receives.
 
@@ -256,7 +281,9 @@ def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> 
     _absolutize(data)
     _fetch_models(data)
     _builtin_data(data, run_dir_of(cfg))
-    cfg = _student_from_teacher(config_from_dict(data, "(prepared)"))
+    cfg = config_from_dict(data, "(prepared)")
+    _check_local_models(cfg)
+    cfg = _student_from_teacher(cfg)
     if demo and cfg.demo.train_teacher:
         from distray.demo import baseline_dir, prepare_demo
 

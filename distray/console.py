@@ -1,0 +1,326 @@
+"""What a person sees: distray's own lines and progress on the console, everything else in a log.
+
+    distray run jobs/configs/quickstart.yaml        # quiet console, full log in <run>/logs/
+    distray run jobs/configs/quickstart.yaml -v     # everything on the console, as before
+
+Ray, vLLM, DeepSpeed and the libraries under them print hundreds of lines a run (hints, progress
+tables, per-batch timings, shutdown noise from engine processes). Only the CLI and jobs/ call
+`capture`: it points this process's stdout and stderr (file descriptors 1 and 2, so C-level
+prints and Ray's forwarded worker output are caught too) at `<run>/logs/driver.log`, and a
+reader thread copies to the console only the lines distray itself logs (`HH:MM:SS L distray.x |`,
+from the driver or forwarded from a Ray worker), plus a live progress line per stage. When the
+run folder is on a bucket the log is written locally first and copied into `<run>/logs/` at the
+end. A failed command prints its message, the last error lines of the log and the log's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+__all__ = ["Capture", "LOG_FORMAT", "capture", "console_stream", "error_tail", "is_distray_line"]
+
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s | %(message)s"
+
+# distray's log format, possibly behind Ray's worker prefix `(TrainWorker pid=123) `.
+_ANSI = r"(\x1b\[[0-9;]*m)*"
+_OURS = re.compile(rf"^{_ANSI}(\([^)]*\){_ANSI} )?\d\d:\d\d:\d\d [DIWEC] distray[.\w]* \| ")
+# An exception's summary line (`ValueError: ...`, possibly behind Ray's worker prefix), or a
+# log record at ERROR level.
+_ERRORISH = re.compile(
+    r"^(\x1b\[[0-9;]*m)*(\([^)]*\) )?([\w.]+(Error|Exception|Exit|Interrupt)\b:?|.*\b(ERROR|CRITICAL)\b)"
+)
+
+#: The console stream while a capture runs (the real terminal), else sys.stderr.
+_console: IO[str] | None = None
+
+
+def console_stream() -> IO[str]:
+    """Where distray's console lines go: the terminal during a capture, else stderr."""
+    return _console or sys.stderr
+
+
+def is_distray_line(line: str) -> bool:
+    """True for a line distray logged (on the driver, or forwarded from a Ray worker)."""
+    return bool(_OURS.match(line))
+
+
+def error_tail(log_path: str, n: int = 8) -> list[str]:
+    """The last `n` lines of a log that look like errors (tracebacks' last lines, `...Error:`)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()[-4000:]
+    except OSError:
+        return []
+    picked: list[str] = []
+    for ln in lines:
+        ln = ln.rstrip()
+        if _ERRORISH.match(ln) and (not picked or picked[-1] != ln):
+            picked.append(ln[:300])
+    return picked[-n:]
+
+
+@dataclass
+class Capture:
+    """A running capture: the log file, the console it filters onto (the terminal's stderr), and
+    `out`, the terminal's stdout, for a command's result line."""
+
+    log_path: str
+    upload_to: str | None
+    console: IO[str]
+    out: IO[str]
+    saved_fds: tuple[int, int]
+    reader: threading.Thread
+    pipe_w: int
+    log_file: IO[bytes]
+    progress: Progress | None = None
+    lines: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self) -> None:
+        """Restore stdout/stderr, drain the reader, close the log (and copy it to the bucket)."""
+        global _console
+        if self.progress is not None:
+            self.progress.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved_fds[0], 1)
+        os.dup2(self.saved_fds[1], 2)
+        os.close(self.pipe_w)
+        self.reader.join(timeout=10)
+        self.log_file.close()
+        sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), write_through=True)
+        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
+        _console = None
+        if self.upload_to:
+            from distray.storage import write_bytes
+
+            with contextlib.suppress(OSError):
+                with open(self.log_path, "rb") as f:
+                    write_bytes(self.upload_to, [f.read()])
+
+
+def _reader(read_fd: int, log_file: IO[bytes], console: IO[str], cap: list[Capture]) -> None:
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        buf = b""
+        while True:
+            chunk = pipe.read(65536)
+            if not chunk:
+                break
+            log_file.write(chunk)
+            log_file.flush()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                if is_distray_line(line):
+                    progress = cap[0].progress if cap else None
+                    if progress is not None:
+                        progress.clear()
+                    console.write(line + "\n")
+                    console.flush()
+                    if cap:
+                        cap[0].lines += 1
+
+
+def _local_log_path(run_dir: str) -> tuple[str, str | None]:
+    name = "driver.log"
+    if "://" in run_dir:
+        local = os.path.join(os.path.expanduser("~/.cache/distray/logs"), run_dir.rstrip("/").rsplit("/", 1)[-1])
+        return os.path.join(local, name), f"{run_dir.rstrip('/')}/logs/{name}"
+    return os.path.join(run_dir, "logs", name), None
+
+
+@contextlib.contextmanager
+def capture(run_dir: str, *, verbose: bool = False, cfg: Any = None) -> Iterator[Capture | None]:
+    """Send this process's output to `<run>/logs/driver.log`, keeping distray's lines on the console.
+
+    With `verbose` nothing is captured (everything stays on the console). The log is appended
+    to, so reruns of one run folder keep their history.
+
+    Args:
+        run_dir: the run folder.
+        verbose: leave the console alone.
+        cfg: the config, for the progress line (generate's row count).
+
+    Yields:
+        The capture (None when verbose).
+    """
+    global _console
+    if verbose:
+        yield None
+        return
+    log_path, upload_to = _local_log_path(run_dir)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    console = io.TextIOWrapper(os.fdopen(os.dup(saved[1]), "wb", buffering=0), write_through=True)
+    _console = console
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed by Capture.finish
+    log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    read_fd, write_fd = os.pipe()
+    holder: list[Capture] = []
+    reader = threading.Thread(target=_reader, args=(read_fd, log_file, console, holder),
+                              name="distray-console", daemon=True)
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), write_through=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
+    out = io.TextIOWrapper(os.fdopen(os.dup(saved[0]), "wb", buffering=0), write_through=True)
+    cap = Capture(log_path, upload_to, console, out, saved, reader, write_fd, log_file)
+    holder.append(cap)
+    reader.start()
+    shown = upload_to or log_path
+    console.write(f"logs: {shown} (-v shows everything on the console)\n")
+    cap.progress = Progress(run_dir, console, cfg)
+    cap.progress.start()
+    try:
+        yield cap
+    except BaseException:
+        import traceback
+
+        # The whole traceback goes to the log; the console gets the message and the log's path.
+        sys.stderr.flush()
+        cap.log_file.write(traceback.format_exc().encode("utf-8", "replace"))
+        cap.log_file.flush()
+        raise
+    finally:
+        cap.finish()
+        for fd in saved:
+            os.close(fd)
+
+
+class Progress:
+    """One live line per running stage, from what the stage has written so far.
+
+    Generate is followed by its shards (rows written, rejects, rows/s, ETA); train, evaluate
+    and bench log their own dense lines, which the console shows as they come. On a terminal
+    the line is redrawn in place; elsewhere (CI, `ray job submit` logs) a plain line is printed
+    every `PLAIN_EVERY_S`.
+    """
+
+    PLAIN_EVERY_S = 30.0
+    TTY_EVERY_S = 2.0
+
+    def __init__(self, run_dir: str, console: IO[str], cfg: Any = None) -> None:
+        self.run_dir = run_dir
+        self.console = console
+        self.cfg = cfg
+        self.tty = bool(getattr(console, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="distray-progress", daemon=True)
+        self._shown = False
+        self._lock = threading.Lock()
+        self._t0: float | None = None
+        self._total: int | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            if self.tty and self._shown:
+                self.console.write("\r\x1b[2K")
+                self.console.flush()
+                self._shown = False
+
+    def _loop(self) -> None:
+        every = self.TTY_EVERY_S if self.tty else self.PLAIN_EVERY_S
+        while not self._stop.wait(every):
+            try:
+                line = self.line()
+            except Exception:  # noqa: BLE001 - progress must never break a run
+                line = None
+            if not line:
+                continue
+            with self._lock:
+                if self.tty:
+                    self.console.write("\r\x1b[2K" + line)
+                    self._shown = True
+                else:
+                    self.console.write(line + "\n")
+                self.console.flush()
+
+    def line(self) -> str | None:
+        """The progress line of the stage running now, or None."""
+        from distray.paths import RunPaths
+        from distray.storage import exists
+
+        p = RunPaths(self.run_dir)
+        if exists(f"{p.generate}/lineage.json") and not exists(p.generate_stats):
+            return self._generate_line(p)
+        return None
+
+    def _generate_line(self, p: Any) -> str | None:
+        done, rejects = _rows_in(p.generate_data), _rows_in(p.generate_rejects)
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0, self._base = now, done + rejects
+        if self._total is None:
+            self._total = _input_rows(self.cfg)
+        rate = (done + rejects - self._base) / max(now - self._t0, 1e-6)
+        total = self._total
+        parts = [f"generate: {done + rejects}" + (f"/{total} rows" if total else " rows")]
+        parts.append(f"{rate:.1f} rows/s")
+        if rejects:
+            parts.append(f"{rejects} rejects")
+        if total and rate > 0:
+            left = max(total - done - rejects, 0) / rate
+            parts.append(f"ETA {int(left // 60)}m{int(left % 60):02d}s")
+        return " | ".join(parts)
+
+
+def _rows_in(folder: str) -> int:
+    """Rows in the Parquet and JSONL shards under `folder` (Parquet from metadata only)."""
+    from distray.storage import exists, filesystem_for, list_files
+
+    if not exists(folder):
+        return 0
+    fs, _ = filesystem_for(folder)
+    n = 0
+    for path in list_files(folder, (".parquet", ".jsonl")):
+        try:
+            if path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                with fs.open_input_file(path) as f:
+                    n += pq.ParquetFile(f).metadata.num_rows
+            else:
+                with fs.open_input_stream(path) as f:
+                    n += f.read().count(b"\n")
+        except OSError:
+            continue  # a shard being written or moved
+    return n
+
+
+def _input_rows(cfg: Any) -> int | None:
+    """Input rows generate labels (lines of local JSONL inputs × teachers × samples), if cheap."""
+    if cfg is None:
+        return None
+    total = 0
+    builtin = cfg.data.builtin
+    for split in cfg.generate.splits:
+        path = getattr(cfg.data, split, None)
+        if path is None and builtin is not None:
+            total += int(getattr(builtin, f"n_{split}", 0) or 0)
+            continue
+        if not path or "://" in path or not os.path.isfile(path) or not path.endswith(".jsonl"):
+            return None if split == "train" else total or None
+        with open(path, "rb") as f:
+            total += sum(1 for ln in f if ln.strip())
+    n = cfg.generate.sampling.n
+    return total * max(len(cfg.all_teachers), 1) * n
