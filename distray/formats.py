@@ -387,19 +387,25 @@ def render_row(
     Raises:
         DataError: the template itself does not compile (every row would fail the same way).
     """
-    import jinja2
-
     from distray.prompts import render_prompt
 
     try:
+        import jinja2  # transformers renders templates with it; a plain prompt needs none
+
+        syntax_errors: tuple[type[Exception], ...] = (jinja2.TemplateSyntaxError,)
+        refusals: tuple[type[Exception], ...] = (jinja2.TemplateError,)
+    except ImportError:
+        syntax_errors, refusals = (), ()
+    row_errors: tuple[type[Exception], ...] = (*refusals, TypeError, ValueError, KeyError, IndexError)
+    try:
         text, ids = render_prompt(tok, messages, apply_chat_template)
-    except jinja2.TemplateSyntaxError as e:
+    except syntax_errors as e:
         name = getattr(tok, "name_or_path", "the model")
         raise DataError(
             f"the chat template of `{name}` does not compile ({e}); fix chat_template in its "
             "tokenizer files, or set teacher.apply_chat_template: false"
         ) from e
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+    except row_errors as e:
         roles = "/".join(m.get("role", "?") for m in messages)
         return "", [], f"chat_template: the chat template refuses these turns ({roles}): {e}"[:500]
     return text, ids, None
