@@ -341,6 +341,10 @@ def _run_held(cfg: DistrayConfig, wanted: list[str], force: bool) -> PipelineRes
             result.report_path = out if isinstance(out, str) else RunPaths(cfg.run_dir).report
         logger.info("stage %s: finished in %.1f s", name, result.stage_seconds[name])
     result.headline = headline(cfg.run_dir)
+    if cfg.tracking.enabled:
+        from distray.tracking import log_run
+
+        log_run(cfg)
     if result.report_path is None and exists(RunPaths(cfg.run_dir).report):
         result.report_path = RunPaths(cfg.run_dir).report
     logger.info(

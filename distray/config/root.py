@@ -25,6 +25,7 @@ from distray.config.stages import (
     ResourcesConfig,
     ServeConfig,
     StudentConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -53,6 +54,9 @@ class DistrayConfig(Section):
     bench: BenchConfig = Field(default_factory=BenchConfig, description="Load benchmark.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray.")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="Quickstart stand-ins.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking (MLflow, TensorBoard)."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from distray.config.base import Section
 
 __all__ = [
+    "MLflowConfig",
+    "TrackingConfig",
     "FromTeacherConfig",
     "SamplingConfig",
     "Verifier",
@@ -17,6 +19,7 @@ __all__ = [
     "LoraConfig",
     "StudentConfig",
     "LossName",
+    "OnPolicyConfig",
     "TrainConfig",
     "ScorerName",
     "EvaluateConfig",
@@ -167,6 +170,63 @@ class StudentConfig(Section):
 LossName = Literal["sft", "kd", "reverse_kl", "jsd"]
 
 
+def _on_policy_sampling() -> SamplingConfig:
+    return SamplingConfig(temperature=1.0, max_tokens=128)
+
+
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD): the student answers, the teacher scores its tokens."""
+
+    rounds: int = Field(default=4, ge=1, description="Rounds of rollouts → scoring → training.")
+    prompts_per_round: int = Field(
+        default=256, ge=1, description="Fresh training prompts the student answers each round."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=_on_policy_sampling,
+        description="The student's sampling for rollouts (n must be 1).",
+    )
+    lmbda: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of on-policy rows in each round's training mix (GKD's λ); the rest "
+        "are off-policy teacher rows from generate.",
+    )
+    steps_per_round: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps per round; None: train.epochs passes over the round's mix.",
+    )
+    eval_prompts: int = Field(
+        default=64,
+        ge=0,
+        description="Fixed prompts (validation split, else test) for the per-round metrics; "
+        "0 turns them off.",
+    )
+    schedule: Literal["auto", "turns", "overlap"] = Field(
+        default="auto",
+        description="overlap: student and teacher engines run at once, scoring streams behind "
+        "the rollouts; turns: one after the other; auto: overlap on GPU clusters.",
+    )
+    backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Engine of the student's rollouts."
+    )
+    engine_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM settings of the student engine; default evaluate's."
+    )
+    concurrency: int = Field(default=1, ge=1, description="Student engine replicas.")
+    batch_size: int = Field(default=64, ge=1, description="Rows per batch sent to an engine.")
+
+    @model_validator(mode="after")
+    def _one_sample(self) -> OnPolicyConfig:
+        if self.sampling.n != 1:
+            raise ValueError(
+                f"`train.on_policy.sampling.n` ({self.sampling.n}) must be 1: each round draws "
+                "fresh prompts instead; raise prompts_per_round"
+            )
+        return self
+
+
 class TrainConfig(Section):
     loss: LossName = Field(
         default="sft",
@@ -242,6 +302,30 @@ class TrainConfig(Section):
     packing: bool = Field(
         default=False, description="Pack several short examples into one sequence."
     )
+    mode: Literal["off_policy", "on_policy"] = Field(
+        default="off_policy",
+        description="off_policy: learn from the teacher's answers (generate's data). on_policy: "
+        "rounds in which the student answers and the teacher scores its tokens (train.on_policy).",
+    )
+    on_policy: OnPolicyConfig | None = Field(
+        default=None, description="Settings of train.mode: on_policy (defaults when omitted)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_policy_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") == "on_policy" and data.get("on_policy") is None:
+            data = {**data, "on_policy": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _on_policy_loss(self) -> TrainConfig:
+        if self.mode == "on_policy" and self.loss == "sft":
+            raise ValueError(
+                "`train.mode` is on_policy but `train.loss` is sft, which would copy the "
+                "student's own answers; use train.loss: kd, reverse_kl or jsd"
+            )
+        return self
 
     @property
     def is_logit_loss(self) -> bool:
@@ -262,6 +346,11 @@ ScorerName = Literal[
     "rouge_l",
     "f1",
     "teacher_agreement",
+    # White-box fidelity to the teacher (distray.evaluate.fidelity): on by default through
+    # `evaluate.fidelity`; naming them here runs them with `fidelity: false` too.
+    "teacher_nll",
+    "token_agreement",
+    "rouge_l_vs_teacher",
 ]
 
 
@@ -305,6 +394,20 @@ class EvaluateConfig(Section):
         description="Measure memory, latency and throughput of each local model in a fresh "
         "process (one extra engine load per model); false keeps only the scores.",
     )
+    fidelity: bool = Field(
+        default=True,
+        description="Score every model against the teacher's own answers: teacher_nll and "
+        "token_agreement (teacher-forced, for models that share the local teacher's vocabulary; "
+        "skipped with the reason logged otherwise) and rouge_l_vs_teacher. False runs only "
+        "those named in `scorers`.",
+    )
+    equal_length_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Output tokens of the equal-length latency requests (ignore_eos, so every "
+        "model writes exactly this many): request latency and TPOT at equal length, beside the "
+        "free-running figures. None uses max_tokens; 0 turns them off.",
+    )
 
 
 class ServeConfig(Section):
@@ -334,6 +437,12 @@ class ServeConfig(Section):
     )
     max_prompt_tokens: int | None = Field(
         default=None, ge=1, description="Longest accepted prompt."
+    )
+    max_request_bytes: int | None = Field(
+        default=8 << 20,
+        ge=1,
+        description="Largest accepted request body in bytes (8 MiB); larger ones get HTTP 413 "
+        "before they are parsed. None: no limit.",
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM settings.")
     detached: bool = Field(default=False, description="Return once deployed instead of blocking.")
@@ -406,6 +515,28 @@ class ResourcesConfig(Section):
         "mounts at the same place (NFS, a cluster filesystem). Without it a local output_dir on "
         "a cluster of more than one node is refused before any work starts: use s3:// or gs://.",
     )
+
+
+class MLflowConfig(Section):
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (http://..., sqlite:///..., a folder); default "
+        "<output_dir>/mlruns, a local folder store that needs no server.",
+    )
+    experiment: str = Field(default="distray", description="MLflow experiment name.")
+
+
+class TrackingConfig(Section):
+    mlflow: MLflowConfig | None = Field(
+        default=None, description="Log to MLflow: {} for a local folder store."
+    )
+    tensorboard: bool = Field(
+        default=False, description="Write TensorBoard event files into <run>/logs/tensorboard."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.tensorboard
 
 
 class DemoConfig(Section):
