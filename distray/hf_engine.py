@@ -29,6 +29,9 @@ from distray import prompts
 
 __all__ = ["Completion", "HFEngine", "IncrementalText", "cut_at_stop", "topk_per_step"]
 
+#: Sampling temperatures above 0 and below this are raised to it, as vLLM does (`_MAX_TEMP`).
+MIN_TEMPERATURE = 1e-2
+
 
 @dataclass
 class Completion:
@@ -121,7 +124,7 @@ class HFEngine:
             "output_logits": logprobs is not None,
         }
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            kwargs.update(do_sample=True, temperature=max(temperature, MIN_TEMPERATURE), top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
@@ -193,10 +196,12 @@ def _sample(logits: Any, temperature: float, top_p: float, gen: Any) -> int:
 
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # As vLLM does: a temperature this small overflows the logits to inf (then NaN).
+    probs = torch.softmax(logits / max(temperature, MIN_TEMPERATURE), dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        keep[0] = True  # the best token always stays (a top_p of 1e-300 is 0 in float32)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 

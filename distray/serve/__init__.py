@@ -13,15 +13,19 @@ Two backends (`serve.backend`) share one hardened front (`front.py`, `guards.py`
 Python: `deploy(cfg, models) -> [EndpointConfig]` and `shutdown()` for the pipeline (deploy, then
 `bench.bench_endpoints`, then shut down); `run(cfg) -> ServeResult` for `distray serve`.
 
-Safety (both backends): binds `serve.host` (127.0.0.1 by default); with `serve.api_key_env` set,
-every route but `/health` needs `Authorization: Bearer <key>` (401 otherwise); `max_tokens` × `n`
-above `serve.max_tokens_cap` and prompts above `serve.max_prompt_tokens` get 400; malformed
-requests (bad JSON, wrong types, unknown model, unknown route) get a 4xx with an OpenAI-style
-`{"error": {...}}` body, never a 500.
+Safety (both backends): binds `serve.host` (127.0.0.1 by default; another address without
+`serve.api_key_env` logs a warning); with `serve.api_key_env` set, every route but `/health`
+needs `Authorization: Bearer <key>` (401 otherwise); `/health` answers its status only; a body
+above `serve.max_request_bytes` gets 413; `max_tokens` × `n` × prompts above
+`serve.max_tokens_cap` and prompts above `serve.max_prompt_tokens` (in all, tools included) get
+400; malformed requests (bad JSON, NaN, lone surrogates, a seed out of range, wrong types,
+unknown model, unknown route) get a 4xx with an OpenAI-style `{"error": {...}}` body, never a
+500, and are refused before a stream starts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -50,6 +54,7 @@ __all__ = [
     "check_bearer",
     "deploy",
     "endpoint_url",
+    "is_loopback",
     "key_digest",
     "openai_error",
     "output_budget",
@@ -57,6 +62,7 @@ __all__ = [
     "run",
     "served_endpoints",
     "shutdown",
+    "warn_if_open",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,7 +100,8 @@ _deployed = _Deployments()
 
 def _build(cfg: DistrayConfig, models: dict[str, str]) -> Any:
     """The Serve application of the configured backend."""
-    limits = Limits(cfg.serve.max_tokens_cap, cfg.serve.max_prompt_tokens)
+    s = cfg.serve
+    limits = Limits(s.max_tokens_cap, s.max_prompt_tokens, s.max_request_bytes)
     digest = api_key_digest(cfg)
     if cfg.serve.backend == "hf":
         from distray.serve import hf_app
@@ -134,6 +141,7 @@ def deploy(
     from distray.ray_utils import init_ray
 
     models = models or resolve_models(cfg)
+    warn_if_open(cfg)
     # Ray first: building the LLM deployments reads the job's runtime_env (env vars such as
     # VLLM_CPU_KVCACHE_SPACE), and would otherwise auto-start a bare Ray without them.
     init_ray(cfg)
@@ -166,6 +174,33 @@ def deploy(
         ) from e
     _wait_healthy(endpoint_url(cfg) + route_prefix.rstrip("/"), ready_timeout_s)
     return served_endpoints(cfg, models, route_prefix=route_prefix)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_open(cfg: DistrayConfig) -> bool:
+    """Log a warning when the server binds an address others can reach and needs no key.
+
+    Returns:
+        True when it warned.
+    """
+    s = cfg.serve
+    if is_loopback(s.host) or s.api_key_env:
+        return False
+    logger.warning(
+        "serve.host is %s and serve.api_key_env is not set: anyone who can reach this machine "
+        "on port %d can use the models without a key; set serve.api_key_env (and export the "
+        "key), or bind serve.host=127.0.0.1", s.host, s.port,
+    )
+    return True
 
 
 def _check_proxy_address(cfg: DistrayConfig) -> None:

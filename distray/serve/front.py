@@ -1,18 +1,19 @@
-"""The hardened HTTP front both serve backends share: API-key middleware and OpenAI-style errors.
+"""The hardened HTTP front both serve backends share: API-key and body middleware, OpenAI-style errors.
 
-    app = harden(FastAPI(), digest)    # digest: guards.key_digest(key), or None for no key
+    app = harden(FastAPI(), digest, max_request_bytes=8 << 20)   # digest: guards.key_digest(key)
 
 Every refusal gets an OpenAI-style `{"error": {...}}` body with a 4xx status, never a 500 or
-FastAPI's `{"detail": ...}`: OpenAI clients read `error.message`.
+FastAPI's `{"detail": ...}`: OpenAI clients read `error.message`. Order per request: the API
+key (401), then the body's size (413) and content (`guards.body_problem`, 400), then the route.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distray.serve.guards import RequestRejected, check_bearer, openai_error
+from distray.serve.guards import RequestRejected, body_problem, check_bearer, openai_error
 
-__all__ = ["OPEN_PATHS", "BearerAuth", "harden"]
+__all__ = ["OPEN_PATHS", "BearerAuth", "BodyGuard", "harden"]
 
 #: Paths reachable without the API key: load balancers and `distray serve` itself probe them.
 OPEN_PATHS = frozenset({"/health"})
@@ -59,8 +60,70 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
-def harden(app: Any, digest: str | None) -> Any:
-    """Add the OpenAI-style error handlers and the API-key middleware to a FastAPI app."""
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, body: dict[str, Any]) -> None:
+    from starlette.responses import JSONResponse
+
+    await JSONResponse(body, status_code=status)(scope, receive, send)
+
+
+class BodyGuard:
+    """ASGI middleware: a request body over `max_bytes` gets 413 (checked on Content-Length,
+    then on the bytes received), and a body `guards.body_problem` refuses gets 400, before any
+    handler parses it. The body is then replayed to the app unchanged."""
+
+    def __init__(self, app: Any, max_bytes: int | None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: int | str) -> dict[str, Any]:
+        return openai_error(
+            f"the request body ({size} bytes) is above the server's limit of {self.max_bytes} "
+            "bytes (serve.max_request_bytes)", code="request_too_large",
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for k, v in scope.get("headers", []):
+            if k.lower() == b"content-length" and limit is not None and v.isdigit() and int(v) > limit:
+                await _refuse(scope, receive, send, 413, self._too_large(int(v)))
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:
+                await _refuse(scope, receive, send, 413, self._too_large(f"over {limit}"))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = body_problem(body)
+        if problem is not None:
+            await _refuse(scope, receive, send, 400, openai_error(problem, code="invalid_value"))
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return dict(await receive())  # later calls wait for the disconnect, as before
+
+        await self.app(scope, replay, send)
+
+
+def harden(app: Any, digest: str | None, max_request_bytes: int | None = None) -> Any:
+    """Add the OpenAI-style error handlers, the body guard and the API-key middleware to a
+    FastAPI app."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse
@@ -97,6 +160,7 @@ def harden(app: Any, digest: str | None) -> Any:
     app.add_exception_handler(RequestRejected, on_rejected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    # Added last so it runs first (Starlette middleware is LIFO).
+    # Starlette middleware is LIFO: the key check, added last, runs first (401 beats 413/400).
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
     app.add_middleware(BearerAuth, digest=digest)
     return app

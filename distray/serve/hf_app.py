@@ -6,7 +6,8 @@ Same routes and the same hardened front as the vllm backend. Each replica holds 
 `distray.hf_engine.HFEngine` per model; a request decodes one token per forward step, and
 concurrent requests interleave token by token (no batching, but fair time to first token).
 Streams are detokenized incrementally (`hf_engine.IncrementalText`): stop strings are found
-across tokens and never sent. `n` must be 1.
+across tokens and never sent. `n` must be 1. Every check runs before a stream starts; an engine
+failure mid-stream still ends the stream with an error event and `[DONE]`.
 """
 
 # No `from __future__ import annotations` here on purpose: FastAPI reads the route handlers'
@@ -14,6 +15,7 @@ across tokens and never sent. `n` must be 1.
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,12 +31,17 @@ from distray.serve.front import harden
 from distray.serve.guards import (
     Limits,
     RequestRejected,
+    chat_extras,
     check_prompt_tokens,
+    check_seed,
+    openai_error,
     output_budget,
     plain_messages,
 )
 
 __all__ = ["build", "hf_app"]
+
+logger = logging.getLogger(__name__)
 
 #: Context length assumed for a model whose config does not state one.
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -68,6 +75,8 @@ class _SamplingFields(BaseModel):
 class _ChatRequest(_SamplingFields):
     messages: list[_Message] = Field(..., min_length=1)
     max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    documents: list[Any] | None = None
 
 
 class _CompletionRequest(_SamplingFields):
@@ -103,23 +112,32 @@ def _completion_prompt_ids(engine: HFEngine, prompt: Any) -> list[int]:
 class _Answer:
     """One request's answer: the engine's token stream as OpenAI JSON or SSE chunks.
 
+    Args:
+        max_tokens: the request's `max_tokens` (or `max_completion_tokens`); None when omitted.
+        extra_tokens: prompt tokens the engine does not see but the cap counts (tools, ...).
+
     Raises:
-        RequestRejected: `n` is not 1, the prompt is empty or over the prompt cap, or prompt +
-            max_tokens does not fit in the model's context.
+        RequestRejected: `n` is not 1, the seed is out of range, the prompt is empty or over
+            the prompt cap, or prompt + max_tokens does not fit in the model's context.
     """
 
     _END = object()
 
     def __init__(
         self, name: str, engine: HFEngine, body: _SamplingFields, prompt_ids: list[int],
-        budget: int, limits: Limits, *, chat: bool,
+        max_tokens: int | None, limits: Limits, *, chat: bool, extra_tokens: int = 0,
+        param: str = "max_tokens",
     ) -> None:
         if body.n != 1:
             raise RequestRejected("the hf backend supports n=1 only", param="n")
+        check_seed(body.seed)
         if not prompt_ids:
             raise RequestRejected("the prompt is empty", param="prompt")
-        check_prompt_tokens(len(prompt_ids), limits.max_prompt_tokens)
+        check_prompt_tokens(len(prompt_ids) + extra_tokens, limits.max_prompt_tokens)
         max_len = engine.max_model_len or DEFAULT_MAX_MODEL_LEN
+        budget = output_budget(
+            max_tokens, body.n, limits.max_tokens_cap, room=max_len - len(prompt_ids), param=param
+        )
         if len(prompt_ids) + budget > max_len:
             raise RequestRejected(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({budget}) exceeds the "
@@ -187,9 +205,15 @@ class _Answer:
             yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}]})
         done = 0
-        async for delta, fin, done in self.pieces():  # noqa: B007 (done: the last count)
-            if delta or fin:
-                yield event({**head, "choices": [self.choice(delta, fin, True)]})
+        try:
+            async for delta, fin, done in self.pieces():  # noqa: B007 (done: the last count)
+                if delta or fin:
+                    yield event({**head, "choices": [self.choice(delta, fin, True)]})
+        except Exception as e:  # the 200 is sent: end the stream with an error, not a cut
+            logger.exception("hf stream of `%s` failed", self.name)
+            yield event(openai_error(f"the engine failed: {type(e).__name__}", type="server_error"))
+            yield "data: [DONE]\n\n"
+            return
         if self.body.stream_options and self.body.stream_options.include_usage:
             yield event({**head, "choices": [], "usage": self.usage(done)})
         yield "data: [DONE]\n\n"
@@ -219,7 +243,7 @@ def hf_app(
     from fastapi import FastAPI
     from ray import serve
 
-    app = harden(FastAPI(), digest)
+    app = harden(FastAPI(), digest, limits.max_request_bytes)
 
     @serve.deployment(**deployment_options)
     @serve.ingress(app)
@@ -247,7 +271,8 @@ def hf_app(
 
         @app.get("/health")
         async def health(self) -> Any:
-            return {"status": "ok", "models": sorted(self.models), "failed": {}}
+            # Status only: this route is open, model names are for authenticated clients.
+            return {"status": "ok"}
 
         @app.get("/v1/models")
         async def list_models(self) -> Any:
@@ -261,20 +286,26 @@ def hf_app(
         @app.post("/v1/chat/completions")
         async def chat(self, body: _ChatRequest) -> Any:
             name, engine = self._model(body.model)
-            cap = self.limits.max_tokens_cap
-            if body.max_completion_tokens is not None:
-                budget = output_budget(body.max_completion_tokens, body.n, cap, param="max_completion_tokens")
-            else:
-                budget = output_budget(body.max_tokens, body.n, cap)
             prompt_ids = _chat_prompt_ids(engine, body.messages)
-            return await _respond(_Answer(name, engine, body, prompt_ids, budget, self.limits, chat=True))
+            extras = chat_extras([m.model_dump() for m in body.messages], body.tools, body.documents)
+            extra_tokens = len(engine.tok(extras, add_special_tokens=False)["input_ids"]) if extras else 0
+            max_tokens: int | None
+            if body.max_completion_tokens is not None:
+                max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+            else:
+                max_tokens, param = body.max_tokens, "max_tokens"
+            return await _respond(_Answer(
+                name, engine, body, prompt_ids, max_tokens, self.limits, chat=True,
+                extra_tokens=extra_tokens, param=param,
+            ))
 
         @app.post("/v1/completions")
         async def completions(self, body: _CompletionRequest) -> Any:
             name, engine = self._model(body.model)
-            budget = output_budget(body.max_tokens, body.n, self.limits.max_tokens_cap)
             prompt_ids = _completion_prompt_ids(engine, body.prompt)
-            return await _respond(_Answer(name, engine, body, prompt_ids, budget, self.limits, chat=False))
+            return await _respond(
+                _Answer(name, engine, body, prompt_ids, body.max_tokens, self.limits, chat=False)
+            )
 
     server: Any = HFServer
     return server.bind(models=models, limits=limits, remote_code=remote_code)

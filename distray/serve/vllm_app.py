@@ -19,6 +19,7 @@ these names across releases; when the pin moves, this file is the one to check
 # vLLM), so string annotations could not be resolved from this module's globals.
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -26,9 +27,18 @@ from distray.config import DistrayConfig, VLLMTeacher
 from distray.errors import ConfigError
 from distray.serve.endpoints import trusts_remote_code
 from distray.serve.front import harden
-from distray.serve.guards import Limits, PromptCounter, output_budget
+from distray.serve.guards import (
+    Limits,
+    PromptCounter,
+    check_seed,
+    completion_prompt_count,
+    model_context,
+    output_budget,
+)
 
 __all__ = ["build", "first_token_server_cls", "llm_config", "openai_app"]
+
+logger = logging.getLogger(__name__)
 
 
 def llm_config(cfg: DistrayConfig, name: str, path: str, on_gpu: bool) -> dict[str, Any]:
@@ -115,7 +125,11 @@ def first_token_server_cls() -> Any:
 
 
 def _ingress_cls() -> Any:
-    """`DistrayIngress`: Ray's OpenAI ingress plus the output/prompt caps and a real health route."""
+    """`DistrayIngress`: Ray's OpenAI ingress plus the request guards and a real health route.
+
+    Every check runs before `super()` forwards the request, so a streamed request is refused
+    with a 400 instead of a 200 and a stream cut short.
+    """
     from fastapi import Request
     from ray.llm._internal.serve.core.configs.openai_api_models import (
         ChatCompletionRequest,
@@ -134,41 +148,54 @@ def _ingress_cls() -> Any:
             limits: Limits,
             model_paths: dict[str, str],
             remote_code: frozenset[str] = frozenset(),
+            contexts: dict[str, int | None] | None = None,
         ) -> None:
             super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
             self._limits = limits
-            self._counter = PromptCounter(model_paths, limits.max_prompt_tokens, remote_code)
+            self._counter = PromptCounter(model_paths, limits.max_prompt_tokens, remote_code, contexts)
 
         async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
             model = await self._get_model_id(body.model)
+            check_seed(body.seed)
+            cap = self._limits.max_tokens_cap
+            omitted = body.max_completion_tokens is None and body.max_tokens is None
+            count = self._counter.check_chat(
+                model, body.messages, body.tools, getattr(body, "documents", None), need_count=omitted,
+            )
             if body.max_completion_tokens is not None:
                 body.max_completion_tokens = output_budget(
-                    body.max_completion_tokens, body.n, self._limits.max_tokens_cap,
-                    param="max_completion_tokens",
+                    body.max_completion_tokens, body.n, cap, param="max_completion_tokens",
                 )
             else:
-                body.max_tokens = output_budget(body.max_tokens, body.n, self._limits.max_tokens_cap)
-            self._counter.check_chat(model, body.messages)
+                body.max_tokens = output_budget(
+                    body.max_tokens, body.n, cap, room=self._counter.room(model, count)
+                )
             return await super().chat(body, request)
 
         async def completions(self, body: CompletionRequest, request: Request) -> Response:
             model = await self._get_model_id(body.model)
-            body.max_tokens = output_budget(body.max_tokens, body.n, self._limits.max_tokens_cap)
-            self._counter.check_completion(model, body.prompt)
+            check_seed(body.seed)
+            omitted = body.max_tokens is None
+            counts = self._counter.check_completion(model, body.prompt, need_count=omitted)
+            room = self._counter.room(model, max(counts)) if counts else None
+            body.max_tokens = output_budget(
+                body.max_tokens, body.n, self._limits.max_tokens_cap,
+                prompts=completion_prompt_count(body.prompt), room=room,
+            )
             return await super().completions(body, request)
 
         async def health(self) -> Response:
-            failed = {}
+            # Status only: engine errors and model names are for the logs, not for anyone
+            # who can reach this open route.
+            failed = False
             for name, handle in self._default_serve_handles.items():
                 try:
                     await asyncio.wait_for(handle.check_health.remote(), timeout=10)
-                except Exception as e:  # any failure means "not healthy", with the reason
-                    failed[name] = f"{type(e).__name__}: {e}"[:300]
-            status = 503 if failed else 200
+                except Exception as e:  # any failure means "not healthy"
+                    failed = True
+                    logger.warning("health: model `%s` is not healthy: %s: %s", name, type(e).__name__, e)
             return JSONResponse(
-                {"status": "unhealthy" if failed else "ok", "models": sorted(self._model_cards),
-                 "failed": failed},
-                status_code=status,
+                {"status": "unhealthy" if failed else "ok"}, status_code=503 if failed else 200
             )
 
     return DistrayIngress
@@ -206,7 +233,7 @@ def openai_app(
     )
     endpoint_map = {k: DEFAULT_ENDPOINTS[k] for k in ("models", "model_data", "completions", "chat")}
     endpoint_map["health"] = lambda app: app.get("/health")
-    app = harden(init(), digest)
+    app = harden(init(), digest, limits.max_request_bytes)
     ingress_cls = make_fastapi_ingress(_ingress_cls(), endpoint_map=endpoint_map, app=app)
     options = OpenAiIngress.get_deployment_options(llm_configs)  # type: ignore[arg-type]
     options.update(ingress_options)
@@ -221,6 +248,10 @@ def openai_app(
         limits=limits,
         model_paths=model_paths,
         remote_code=remote_code,
+        contexts={
+            name: spec["llm_config"]["engine_kwargs"].get("max_model_len") or model_context(spec["path"])
+            for name, spec in models.items()
+        },
     )
 
 

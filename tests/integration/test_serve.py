@@ -30,22 +30,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def served(_ray_session, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny student behind distray's vLLM backend: {cfg, endpoint, url, headers}.
 
     Module-scoped (test_bench.py imports it too): Serve's replicas hold logical CPUs, and a
     deployment left up for the session would starve later tests (Ray Train waits for CPUs).
+    The session's local Ray is started here (`ray_cluster` is per test).
     """
+    from conftest import start_local_ray
+
     from distray import serve
     from distray.config import config_from_dict
+
+    start_local_ray()
 
     os.environ[KEY_ENV] = KEY
     cfg = config_from_dict({
         "run": {"output_dir": str(tmp_path_factory.mktemp("serve-run")), "name": "t"},
-        "resources": {"num_cpus": 4},
+        # The key also sits in resources.env, as a user might put it: the record must hide it.
+        "resources": {"num_cpus": 4, "env": {KEY_ENV: KEY}},
         "serve": {
             "model": tiny_model, "port": free_port(), "api_key_env": KEY_ENV,
-            "max_tokens_cap": 64, "max_prompt_tokens": 200,
+            "max_tokens_cap": 64, "max_prompt_tokens": 200, "max_request_bytes": 65536,
             "engine_kwargs": {"max_model_len": 512},
         },
     })
@@ -63,8 +69,33 @@ def client(served):
 
 
 def test_binds_loopback_and_prints_nothing_secret(served) -> None:
+    """The key is in no file a user or an operator reads: the run record and the Ray logs
+    (driver, Serve controller, proxy, replicas), after requests that carried it."""
+    import ray
+
+    from distray.prepare import write_record
+
     assert served["url"].startswith("http://127.0.0.1:")
-    assert KEY not in json.dumps(served["endpoint"].model_dump())
+    assert httpx.get(served["endpoint"].base_url + "/models", headers=served["headers"],
+                     timeout=30).status_code == 200
+    httpx.get(served["endpoint"].base_url + "/models", timeout=30,
+              headers={"Authorization": f"Bearer {KEY}-wrong"})
+    record = write_record(served["cfg"])
+    with open(record) as f:
+        text = f.read()
+    assert KEY_ENV in text and KEY not in text
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    leaked = []
+    for root, _, files in os.walk(logs):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    if KEY.encode() in f.read():
+                        leaked.append(path)
+            except OSError:
+                pass
+    assert os.listdir(logs) and not leaked
 
 
 def test_openai_client_models_chat_and_completions(client) -> None:
@@ -87,17 +118,19 @@ def test_openai_client_models_chat_and_completions(client) -> None:
     assert finishes and finishes[-1] in ("length", "stop")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
-    comp = client.completions.create(model="student", prompt="Once upon", max_tokens=6)
-    assert isinstance(comp.choices[0].text, str) and comp.usage.completion_tokens >= 1
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="student", prompt="Once upon", max_tokens=6, stream=True) if c.choices)
-    assert isinstance(streamed, str)
+    ask = {"model": "student", "prompt": "Once upon", "max_tokens": 6, "temperature": 0}
+    comp = client.completions.create(**ask)
+    assert comp.choices[0].text and comp.usage.completion_tokens >= 1
+    # Greedy: the stream adds up to the plain answer.
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True)
+                       if c.choices)
+    assert streamed == comp.choices[0].text
 
 
 def test_health_is_open_and_checks_the_engine(served) -> None:
     r = httpx.get(served["url"] + "/health", timeout=30)
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert r.json()["models"] == ["student"]
+    # Status only: the open route names no model and no error.
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
 def test_api_key_is_required(served) -> None:
@@ -133,6 +166,27 @@ BAD_REQUESTS = [
      json.dumps({"model": "student", "messages": [], "max_tokens": 4}).encode(), 400),
     ("token id out of vocabulary", "completions",
      json.dumps({"model": "student", "prompt": [10**9], "max_tokens": 4}).encode(), 400),
+    ("a batch of prompts over the output cap", "completions",
+     json.dumps({"model": "student", "prompt": ["hi"] * 8, "max_tokens": 16}).encode(), 400),
+    ("a batch of prompts over the prompt cap in all", "completions",
+     json.dumps({"model": "student", "prompt": ["ab " * 60] * 4, "max_tokens": 2}).encode(), 400),
+    ("tools over the prompt cap", "chat/completions",
+     json.dumps({"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                 "tools": [{"type": "function", "function": {"name": "f", "description": "ab " * 300}}]}).encode(),
+     400),
+    ("seed above 2^64", "completions",
+     json.dumps({"model": "student", "prompt": "hi", "max_tokens": 4, "seed": 2**64}).encode(), 400),
+    ("a lone surrogate", "chat/completions",
+     b'{"model": "student", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 4}', 400),
+    ("a lone surrogate, streamed", "completions",
+     b'{"model": "student", "prompt": "\\ud800", "max_tokens": 4, "stream": true}', 400),
+    ("seed above 2^64, streamed", "chat/completions",
+     json.dumps({"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                 "seed": 2**64, "stream": True}).encode(), 400),
+    ("NaN temperature", "completions",
+     b'{"model": "student", "prompt": "hi", "max_tokens": 4, "temperature": NaN}', 400),
+    ("a body over serve.max_request_bytes", "completions",
+     json.dumps({"model": "student", "prompt": "x" * 70_000, "max_tokens": 4}).encode(), 413),
 ]
 
 
@@ -143,6 +197,24 @@ def test_malformed_requests_get_openai_style_4xx(served, what, route, body, stat
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and isinstance(err["message"], str)
+
+
+EXTREME = [("temperature 1e-40", {"temperature": 1e-40}), ("top_p 1e-300", {"top_p": 1e-300})]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("what,extra", EXTREME, ids=[e[0] for e in EXTREME])
+def test_extreme_valid_sampling_answers_in_full(served, what, extra, stream) -> None:
+    """Valid OpenAI values at the edge of float range: an answer, never a 5xx or a cut stream."""
+    body = {"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": stream, **extra}
+    r = httpx.post(served["endpoint"].base_url + "/chat/completions", json=body,
+                   headers=served["headers"], timeout=120)
+    assert r.status_code == 200, r.text
+    if stream:
+        assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_wrong_content_type_route_and_method_are_4xx(served) -> None:
@@ -187,6 +259,9 @@ def test_hf_backend_serves_the_same_routes(served, tiny_model) -> None:
 
     cfg = served["cfg"].model_copy(deep=True)
     cfg.serve.backend = "hf"
+    # A cap above the tiny model's 512-token context: a request without max_tokens must
+    # still be answered, with what fits.
+    cfg.serve.max_tokens_cap = 1024
     (ep,) = serve.deploy(cfg, app_name="distray-hf", route_prefix="/hf", ready_timeout_s=300)
     try:
         assert ep.base_url.endswith("/hf/v1")
@@ -202,12 +277,31 @@ def test_hf_backend_serves_the_same_routes(served, tiny_model) -> None:
         full = c.completions.create(**ask).choices[0].text
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(**ask, stream=True))
         assert streamed == full
-        if len(full.strip()) >= 6:
-            stop = full.strip()[3:6]
-            cut = c.completions.create(**ask, stop=[stop]).choices[0]
-            parts = list(c.completions.create(**ask, stop=[stop], stream=True))
-            assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
-            assert "".join(p.choices[0].text for p in parts) == cut.text
+        # A stop string from the middle of the real answer: its first occurrence leaves text
+        # before it, so the cut answer is neither empty nor the whole.
+        at = next((i for i in range(2, len(full) - 3) if full.index(full[i:i + 3]) == i
+                   and full[i:i + 3].strip()), None)
+        assert at is not None, f"the greedy answer is too short or repetitive: {full!r}"
+        stop = full[at:at + 3]
+        cut = c.completions.create(**ask, stop=[stop]).choices[0]
+        parts = list(c.completions.create(**ask, stop=[stop], stream=True))
+        assert cut.text == full[:at] and cut.text and cut.finish_reason == "stop"
+        assert "".join(p.choices[0].text for p in parts) == cut.text
+        # No max_tokens on a 512-token model with a 1024 cap: answered within the context.
+        r = httpx.post(ep.base_url + "/chat/completions", headers=served["headers"], timeout=300,
+                       json={"model": "student", "messages": [{"role": "user", "content": "hi"}],
+                             "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= 512
+        for extra in ({"temperature": 1e-40}, {"top_p": 1e-300}, {"seed": 2**64 - 1}):
+            r = httpx.post(ep.base_url + "/completions", headers=served["headers"], timeout=120,
+                           json={"model": "student", "prompt": "hi", "max_tokens": 3, "stream": True, **extra})
+            if "seed" in extra:
+                assert r.status_code == 400
+            else:
+                assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+                assert '"error"' not in r.text
+        assert httpx.get(ep.base_url.removesuffix("/v1") + "/health", timeout=30).json() == {"status": "ok"}
         r = httpx.post(ep.base_url + "/chat/completions", content=b"{bad", timeout=30,
                        headers={**served["headers"], "Content-Type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()

@@ -15,10 +15,15 @@ from distray.errors import ConfigError
 from distray.hf_engine import IncrementalText
 from distray.serve.endpoints import api_key_digest, endpoint_url, resolve_models, served_endpoints
 from distray.serve.guards import (
+    PromptCounter,
     RequestRejected,
+    body_problem,
     check_bearer,
     check_prompt_tokens,
+    check_seed,
+    completion_prompt_count,
     key_digest,
+    model_context,
     openai_error,
     output_budget,
 )
@@ -51,6 +56,66 @@ def test_output_budget_caps_max_tokens_times_n() -> None:
         output_budget(None, 0, 64)
     with pytest.raises(RequestRejected, match="max_completion_tokens"):
         output_budget(100, 1, 64, param="max_completion_tokens")
+
+
+def test_output_cap_counts_every_prompt_of_a_batch() -> None:
+    """/v1/completions with a list of prompts: vLLM answers each, so the cap covers them all."""
+    prompt = ["a", "b", "c", "d"]
+    assert completion_prompt_count(prompt) == 4
+    assert completion_prompt_count("a") == completion_prompt_count([1, 2, 3]) == 1
+    assert completion_prompt_count([[1, 2], [3]]) == 2
+    with pytest.raises(RequestRejected, match=r"× 4 prompts.*ask for at most 16"):
+        output_budget(64, 1, 64, prompts=completion_prompt_count(prompt))
+    with pytest.raises(RequestRejected, match="at most 8"):
+        output_budget(10, 2, 64, prompts=4)
+    assert output_budget(None, 1, 64, prompts=4) == 16
+    assert output_budget(16, 1, 64, prompts=4) == 16
+    with pytest.raises(RequestRejected, match="output cap"):
+        output_budget(None, 1, 64, prompts=65)
+
+
+def test_default_max_tokens_fits_the_context_left() -> None:
+    """Without max_tokens, a 512-token model with a 1024 cap still answers (the room it has)."""
+    assert output_budget(None, 1, 1024, room=512 - 40) == 472
+    assert output_budget(None, 2, 1024, room=600) == 512  # the cap's share is smaller
+    assert output_budget(None, 1, 1024, room=None) == 1024  # context unknown: the cap
+    with pytest.raises(RequestRejected, match="no room") as e:
+        output_budget(None, 1, 1024, room=0)
+    assert e.value.code == "context_length_exceeded"
+    assert output_budget(100, 1, 1024, room=10) == 100  # asked for: the engine judges the fit
+
+
+def test_model_context_from_config(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    assert model_context(str(tmp_path)) == 512
+    (tmp_path / "config.json").write_text('{"text_config": {"max_position_embeddings": 4096}}')
+    assert model_context(str(tmp_path)) == 4096
+    assert model_context(str(tmp_path / "missing")) is None
+
+
+def test_seed_range() -> None:
+    check_seed(None)
+    check_seed(2**63 - 1)
+    check_seed(-(2**63))
+    for bad in (2**64, 2**63, -(2**63) - 1):
+        with pytest.raises(RequestRejected, match="64-bit") as e:
+            check_seed(bad)
+        assert e.value.param == "seed" and e.value.status_code == 400
+
+
+@pytest.mark.parametrize(("body", "what"), [
+    (b'{"prompt": "\\ud800"}', "`prompt` holds a lone UTF-16 surrogate"),
+    (b'{"messages": [{"role": "user", "content": "x\\uDFFF"}]}', "`messages[0].content`"),
+    (b'{"prompt": "hi", "temperature": NaN}', "`NaN`"),
+    (b'{"prompt": "hi", "top_p": -Infinity}', "`-Infinity`"),
+])
+def test_body_problems_are_named(body: bytes, what: str) -> None:
+    assert what in (body_problem(body) or "")
+
+
+def test_ordinary_bodies_pass() -> None:
+    assert body_problem(b'{"prompt": "NaN and Infinity are words", "x": "\\ud83d\\ude00"}') is None
+    assert body_problem(b"{not json") is None  # the handler's own 400 names it
 
 
 def test_prompt_cap() -> None:
@@ -129,17 +194,117 @@ def test_missing_api_key_env_is_a_config_error(tmp_path, monkeypatch) -> None:
     assert os.environ["DISTRAY_UNSET_KEY"] == "k"
 
 
+def test_open_bind_without_a_key_warns(tmp_path, caplog) -> None:
+    from distray.serve import is_loopback, warn_if_open
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.8.0.1") and not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
+    with caplog.at_level("WARNING", logger="distray.serve"):
+        assert warn_if_open(_cfg(tmp_path, host="0.0.0.0", port=8123))
+    assert "0.0.0.0" in caplog.text and "serve.api_key_env" in caplog.text
+    assert not warn_if_open(_cfg(tmp_path, host="0.0.0.0", api_key_env="K"))
+    assert not warn_if_open(_cfg(tmp_path))
+
+
+# ---- the prompt cap sees the whole request --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from distray.tiny import make_tokenizer
+
+    return str(make_tokenizer(tmp_path_factory.mktemp("tok-count")))
+
+
+def test_prompt_cap_counts_all_prompts_together(tok_dir) -> None:
+    counter = PromptCounter({"m": tok_dir}, limit=50)
+    one = "word " * 8
+    each = counter.check_completion("m", [one])
+    assert each is not None and each[0] < 50
+    with pytest.raises(RequestRejected, match=r"the 8 prompts have \d+ tokens in all"):
+        counter.check_completion("m", [one] * 8)
+    with pytest.raises(RequestRejected):
+        counter.check_completion("m", [list(range(30)), list(range(30))])
+
+
+def test_prompt_cap_counts_tools_tool_calls_and_documents(tok_dir) -> None:
+    counter = PromptCounter({"m": tok_dir}, limit=200)
+    msgs = [{"role": "user", "content": "hi"}]
+    base = counter.check_chat("m", msgs)
+    assert base is not None and base < 50
+    big = "x" * 400
+    tools = [{"type": "function", "function": {"name": "f", "description": big}}]
+    with pytest.raises(RequestRejected, match="above the server's limit of 200"):
+        counter.check_chat("m", msgs, tools=tools)
+    with pytest.raises(RequestRejected):
+        counter.check_chat("m", msgs, documents=[{"title": "t", "text": big}])
+    calls = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": big}}]}]
+    with pytest.raises(RequestRejected):
+        counter.check_chat("m", msgs + calls)
+
+
+def test_counter_without_a_cap_counts_only_when_asked(tok_dir) -> None:
+    counter = PromptCounter({"m": tok_dir}, limit=None, contexts={"m": 512})
+    assert counter.check_chat("m", [{"role": "user", "content": "hi"}]) is None
+    n = counter.check_chat("m", [{"role": "user", "content": "hi"}], need_count=True)
+    assert n is not None and counter.room("m", n) == 512 - n
+    assert PromptCounter({"m": "s3://bucket/model"}, limit=10).check_completion("m", "hi " * 50) is None
+
+
+# ---- the front: body size, body content, key first -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def front() -> Any:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from distray.serve.front import harden
+
+    app = harden(FastAPI(), key_digest("k"), max_request_bytes=1000)
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, Any]) -> Any:
+        return {"echo": body}
+
+    return TestClient(app, headers={"Authorization": "Bearer k"})
+
+
+def test_body_over_the_limit_is_413(front) -> None:
+    r = front.post("/v1/completions", json={"prompt": "x" * 2000})
+    assert r.status_code == 413 and "serve.max_request_bytes" in r.json()["error"]["message"]
+
+    def chunks() -> Any:  # no Content-Length: counted as it arrives
+        for _ in range(5):
+            yield b" " * 400
+
+    assert front.post("/v1/completions", content=chunks()).status_code == 413
+    assert front.post("/v1/completions", json={"prompt": "x" * 100}).json() == {"echo": {"prompt": "x" * 100}}
+
+
+def test_key_is_checked_before_the_body(front) -> None:
+    r = front.post("/v1/completions", content=b"x" * 5000, headers={"Authorization": "Bearer no"})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": "\\ud800"}', b'{"prompt": "a", "temperature": NaN}',
+])
+def test_unusable_text_and_numbers_are_400(front, body: bytes) -> None:
+    r = front.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
 # ---- hf backend: incremental detokenization and stop strings ------------------------------
 
 
 @pytest.fixture(scope="module")
-def byte_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def byte_tok(tok_dir: str) -> Any:
     """The tiny byte-level BPE tokenizer: multi-byte characters span several tokens."""
     from transformers import AutoTokenizer
 
-    from distray.tiny import make_tokenizer
-
-    return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
+    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def _stream(tok: Any, ids: list[int], stops: list[str]) -> tuple[list[str], bool]:
@@ -207,6 +372,19 @@ def test_each_token_decodes_a_short_window(byte_tok) -> None:
     for i in byte_tok.encode("the answer is 42, 日本 " * 40, add_special_tokens=False):
         text.push(i)
     assert len(sizes) > 400 and max(sizes) <= 8
+
+
+def test_hf_sampling_survives_extreme_but_valid_settings(tiny_model) -> None:
+    """temperature 1e-40 and top_p 1e-300 are valid OpenAI values; they must not turn the
+    logits into NaN (a 500, or a stream cut after its 200)."""
+    from distray.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_model)
+    ids = engine.tok("hello")["input_ids"]
+    for kw in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-300},
+               {"temperature": 0.7, "seed": 2**64 - 1}):
+        out = list(engine.stream(ids, max_tokens=3, ignore_eos=True, **kw))
+        assert len(out) == 3
 
 
 # ---- trust_remote_code reaches the engines -------------------------------------------------
