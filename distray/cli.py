@@ -204,9 +204,18 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         from distray.tasks import task_prompts
 
         # Rows are checked as the generate stage would see them: the same system prompt and
-        # template (`{labels}` filled, the chain-of-thought instruction added).
-        system_prompt, prompt_template = task_prompts(_load(args.config, []).task)
+        # template (`{labels}` filled, the chain-of-thought instruction added), and the local
+        # teacher's chat template (a row it refuses is a reject there too).
+        cfg = _load(args.config, [])
+        system_prompt, prompt_template = task_prompts(cfg.task)
         kwargs = {"system_prompt": system_prompt, "prompt_template": prompt_template}
+        local = [t for t in cfg.all_teachers if t.kind != "openai"]
+        if local and args.tokenizer is None:
+            t = local[0]
+            kwargs.update(tokenizer=t.model, apply_chat_template=getattr(t, "apply_chat_template", True),
+                          trust_remote_code=t.trust_remote_code)
+    if args.tokenizer is not None:
+        kwargs["tokenizer"] = args.tokenizer
     check = check_input(args.input, rejects_path=args.rejects, **kwargs)
     print(check.summary(), flush=True)
     return EXIT_OK
@@ -358,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--config", "-c", metavar="CONFIG", help="apply this config's task.system_prompt/template"
     )
+    c.add_argument(
+        "--tokenizer", metavar="MODEL",
+        help="check rows against this model's chat template (default: the config's local teacher)",
+    )
     c.set_defaults(func=_cmd_data_check)
     c = data_sub.add_parser(
         "make-task",
@@ -489,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+_MAX_ERROR_LINES = 6
+
 #: The log of the command running now (set once its run folder is known; None with -v).
 _log_path: str | None = None
 
@@ -499,6 +514,10 @@ def _report_error(e: BaseException, verbose: bool, with_log: bool = True) -> Non
 
         traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
     message = str(e) or type(e).__name__
+    lines = message.splitlines()
+    if not verbose and _log_path and len(lines) > _MAX_ERROR_LINES:
+        # Ray's errors carry whole memory reports and worker lists; the log keeps them all.
+        message = "\n".join(lines[:_MAX_ERROR_LINES]) + f"\n... ({len(lines) - _MAX_ERROR_LINES} more lines in the log)"
     print(f"distray: error: {message}", file=sys.stderr, flush=True)
     if with_log and _log_path and not verbose and os.path.isfile(_log_path):
         from distray.console import error_tail

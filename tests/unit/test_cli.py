@@ -502,3 +502,28 @@ def test_models_list_and_make_student_commands(capsys: pytest.CaptureFixture[str
     assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 2
     code, _, err = run_cli(capsys, "models", "fetch", "smollm3")
     assert code == 2 and "smollm2-135m-instruct" in err
+
+
+def test_data_check_applies_the_teachers_chat_template(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import shutil
+
+    from distray.tiny import make_tiny
+
+    model = Path(make_tiny(tmp_path / "m", layers=1, hidden=64, heads=2))
+    # A template that refuses a system turn, as some instruct models' templates do.
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}\n{% endfor %}"
+    )
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}) + "\n"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": {"kind": "hf", "model": str(model)}, "student": {"model": str(model)}}))
+    code, out, err = run_cli(capsys, "data", "check", str(rows), "--config", str(cfg))
+    assert code == 0, err
+    assert "1 valid" in out and "1 rejected" in out and "System role not supported" in out
+    shutil.rmtree(model)
