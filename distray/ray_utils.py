@@ -95,7 +95,7 @@ def init_ray(cfg: DistrayConfig | None = None, *, address: str | None = None, **
         address = (cfg.resources.ray_address if cfg else None) or os.environ.get("RAY_ADDRESS")
     if address == "local":
         address = None
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": _not_set_by_job(env)}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         logger.info("joined Ray cluster at %s", address)
@@ -112,6 +112,25 @@ def init_ray(cfg: DistrayConfig | None = None, *, address: str | None = None, **
         "runtime_env": runtime_env, **kwargs,
     })
     logger.info("started a local Ray (%d logical CPUs)", num_cpus)
+
+
+def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the variables the submitted job's runtime_env sets already.
+
+    Under `ray job submit --runtime-env-json '{"env_vars": ...}'` Ray refuses a `ray.init`
+    whose runtime_env names any of the same variables (even with the same value); the job's
+    own value is what the user asked for, and it reaches every worker of the job anyway.
+    """
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
 
 
 def cluster_has_gpu() -> bool:

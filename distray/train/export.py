@@ -29,7 +29,7 @@ from typing import Any
 from distray.cluster import EXPORT_MARKER
 from distray.errors import StageError
 
-__all__ = ["export_checkpoint", "export_source", "latest_tag", "load_checkpoint_state_dict"]
+__all__ = ["checkpoint_uri", "export_checkpoint", "export_source", "latest_tag", "load_checkpoint_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,19 @@ def export_source(result: Any) -> Any:
             return ckpt
     logger.warning("early stopping: best checkpoint %s is gone; exporting the latest", name)
     return result.checkpoint
+
+
+def checkpoint_uri(checkpoint: Any, out_dir: str) -> str:
+    """Where a Ray Train checkpoint is, as a path or URI any process can open.
+
+    Ray Train gives a checkpoint's path inside its own filesystem: on a bucket that is
+    `bucket/runs/x/train/checkpoints/checkpoint_00000004`, without the scheme, which would
+    read as a local path; the scheme of the train folder `out_dir` is put back.
+    """
+    path = str(checkpoint.path)
+    if "://" in out_dir and "://" not in path:
+        return f"{out_dir.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 def latest_tag(checkpoint_dir: str) -> str:

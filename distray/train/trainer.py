@@ -45,7 +45,8 @@ class TrainResult:
 
     `epochs` counts completed passes over the data; `tokens_per_s` is non-padding tokens over
     all workers per second of training (start-up, evaluation and checkpoints excluded);
-    `resumed_from_step` is the step the last (re)start continued from, 0 for a fresh run.
+    `resumed_from_step` is the step the last (re)start continued from, 0 for a fresh run;
+    `duplicate_rows` counts rows left out because another row has their id.
     `checkpoint_dir` is the checkpoint exported to `student_dir`: the latest, or the one at the
     best validation loss when early stopping ended the run (`val_loss` is then the last
     evaluation's, `best_val_loss` the exported weights').
@@ -72,6 +73,7 @@ class TrainResult:
     zero_stage: int
     use_gpu: bool
     loss: str
+    duplicate_rows: int = 0
 
 
 def run(cfg: DistrayConfig) -> TrainResult:
@@ -82,6 +84,11 @@ def run(cfg: DistrayConfig) -> TrainResult:
         DataError: missing teacher data, vocabulary mismatch for logit losses.
         StageError: training failed after `train.max_failures` restarts.
     """
+    if cfg.train.mode == "on_policy":
+        from distray.onpolicy import run as onpolicy_run
+
+        result: TrainResult = onpolicy_run(cfg)
+        return result
     paths = RunPaths(cfg.run_dir)
     train_data, validation_data = teacher_splits(paths)
     return train_model(
@@ -150,11 +157,12 @@ def train_model(
         max_rows=max_rows,
     )
     use_gpu = tc.use_gpu if tc.use_gpu is not None else cluster_has_gpu()
-    n_train, n_val = _count_rows(d, tc.num_workers, data, answers)
+    n_train, n_val = _count_rows(d, tc.num_workers, data, answers, cfg.run.seed)
     plan = build_worker_plan(
         cfg, n_train, model=model, tokenizer=tokenizer_dir, out_dir=out_dir, use_gpu=use_gpu,
         use_teacher_ids=d.use_teacher_ids, with_topk=d.with_topk, has_validation=d.validation is not None,
     )
+    _attach_ids(cfg, plan, d)
     _log_plan(cfg, plan, n_train, n_val)
     result = _fit(cfg, plan, d.for_workers())
     checkpoint, student_dir = _export(cfg, plan, result)
@@ -171,7 +179,7 @@ def train_model(
     m = dict(result.metrics or {})
     res = _result_from(
         m, student_dir=student_dir, checkpoint=checkpoint, plan=plan, plot=plot,
-        n_train=n_train, n_val=n_val, t_start=t_start, cfg=cfg,
+        n_train=n_train, n_val=n_val, t_start=t_start, cfg=cfg, duplicates=d.duplicates,
     )
     if res.truncated or res.no_target:
         logger.warning(
@@ -213,25 +221,41 @@ def _student_folder(cfg: DistrayConfig, model: str | None) -> str:
     return os.path.abspath(model)
 
 
-def _count_rows(d: RunDatasets, world: int, data: Any, answers: Answers) -> tuple[int, int]:
-    """(train rows, validation rows); drops a validation set smaller than the worker count.
+def _count_rows(d: RunDatasets, world: int, data: Any, answers: Answers, seed: int) -> tuple[int, int]:
+    """(train rows, validation rows), each id once; drops a validation set smaller than the
+    worker count.
 
     Raises:
         DataError: no training rows.
     """
-    n_train = d.count_train.count()
+    d.collect_ids(seed)
+    n_train = len(d.train_ids)
     if n_train == 0:
         what = " with a `reference` answer" if answers == "reference" else ""
         raise DataError(f"no training rows{what} in `{data}`")
-    n_val = d.count_validation.count() if d.count_validation is not None else 0
+    n_val = len(d.validation_ids) if d.validation_ids is not None else 0
     if d.validation is not None and n_val < world:
         logger.warning(
             "validation has %d rows, fewer than the %d workers; training without validation loss",
             n_val,
             world,
         )
-        d.validation, n_val = None, 0
+        d.validation, d.validation_ids, n_val = None, None, 0
     return n_train, n_val
+
+
+def _attach_ids(cfg: DistrayConfig, plan: WorkerPlan, d: RunDatasets) -> None:
+    """Hand the row ids to the workers (through the object store) with the order's digest."""
+    import ray
+
+    from distray.train.order import order_digest
+
+    world = cfg.train.num_workers
+    plan.train_ids = ray.put(d.train_ids)
+    plan.order_digest = order_digest(d.train_ids, cfg.run.seed, world)
+    if d.validation is not None and d.validation_ids is not None:
+        plan.validation_ids = ray.put(d.validation_ids)
+        plan.validation_rows_per_worker = len(d.validation_ids) // world
 
 
 def _log_plan(cfg: DistrayConfig, plan: WorkerPlan, n_train: int, n_val: int) -> None:
@@ -287,14 +311,14 @@ def _fit(cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> Any:
     trainer = TorchTrainer(
         train_loop_per_worker,
         # The config crosses as its JSON form (validated again on arrival), the plan as itself.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
+        # The datasets too: each worker reads its own rows in the run's order
+        # (`distray.train.order`), so Ray Train does not split them.
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "datasets": datasets},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
         ),
         run_config=run_config,
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
     try:
         result = trainer.fit()
@@ -315,15 +339,15 @@ def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str
     """
     import ray
 
-    from distray.train.export import export_checkpoint, export_source
+    from distray.train.export import checkpoint_uri, export_checkpoint, export_source
 
-    checkpoint = export_source(result)
+    checkpoint = checkpoint_uri(export_source(result), plan.out_dir)
     student_dir = f"{plan.out_dir}/student"
     lora = cfg.student.lora.model_dump() if (cfg.student and cfg.student.lora) else None
     export_task: Any = ray.remote(num_cpus=1)(export_checkpoint)
     ray.get(
         export_task.remote(
-            checkpoint.path,
+            checkpoint,
             plan.model,
             student_dir,
             tokenizer=plan.tokenizer,
@@ -331,12 +355,12 @@ def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str
             trust_remote_code=cfg.student.trust_remote_code if cfg.student else False,
         )
     )
-    return checkpoint.path, student_dir
+    return checkpoint, student_dir
 
 
 def _result_from(
     m: dict[str, Any], *, student_dir: str, checkpoint: str, plan: WorkerPlan, plot: str | None,
-    n_train: int, n_val: int, t_start: float, cfg: DistrayConfig,
+    n_train: int, n_val: int, t_start: float, cfg: DistrayConfig, duplicates: int,
 ) -> TrainResult:
     tc = cfg.train
     return TrainResult(
@@ -357,6 +381,7 @@ def _result_from(
         truncated=int(m.get("truncated", 0)),
         no_target=int(m.get("no_target", 0)),
         resumed_from_step=int(m.get("resumed_from_step", 0)),
+        duplicate_rows=duplicates,
         num_workers=tc.num_workers,
         zero_stage=tc.zero_stage,
         use_gpu=plan.use_gpu,
