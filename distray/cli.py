@@ -197,7 +197,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from distray.formats import check_input
+    from distray.inputs import check_input
 
     kwargs: dict[str, Any] = {}
     if args.config is not None:

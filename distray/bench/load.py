@@ -64,7 +64,8 @@ def load_prompts(cfg: DistrayConfig, n: int) -> tuple[list[list[dict[str, str]]]
     Raises:
         DataError: the named prompt file has no valid rows.
     """
-    from distray.formats import MESSAGES, iter_input_rows
+    from distray.formats import MESSAGES
+    from distray.inputs import iter_input_rows
     from distray.storage import exists
     from distray.tasks import task_prompts
 

@@ -164,7 +164,8 @@ def calibration_prompts(path: str | None, limit: int = 32) -> list[list[dict[str
     Raises:
         DataError: the file yields no valid rows (the first reject's reason is named).
     """
-    from distray.formats import MESSAGES, iter_input_rows
+    from distray.formats import MESSAGES
+    from distray.inputs import iter_input_rows
 
     if path is None:
         return [[{"role": "user", "content": p}] for p in BUILTIN_CALIBRATION[:limit]]

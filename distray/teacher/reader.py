@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from distray import formats as F
-from distray import storage
+from distray import inputs, storage
 from distray.config import DistrayConfig
 from distray.errors import DataError
 
@@ -102,7 +102,7 @@ def iter_prompt_blocks(
     _, root = storage.filesystem_for(path)
     buf: list[dict[str, Any]] = []
     n_valid = 0
-    for row, rej in F.iter_input_rows(
+    for row, rej in inputs.iter_input_rows(
         path, system_prompt=system_prompt, prompt_template=prompt_template
     ):
         if row is not None:
@@ -206,10 +206,10 @@ def read_raw(path: str, cfg: DistrayConfig, *, max_rows: int | None = None) -> r
 
     from distray.tasks import task_prompts
 
-    files = storage.list_files(path, F.INPUT_SUFFIXES)
+    files = storage.list_files(path, inputs.INPUT_SUFFIXES)
     if not files:
         raise DataError(
-            f"input `{path}` holds no {', '.join(F.INPUT_SUFFIXES)} files; point data.train at a "
+            f"input `{path}` holds no {', '.join(inputs.INPUT_SUFFIXES)} files; point data.train at a "
             "JSONL or Parquet file or folder"
         )
     system_prompt, template = task_prompts(cfg.task)

@@ -43,7 +43,8 @@ def config_file(tmp_path: Path) -> Path:
         yaml.safe_dump(
             {
                 "run": {"name": "cli-test", "output_dir": str(tmp_path / "runs")},
-                "teacher": {"kind": "vllm", "model": "/models/teacher"},
+                # A hub id: prepare leaves it to the engine (a missing local folder would stop).
+                "teacher": {"kind": "vllm", "model": "org/teacher"},
                 "train": {"lr": 1e-4},
             }
         )
@@ -207,7 +208,7 @@ def test_data_check_missing_input_exits_1(capsys: pytest.CaptureFixture[str], tm
 def test_data_check_applies_the_prompts_generate_sends(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import distray.formats
+    import distray.inputs
     from distray.tasks import COT_INSTRUCTION
 
     seen: dict[str, Any] = {}
@@ -217,7 +218,7 @@ def test_data_check_applies_the_prompts_generate_sends(
             return "1 valid, 0 rejected"
 
     monkeypatch.setattr(
-        distray.formats, "check_input", lambda path, rejects_path, **kw: seen.update(kw) or Check()
+        distray.inputs, "check_input", lambda path, rejects_path, **kw: seen.update(kw) or Check()
     )
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"task": {

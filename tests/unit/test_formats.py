@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distray import formats, storage
+from distray import formats, inputs, storage
 from distray.errors import DataError
 from distray.formats import (
     ID,
@@ -26,13 +26,11 @@ from distray.formats import (
     REJECT_REASONS,
     REJECT_SCHEMA,
     TEACHER_DATA_SCHEMA,
-    check_input,
-    iter_input_file,
-    iter_input_rows,
     normalize_row,
     parse_jsonl_line,
     write_rejects,
 )
+from distray.inputs import check_input, iter_input_file, iter_input_rows
 
 
 def _jsonl(path: Path, rows: list[Any]) -> Path:
@@ -201,7 +199,7 @@ def test_bom_crlf_blank_lines_and_no_trailing_newline(tmp_path: Path) -> None:
 def test_lines_split_across_read_chunks(tmp_path: Path) -> None:
     rows = [{"prompt": f"prompt number {i} " + "x" * i} for i in range(30)]
     path = _jsonl(tmp_path / "c.jsonl", rows)
-    with mock.patch.object(formats, "_READ_CHUNK_BYTES", 7):
+    with mock.patch.object(inputs, "READ_CHUNK_BYTES", 7):
         valid, rejects = _split(str(path))
     assert [r[PROMPT] for r in valid] == [r["prompt"] for r in rows]
     assert rejects == []
@@ -343,8 +341,8 @@ def _check_accounting(tmp_path: Path, blob: bytes) -> None:
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(blob)
     expected = _expected_lines(blob)
-    with mock.patch.object(formats, "_READ_CHUNK_BYTES", 16):  # lines straddle reads
-        seen = [n for n, _ in formats._iter_file(str(path), storage.filesystem_for(str(path))[0])]
+    with mock.patch.object(inputs, "READ_CHUNK_BYTES", 16):  # lines straddle reads
+        seen = [n for n, _ in inputs.iter_file_rows(str(path), storage.filesystem_for(str(path))[0])]
         valid, rejects = _split(str(path))
     assert seen == expected  # each non-blank line exactly once, in order
     assert len(valid) + len(rejects) == len(expected)

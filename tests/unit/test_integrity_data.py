@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distray import formats as F
-from distray import storage
+from distray import inputs, storage
 from distray.answers import numbers_equal
 from distray.config import FilterConfig, HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
 from distray.errors import DataError
@@ -67,7 +67,7 @@ def test_jsonl_row_with_a_huge_integer_is_a_reject(tmp_path: Path) -> None:
         f'{{"prompt": "big id", "id": -{HUGE}}}\n'
         '{"prompt": "ok too"}\n'
     )
-    check = F.check_input(str(p))
+    check = inputs.check_input(str(p))
     assert (check.valid, check.rejected) == (2, 2)
     assert check.reasons == {"number_too_long": 2}
     assert "5000 digits" in check.examples["number_too_long"]
@@ -79,7 +79,7 @@ def test_jsonl_row_with_a_huge_integer_is_a_reject(tmp_path: Path) -> None:
 def test_json_array_with_a_huge_integer_rejects_only_that_row(tmp_path: Path) -> None:
     p = tmp_path / "in.json"
     p.write_text(f'[{{"prompt": "a"}}, {{"prompt": "b", "reference": {HUGE}}}, {{"prompt": "c"}}]')
-    rows = list(F.iter_input_file(str(p)))
+    rows = list(inputs.iter_input_file(str(p)))
     assert [r[F.PROMPT] for r, _ in rows if r is not None] == ["a", "c"]
     rejects = [rej for _, rej in rows if rej is not None]
     assert [(rej.reason, rej.line) for rej in rejects] == [("number_too_long", 2)]
@@ -117,12 +117,12 @@ def test_data_check_reports_chat_template_rejects(tmp_path: Path, strict_tokeniz
         json.dumps({"messages": [{"role": "system", "content": "s"}, *MSGS]}) + "\n"
         + json.dumps({"prompt": "fine"}) + "\n"
     )
-    assert F.check_input(str(p)).valid == 2  # without the template, nothing to see
-    check = F.check_input(str(p), tokenizer=strict_tokenizer)
+    assert inputs.check_input(str(p)).valid == 2  # without the template, nothing to see
+    check = inputs.check_input(str(p), tokenizer=strict_tokenizer)
     assert (check.valid, check.rejected) == (1, 1)
     assert "System role not supported" in check.examples["chat_template"]
     # A system prompt the config adds fails every row under this template, as generate would.
-    check = F.check_input(str(p), tokenizer=strict_tokenizer, system_prompt="Be brief.")
+    check = inputs.check_input(str(p), tokenizer=strict_tokenizer, system_prompt="Be brief.")
     assert check.reasons == {"chat_template": 2}
 
 
@@ -343,7 +343,7 @@ def test_data_check_parquet_rejects_are_written_atomically(
     p = tmp_path / "in.jsonl"
     p.write_text('not json\n{"prompt": "ok"}\n')
     out = tmp_path / "rejects.parquet"
-    F.check_input(str(p), rejects_path=str(out))
+    inputs.check_input(str(p), rejects_path=str(out))
     assert pq.read_table(out).column("reason").to_pylist()[0].startswith("invalid_json")
     assert ("replace", str(out)) in events
 

@@ -16,6 +16,8 @@ from distray.paths import RunPaths
 
 
 def _cfg(tmp_path: Path, **sections: Any) -> Any:
+    for folder in ("teacher", "student"):  # prepare stops on a model folder that is not there
+        (tmp_path / folder).mkdir(exist_ok=True)
     data: dict[str, Any] = {
         "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
         "data": {"builtin": {"name": "reverse", "n_train": 20, "n_validation": 0, "n_test": 5}},

@@ -125,7 +125,7 @@ def test_test_split_does_not_change_with_training_size(tmp_path: Path) -> None:
 
 
 def test_make_task_rows_pass_the_input_contract(tmp_path: Path) -> None:
-    from distray.formats import iter_input_rows
+    from distray.inputs import iter_input_rows
 
     paths = make_task("sentiment", str(tmp_path), 40, 0, n_validation=0, n_test=10)
     assert "validation" not in paths
