@@ -410,7 +410,13 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     data, rejects = assert_exactly_once(cfg)
-    assert len(data) == n and len(rejects) == len(BAD_LINES)
+    # The same, counted from the input file alone (not with distray's readers or id scheme):
+    # each good line's own id once in the data, each bad line's number once in the rejects.
+    lines = (tmp_path / "in.jsonl").read_text().splitlines()
+    good = {json.loads(ln)["id"] for ln in lines if ln.startswith('{"id"')}
+    bad_lines = {i for i, ln in enumerate(lines, start=1) if ln in BAD_LINES}
+    assert sorted(r["input_id"] for r in data) == sorted(good) and len(good) == n
+    assert sorted(r["line"] for r in rejects) == sorted(bad_lines) and len(bad_lines) == len(BAD_LINES)
     asked_after = server.answered[asked_before:]
     assert not written_prompts & set(asked_after), "a finished row was sent to the teacher again"
     # Only rows in flight at the kill were asked twice.
