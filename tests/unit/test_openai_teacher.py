@@ -258,3 +258,17 @@ def test_generate_passes_the_key_as_env_only(monkeypatch) -> None:
     engine.generate(DS(), teacher, None, SamplingConfig(), None)  # type: ignore[arg-type]
     assert KEY not in repr(seen["fn_constructor_kwargs"])
     assert seen["runtime_env"] == {"env_vars": {KEY_ENV: KEY}}
+
+
+@pytest.mark.parametrize(("ratio", "stops"), [(0.0, False), (0.4, False), (0.5, False), (0.6, True), (1.0, True)])
+def test_min_success_ratio_between_0_and_1(scripted, ratio: float, stops: bool) -> None:
+    """Half of 20 requests fail (HTTP 500, no retries): the run goes on at a threshold up to
+    50 % and stops above it, naming the figures."""
+    server = scripted([(500 if i % 2 else 200, {}, ok_body()) for i in range(20)])
+    c = client(server, max_retries=0, min_success_ratio=ratio, max_in_flight=4)
+    if stops:
+        with pytest.raises(StageError, match=r"10 of 20 requests succeeded \(50%\) < teacher.min_success_ratio"):
+            answer(c, 20)
+    else:
+        out = answer(c, 20)
+        assert sum(r[F.RESPONSE] is not None for r in out) == 10
