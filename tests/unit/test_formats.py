@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,11 @@ def test_ids_are_stable_content_hashes() -> None:
     assert a is not None and b is not None and c is not None
     assert a[ID] == b[ID] != c[ID]
     assert len(a[ID]) == 32 and int(a[ID], 16) >= 0
-    # pinned: the id must not change between releases, or caches and resumes break
-    assert formats.content_hash("x", 1) == formats.content_hash("x", 1)
+    # Pinned literals: an id must not change between releases, or caches and resumes break.
+    # The scheme: sha256 of the parts as compact JSON, first 32 hex digits.
+    assert formats.content_hash("x", 1) == "59402b0471b497c05ad760c869c511f9"
+    assert hashlib.sha256(b'["x",1]').hexdigest()[:32] == "59402b0471b497c05ad760c869c511f9"
+    assert a[ID] == "c3b030ac5077012516c37adacace2f2e"
     assert a[ID] == formats.input_id([{"role": "user", "content": "hello"}], "hello")
 
 
