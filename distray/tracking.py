@@ -69,10 +69,10 @@ def metrics_of(cfg: DistrayConfig) -> dict[str, list[tuple[str, float, int]]]:
         b = json.loads(read_text(p.bench_results))
         rows = []
         for point in b.get("points") or []:
-            load = f"c{point['concurrency']}" if point.get("concurrency") else f"r{point.get('request_rate')}"
+            load = f"c{point['concurrency']}" if point.get("concurrency") else f"r{point.get('request_rate_rps')}"
             name = str(point.get("endpoint", "endpoint")).replace("/", "_")
             rows += [(f"bench/{name}/{load}/{k}", v, 0) for k, v in _numeric(point).items()
-                     if k not in ("concurrency", "request_rate")]
+                     if k not in ("concurrency", "request_rate_rps")]
         out["bench"] = rows
     return out
 

@@ -170,8 +170,22 @@ def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
     assert Path(paths.student, "model.safetensors").is_file()
     assert Path(paths.student, "tokenizer.json").is_file()
     metrics = json.loads(Path(paths.eval_metrics).read_text())
-    assert metrics
-    assert Path(paths.bench_results).is_file()
+    models = metrics["models"]
+    assert set(models) == {"teacher", "student", "baseline"} and metrics["test_rows"] == 16
+    # Every figure the demo must reach, as ranges: a 1-layer teacher distilled into a student of
+    # the same size class, on 16 test rows.
+    for role, fig in models.items():
+        assert fig["answered_rows"] == 16, role
+        assert 0 < fig["parameters"] < 5_000_000 and 0 < fig["weights_mb"] < 50, role
+        assert 0 < fig["latency_ms"] < 30_000 and fig["throughput_rows_per_s"] > 0, role
+        assert 0 <= fig["scores"]["exact_match"] <= 100, role
+    assert 0 <= models["student"]["scores"]["teacher_agreement"] <= 100
+    bench = json.loads(Path(paths.bench_results).read_text())
+    (point, *_) = bench["points"]
+    assert point["completed"] > 0 and point["errors"] == 0 and point["median_ttft_ms"] > 0
+    # The job's own log, read back through Ray's job client.
+    logs = job.logs()
+    assert "stage report: finished" in logs and "run tiny: ran" in logs
     report = Path(paths.report).read_text()
     # The tiny teacher scores 0%, so no retention % is defined; the comparison table must be there.
     assert "## Teacher vs student vs baseline" in report
