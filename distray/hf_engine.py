@@ -27,7 +27,15 @@ from typing import Any
 
 from distray import prompts
 
-__all__ = ["Completion", "HFEngine", "IncrementalText", "cut_at_stop", "topk_per_step"]
+__all__ = [
+    "Completion",
+    "ForcedScores",
+    "HFEngine",
+    "IncrementalText",
+    "cut_at_stop",
+    "teacher_forced",
+    "topk_per_step",
+]
 
 #: Sampling temperatures above 0 and below this are raised to it, as vLLM does (`_MAX_TEMP`).
 MIN_TEMPERATURE = 1e-2
@@ -228,6 +236,83 @@ def topk_per_step(logits: tuple[Any, ...], k: int) -> tuple[list[Any], list[Any]
         ids.append(idx)
         lps.append(vals)
     return torch.stack(ids, dim=1).tolist(), torch.stack(lps, dim=1).tolist()
+
+
+@dataclass
+class ForcedScores:
+    """One sequence's continuation scored teacher-forced by `teacher_forced`.
+
+    `nll[j]` is −log p(target[j] | prompt, target[:j]) in nats; `top1_match[j]` is whether the
+    model's most likely token at that position is target[j]. One entry per scored target token.
+    """
+
+    nll: list[float]
+    top1_match: list[bool]
+
+
+def teacher_forced(
+    model: Any,
+    prompt_ids: list[list[int]],
+    target_ids: list[list[int]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 8,
+    max_len: int | None = None,
+) -> list[ForcedScores]:
+    """Score given continuations under a causal LM in one forward pass per batch.
+
+    Each row is `prompt + target`, right-padded (so positions need no shift under a causal
+    mask); the logits at position t predict token t + 1, and only the target's positions are
+    read, in float32 log-softmax over the full vocabulary (T=1). A row longer than `max_len`
+    keeps its whole prompt and loses the target's tail (a row whose prompt alone fills the
+    context scores nothing).
+
+    Args:
+        model: a transformers causal LM (eval mode), on any device.
+        prompt_ids: one list of prompt token ids per row.
+        target_ids: the continuation to score, one list per row (e.g. the teacher's answer ids).
+        pad_id: id that fills the padding (masked out, never read).
+        batch_size: rows per forward pass.
+        max_len: longest scored sequence; default the model's `max_position_embeddings`.
+
+    Returns:
+        One `ForcedScores` per row, in order.
+    """
+    import torch
+
+    if len(prompt_ids) != len(target_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
+    if any(not p for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (the first target token's context)")
+    limit = max_len or getattr(model.config, "max_position_embeddings", None)
+    device = next(model.parameters()).device
+    out: list[ForcedScores] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = []
+        for p, t in zip(prompt_ids[start : start + batch_size], target_ids[start : start + batch_size], strict=True):
+            keep = len(t) if limit is None else max(0, min(len(t), int(limit) - len(p)))
+            rows.append((list(p), list(t[:keep])))
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, t) in enumerate(rows):
+            seq = p + t
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for i, (p, t) in enumerate(rows):
+            if not t:
+                out.append(ForcedScores([], []))
+                continue
+            # Positions len(p)-1 … len(p)+len(t)-2 predict the target's tokens.
+            step = logits[i, len(p) - 1 : len(p) + len(t) - 1].float()
+            lp = torch.log_softmax(step, dim=-1)
+            tgt = torch.tensor(t, dtype=torch.long, device=lp.device)
+            nll = -lp.gather(1, tgt[:, None])[:, 0]
+            match = lp.argmax(dim=-1) == tgt
+            out.append(ForcedScores(nll.tolist(), match.tolist()))
+    return out
 
 
 def cut_at_stop(tok: Any, toks: list[int], stop: list[str]) -> tuple[list[int], str] | None:

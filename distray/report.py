@@ -79,7 +79,13 @@ def _load_jsonl(path: str) -> list[dict[str, Any]]:
 
 def comparison_table(metrics: dict[str, Any]) -> str:
     """The seed-style comparison: one row per figure, one column per model, then the
-    student-vs-teacher change."""
+    student-vs-teacher change.
+
+    Rows: size and memory; latency free-running (each answer ends at its eos) and at an equal
+    output length (ignore_eos), so answer length does not skew per-request or per-token time;
+    throughput; the task scorers (%); the fidelity scorers against the teacher's answers.
+    Rows with no figure for any model are left out.
+    """
     models = metrics.get("models", {})
     names = ordered_roles(models)
     vs = metrics.get("student_vs_teacher") or {}
@@ -97,6 +103,8 @@ def comparison_table(metrics: dict[str, Any]) -> str:
         # A reduction shows as the change a reader expects (-40% latency); +0.0 avoids "-0.0%".
         return "–" if v is None else f"{round(-v, 1) + 0.0:+.1f}%"
 
+    # Every local model's equal-length requests write the same number of tokens.
+    equal = next((models[m]["equal_length_tokens"] for m in names if models[m].get("equal_length_tokens")), "N")
     header = "| Metric | " + " | ".join(ROLE_TITLES.get(m, m) for m in names)
     header += " | Student vs teacher |" if has_change else " |"
     sep = "|---" * (len(names) + 1 + int(has_change)) + "|"
@@ -109,6 +117,13 @@ def comparison_table(metrics: dict[str, Any]) -> str:
         row("Peak GPU memory (MB)", "peak_gpu_mb", lambda v: _f(v, 0), ""),
         row("Latency p50 (ms)", "latency_ms", lambda v: _f(v, 1), reduction("latency_reduction_pct")),
         row("Latency p90 (ms)", "latency_p90_ms", lambda v: _f(v, 1), ""),
+        row("Answer length in latency requests (tokens)", "latency_output_tokens", lambda v: _f(v, 1), ""),
+        row("Time to first token p50 (ms)", "ttft_ms", lambda v: _f(v, 1), reduction("ttft_reduction_pct")),
+        row("Time per output token p50 (ms)", "tpot_ms", lambda v: _f(v, 2), reduction("tpot_reduction_pct")),
+        row(f"Latency p50 at {equal} tokens (ms)", "equal_length_latency_ms", lambda v: _f(v, 1),
+            reduction("equal_length_latency_reduction_pct")),
+        row(f"Time per output token p50 at {equal} tokens (ms)", "equal_length_tpot_ms",
+            lambda v: _f(v, 2), reduction("equal_length_tpot_reduction_pct")),
         row("Throughput (rows/s)", "throughput_rows_per_s", lambda v: _f(v, 2),
             "–" if vs.get("throughput_gain_x") is None else f"×{vs['throughput_gain_x']:.2f}"),
         row("Output tokens/s", "output_tokens_per_s", lambda v: _f(v, 1), ""),
@@ -127,7 +142,32 @@ def comparison_table(metrics: dict[str, Any]) -> str:
             if any(v is not None for v in vals):
                 cells = " | ".join(_f(v, 1) for v in vals)
                 lines.append(f"| teacher_bleu | {cells}" + (" | |" if has_change else " |"))
+    lines += _fidelity_rows(metrics, names, has_change)
     return "\n".join(lines)
+
+
+#: Fidelity scorers in the table: label, digits, unit of the student-vs-teacher change.
+_FIDELITY_ROWS = {
+    "teacher_nll": ("teacher_nll (nats/token, lower is closer)", 3, " nats"),
+    "token_agreement": ("token_agreement with the teacher (%)", 1, " pts"),
+    "rouge_l_vs_teacher": ("rouge_l_vs_teacher (%)", 1, " pts"),
+}
+
+
+def _fidelity_rows(metrics: dict[str, Any], names: list[str], has_change: bool) -> list[str]:
+    """The fidelity scorers' rows; the change column is student − teacher."""
+    models = metrics.get("models", {})
+    change = (metrics.get("student_vs_teacher") or {}).get("fidelity_change") or {}
+    lines = []
+    for key, (label, digits, unit) in _FIDELITY_ROWS.items():
+        vals = [models[m].get("scores", {}).get(key) for m in names]
+        if all(v is None for v in vals):
+            continue
+        d = change.get(key)
+        diff = "–" if d is None else f"{round(d, digits) + 0.0:+.{digits}f}{unit}"
+        cells = " | ".join(_f(v, digits) for v in vals)
+        lines.append(f"| {label} | {cells}" + (f" | {diff} |" if has_change else " |"))
+    return lines
 
 
 def _headline(metrics: dict[str, Any]) -> str | None:

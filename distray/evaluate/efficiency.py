@@ -13,7 +13,15 @@ Figures (field names carry their units):
   requests, minus the process's resident memory just before loading. It includes the engine's
   preallocations. `peak_gpu_mb` is torch's peak allocated CUDA memory in that process (GPU only).
 - `latency_ms` / `latency_p90_ms`: single-request end-to-end latency, median / p90 of N greedy
-  requests sent one at a time (one warm-up request first, not counted).
+  requests sent one at a time (one warm-up request first, not counted). They run free: each
+  answer ends at its eos or at max_tokens (`latency_output_tokens` is their mean length).
+- `ttft_ms`: median latency of the same requests cut to one output token (prefill + first token).
+- `tpot_ms`: time per output token after the first, free-running: median over the requests of
+  (latency − that prompt's ttft) / (output tokens − 1).
+- `equal_length_latency_ms`, `equal_length_tpot_ms`: the same requests with `ignore_eos` and
+  `equal_length_tokens` output tokens, so every model writes exactly as many tokens: a model
+  that stops early does not look faster per request, nor one that rambles to max_tokens
+  cheaper per token. The three requests of a prompt run back to back, so drift hits all alike.
 - `throughput_rows_per_s`, `output_tokens_per_s`: one batch over the test prompts, timed from
   submit to the last answer.
 """
@@ -39,6 +47,7 @@ __all__ = [
     "measure_local_remote",
     "measure_api",
     "percentile",
+    "tpot_ms",
 ]
 
 
@@ -54,6 +63,12 @@ class Efficiency:
     latency_ms: float | None = None
     latency_p90_ms: float | None = None
     latency_samples: int = 0
+    latency_output_tokens: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    equal_length_tokens: int | None = None
+    equal_length_latency_ms: float | None = None
+    equal_length_tpot_ms: float | None = None
     throughput_rows_per_s: float | None = None
     output_tokens_per_s: float | None = None
     throughput_rows: int = 0
@@ -139,6 +154,7 @@ def measure_local(
     batch_size: int = 16,
     use_chat_template: bool = True,
     trust_remote_code: bool = False,
+    equal_length_tokens: int | None = None,
 ) -> Efficiency:
     """Load a local model in this process and measure memory, latency and throughput.
 
@@ -157,6 +173,8 @@ def measure_local(
         batch_size: rows per transformers generate call (hf).
         use_chat_template: render prompts with the tokenizer's chat template.
         trust_remote_code: allow model code from the folder.
+        equal_length_tokens: output tokens of the equal-length requests (ignore_eos); None
+            uses `max_tokens`, 0 skips them.
     """
     if not prompts:
         raise ValueError("measure_local needs at least one prompt")
@@ -179,15 +197,10 @@ def measure_local(
         raise ValueError(f"unknown backend {backend!r}; use vllm or hf")
     eff.load_s = time.perf_counter() - t0
 
+    equal = max_tokens if equal_length_tokens is None else equal_length_tokens
     one(prompts[0])  # warm-up: first-call compilation and allocations are not latency
-    lat: list[float] = []
-    for i in range(latency_samples):
-        t = time.perf_counter()
-        one(prompts[i % len(prompts)])
-        lat.append((time.perf_counter() - t) * 1000.0)
-    eff.latency_ms = statistics.median(lat)
-    eff.latency_p90_ms = percentile(lat, 90)
-    eff.latency_samples = len(lat)
+    lat = _latency(one, prompts, latency_samples, equal)
+    _set_latency(eff, lat, equal)
 
     t = time.perf_counter()
     out_tokens = batch(batch_prompts)
@@ -206,9 +219,73 @@ def measure_local(
         "peak_rss_mb": f"peak RSS of a fresh process during load + requests ({backend}), "
         "minus RSS before load; includes engine preallocation",
         "latency_ms": f"median of {len(lat)} single greedy requests, max_tokens={max_tokens}",
+        "tpot_ms": "median of (latency - ttft) / (output tokens - 1); ttft: the same request "
+        "cut to 1 output token",
+        "equal_length": f"the same requests with ignore_eos and exactly {equal} output tokens"
+        if equal else "off (evaluate.equal_length_tokens: 0)",
         "throughput": f"one batch of {len(batch_prompts)} rows, wall time submit to last answer",
     }
     return eff
+
+
+@dataclass
+class LatencySample:
+    """One prompt's three back-to-back requests (ms) and output lengths (tokens)."""
+
+    first_ms: float
+    free_ms: float
+    free_tokens: int
+    equal_ms: float | None = None
+    equal_tokens: int = 0
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = fn(*args, **kwargs)
+    return (time.perf_counter() - t) * 1000.0, int(n)
+
+
+def _latency(one: Any, prompts: list[list[dict[str, str]]], samples: int, equal: int) -> list[LatencySample]:
+    """Per prompt: one token (ttft), free-running, then `equal` tokens with ignore_eos."""
+    out = []
+    for i in range(samples):
+        msgs = prompts[i % len(prompts)]
+        first_ms, _ = _timed(one, msgs, max_tokens=1)
+        free_ms, free_n = _timed(one, msgs)
+        s = LatencySample(first_ms, free_ms, free_n)
+        if equal:
+            s.equal_ms, s.equal_tokens = _timed(one, msgs, max_tokens=equal, ignore_eos=True)
+        out.append(s)
+    return out
+
+
+def tpot_ms(latency_ms: float, ttft_ms: float, output_tokens: int) -> float | None:
+    """Time per output token after the first: (latency − ttft) / (tokens − 1); None under 2
+    tokens. Clamped at 0, where timing noise exceeds the decode time."""
+    if output_tokens < 2:
+        return None
+    return max(0.0, latency_ms - ttft_ms) / (output_tokens - 1)
+
+
+def _median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _set_latency(eff: Efficiency, lat: list[LatencySample], equal: int) -> None:
+    free = [s.free_ms for s in lat]
+    eff.latency_ms = statistics.median(free)
+    eff.latency_p90_ms = percentile(free, 90)
+    eff.latency_samples = len(lat)
+    eff.latency_output_tokens = sum(s.free_tokens for s in lat) / len(lat)
+    eff.ttft_ms = statistics.median(s.first_ms for s in lat)
+    eff.tpot_ms = _median([tpot_ms(s.free_ms, s.first_ms, s.free_tokens) for s in lat])
+    if equal:
+        eff.equal_length_tokens = min(s.equal_tokens for s in lat)
+        eff.equal_length_latency_ms = _median([s.equal_ms for s in lat])
+        eff.equal_length_tpot_ms = _median(
+            [tpot_ms(s.equal_ms, s.first_ms, s.equal_tokens) for s in lat if s.equal_ms is not None]
+        )
 
 
 def _vllm_engine(
@@ -236,8 +313,9 @@ def _vllm_engine(
     def _prompts(msgs: list[list[dict[str, str]]]) -> list[Any]:
         return [{"prompt_token_ids": _render_ids(tok, m, use_chat_template)} for m in msgs]
 
-    def one(messages: list[dict[str, str]]) -> int:
-        out = llm.generate(_prompts([messages]), sp, use_tqdm=False)
+    def one(messages: list[dict[str, str]], max_tokens: int = max_tokens, ignore_eos: bool = False) -> int:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+        out = llm.generate(_prompts([messages]), params, use_tqdm=False)
         return len(out[0].outputs[0].token_ids)
 
     def batch(msgs: list[list[dict[str, str]]]) -> int:
@@ -258,18 +336,38 @@ def _hf_engine(
 
     engine = HFEngine(model_dir, trust_remote_code=trust_remote_code)
 
-    def _gen(msgs: list[list[dict[str, str]]]) -> int:
+    def _gen(msgs: list[list[dict[str, str]]], n: int = max_tokens) -> int:
         ids = [_render_ids(engine.tok, m, use_chat_template) for m in msgs]
         # Greedy; each answer's ids end at its first eos (kept), so padding is not counted.
-        return sum(len(a.token_ids) for a in engine.generate(ids, max_tokens=max_tokens))
+        return sum(len(a.token_ids) for a in engine.generate(ids, max_tokens=n))
 
-    def one(messages: list[dict[str, str]]) -> int:
-        return _gen([messages])
+    def one(messages: list[dict[str, str]], max_tokens: int = max_tokens, ignore_eos: bool = False) -> int:
+        if ignore_eos:
+            return _fixed_length(engine, _render_ids(engine.tok, messages, use_chat_template), max_tokens)
+        return _gen([messages], max_tokens)
 
     def batch(msgs: list[list[dict[str, str]]]) -> int:
         return sum(_gen(msgs[i : i + batch_size]) for i in range(0, len(msgs), batch_size))
 
     return one, batch
+
+
+def _fixed_length(engine: Any, prompt_ids: list[int], n: int) -> int:
+    """Greedy decoding of exactly `n` new tokens (fewer only where the context ends): the
+    transformers generate loop of `HFEngine.generate` with the eos masked (`min_new_tokens`),
+    vLLM's `ignore_eos`."""
+    import torch
+
+    if engine.max_model_len is not None:
+        n = max(1, min(n, engine.max_model_len - len(prompt_ids)))
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=engine.device)
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=engine.pad_id,
+            eos_token_id=sorted(engine.eos) or None,
+        )
+    return int(out.shape[1] - len(prompt_ids))
 
 
 def measure_local_remote(
@@ -388,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", action="append", default=None, help="a user prompt (repeatable)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--latency-samples", type=int, default=5)
+    p.add_argument("--equal-length-tokens", type=int, default=None,
+                   help="output tokens of the ignore_eos requests (default --max-tokens; 0: off)")
     args = p.parse_args(argv)
     prompts = [[{"role": "user", "content": t}] for t in (args.prompt or ["Hello"])]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -397,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         backend=args.backend,
         max_tokens=args.max_tokens,
         latency_samples=args.latency_samples,
+        equal_length_tokens=args.equal_length_tokens,
     )
     print(json.dumps(eff.to_dict(), indent=2))
 

@@ -12,12 +12,19 @@ metrics.json (every figure; None where it does not apply)::
 
     {"test_rows": 200, "scorers": ["exact_match", ...], "primary_scorer": "exact_match",
      "models": {"teacher": {"model", "parameters", "weights_mb", "peak_rss_mb", "latency_ms",
-                            "throughput_rows_per_s", "output_tokens_per_s", "scores": {...}, ...},
+                            "ttft_ms", "tpot_ms", "equal_length_latency_ms", "equal_length_tpot_ms",
+                            "throughput_rows_per_s", "output_tokens_per_s",
+                            "scores": {scorer: value, "teacher_nll", "token_agreement", ...}, ...},
                 "student": {...}, "baseline": {...}},
+     "fidelity": {"scorers": ["teacher_nll", ...], "skipped": {role: reason}},
      "student_vs_teacher": {"accuracy_retention_pct": {scorer: %}, "latency_reduction_pct",
-                            "memory_reduction_pct", ...},
-     "student_vs_baseline": {"accuracy_gain_pts": {scorer: points}},
+                            "memory_reduction_pct", "fidelity_change": {scorer: student − teacher}, ...},
+     "student_vs_baseline": {"accuracy_gain_pts": {scorer: points}, "fidelity_change": {...}},
      "headline": {...}}
+
+`scorers` are the task's scorers (% of rows right); the fidelity scorers
+(`distray.evaluate.fidelity`: teacher_nll in nats per token, token_agreement and
+rouge_l_vs_teacher in %) sit in the same `scores` of each model, listed under `fidelity`.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from distray.config import (
     VLLMTeacher,
 )
 from distray.errors import ConfigError, DataError, StageError
+from distray.evaluate import fidelity
 from distray.evaluate.efficiency import Efficiency, measure_api, measure_local_remote
 from distray.evaluate.scorers import ScoreResult, score_all
 from distray.paths import RunPaths
@@ -258,6 +266,7 @@ def _efficiency(
         batch_size=getattr(engine, "batch_size", 16),
         use_chat_template=getattr(engine, "apply_chat_template", True),
         trust_remote_code=getattr(engine, "trust_remote_code", False),
+        equal_length_tokens=ev.equal_length_tokens,
     )
 
 
@@ -276,14 +285,27 @@ def _reduction_pct(student: float | None, teacher: float | None) -> float | None
     return None if r is None else 100.0 - r
 
 
-def compare(models: dict[str, dict[str, Any]], scorers: list[str]) -> dict[str, Any]:
+def _change(a: dict[str, Any], b: dict[str, Any], names: list[str]) -> dict[str, float | None]:
+    """a − b per fidelity scorer (nats for teacher_nll, points for the others)."""
+    return {k: None if a.get(k) is None or b.get(k) is None else a[k] - b[k] for k in names}
+
+
+def compare(
+    models: dict[str, dict[str, Any]], scorers: list[str], fidelity_names: list[str] | None = None
+) -> dict[str, Any]:
     """Student vs teacher and student vs baseline figures from per-model figures.
+
+    Args:
+        models: role → figures, with `scores`.
+        scorers: the task scorers (retention and gain are computed for these).
+        fidelity_names: the fidelity scorers (their change, student − other, is reported).
 
     Returns:
         `{"student_vs_teacher": {...}, "student_vs_baseline": {...}}` (empty dicts when a side
         is missing).
     """
     out: dict[str, Any] = {"student_vs_teacher": {}, "student_vs_baseline": {}}
+    fid = list(fidelity_names or [])
     s, t, b = models.get("student"), models.get("teacher"), models.get("baseline")
     if s and t:
         ss, ts = s.get("scores", {}), t.get("scores", {})
@@ -291,10 +313,19 @@ def compare(models: dict[str, dict[str, Any]], scorers: list[str]) -> dict[str, 
             "accuracy_retention_pct": {
                 k: _ratio_pct(ss.get(k), ts.get(k)) for k in scorers if k != "teacher_agreement"
             },
+            "fidelity_change": _change(ss, ts, fid),
             "parameter_reduction_pct": _reduction_pct(s.get("parameters"), t.get("parameters")),
             "memory_reduction_pct": _reduction_pct(s.get("weights_mb"), t.get("weights_mb")),
             "peak_rss_reduction_pct": _reduction_pct(s.get("peak_rss_mb"), t.get("peak_rss_mb")),
             "latency_reduction_pct": _reduction_pct(s.get("latency_ms"), t.get("latency_ms")),
+            "ttft_reduction_pct": _reduction_pct(s.get("ttft_ms"), t.get("ttft_ms")),
+            "tpot_reduction_pct": _reduction_pct(s.get("tpot_ms"), t.get("tpot_ms")),
+            "equal_length_latency_reduction_pct": _reduction_pct(
+                s.get("equal_length_latency_ms"), t.get("equal_length_latency_ms")
+            ),
+            "equal_length_tpot_reduction_pct": _reduction_pct(
+                s.get("equal_length_tpot_ms"), t.get("equal_length_tpot_ms")
+            ),
             "throughput_gain_x": (
                 None
                 if not s.get("throughput_rows_per_s") or not t.get("throughput_rows_per_s")
@@ -308,6 +339,7 @@ def compare(models: dict[str, dict[str, Any]], scorers: list[str]) -> dict[str, 
                 k: (None if ss.get(k) is None or bs.get(k) is None else ss[k] - bs[k])
                 for k in scorers
             },
+            "fidelity_change": _change(ss, bs, fid),
         }
     return out
 
@@ -420,6 +452,21 @@ def _prediction_rows(
     return table
 
 
+def _fidelity(
+    cfg: DistrayConfig, models: list[_Model], outputs: dict[str, list[dict[str, Any] | None]],
+    rows: list[dict[str, Any]], names: list[str],
+) -> fidelity.FidelityResult:
+    """The fidelity scorers of every model (teacher-forced ones in Ray workers)."""
+    if not names:
+        return fidelity.FidelityResult()
+    from distray.ray_utils import cluster_has_gpu, worker_env
+
+    return fidelity.measure(
+        names, models, outputs, [r[F.MESSAGES] for r in rows],
+        num_gpus=1.0 if cluster_has_gpu() else 0.0, env=worker_env(cfg),
+    )
+
+
 def run(cfg: DistrayConfig) -> EvaluateResult:
     """Evaluate teacher, distilled student and baseline on the test set.
 
@@ -442,16 +489,18 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
     refs = [r.get(F.REFERENCE) for r in rows]
     models = resolve_models(cfg)
     labels = _labels(cfg)
-    scorers: list[str] = list(cfg.evaluate.scorers)
+    scorers: list[str] = [s for s in cfg.evaluate.scorers if s not in fidelity.FIDELITY_SCORERS]
+    fid_names = fidelity.fidelity_scorers(cfg.evaluate.scorers, cfg.evaluate.fidelity)
     logger.info(
-        "evaluate: %d test rows from %s; models %s; scorers %s",
-        len(rows), test_path, [m.role for m in models], scorers,
+        "evaluate: %d test rows from %s; models %s; scorers %s; fidelity %s",
+        len(rows), test_path, [m.role for m in models], scorers, fid_names,
     )
     outputs: dict[str, list[dict[str, Any] | None]] = {}
     figures: dict[str, dict[str, Any]] = {}
     for m in models:
         outputs[m.role], figures[m.role] = _answer(m, cfg, rows, test_path, [r[F.MESSAGES] for r in rows])
     preds = {role: [o.get(F.RESPONSE) if o else None for o in outs] for role, outs in outputs.items()}
+    fid = _fidelity(cfg, models, outputs, rows, fid_names)
 
     pred_paths: dict[str, str] = {}
     for m in models:
@@ -460,6 +509,7 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
             teacher_preds=None if m.role == "teacher" else preds.get("teacher"),
             labels=labels, regex=cfg.evaluate.regex,
         )
+        scored.update(fid.scores.get(m.role, {}))
         scores: dict[str, float | None] = {}
         for name, res in scored.items():
             scores[name] = res.value
@@ -478,7 +528,8 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         "labels": labels,
         "max_tokens": cfg.evaluate.max_tokens,
         "models": figures,
-        **compare(figures, scorers),
+        "fidelity": {"scorers": fid_names, "skipped": fid.skipped},
+        **compare(figures, scorers, fid_names),
     }
     metrics["headline"] = _headline(metrics)
     storage.write_text(paths.eval_metrics, json.dumps(metrics, indent=2, default=str) + "\n")

@@ -22,6 +22,10 @@ that marker is compared whole; bleu and rouge_l always compare whole texts.
 | rouge_l | rouge-score ROUGE-L F-measure, mean | F-measure |
 | f1 | SQuAD token F1 of the final answers, mean | F1 |
 | teacher_agreement | exact_match against the teacher's answer (and BLEU vs its text) | 0/1 |
+| rouge_l_vs_teacher | rouge_l against the teacher's answer instead of the reference | F-measure |
+
+`teacher_nll` and `token_agreement` need each model's logits, not its text: they are measured by
+`distray.evaluate.fidelity` (with rouge_l_vs_teacher, the white-box fidelity scorers).
 """
 
 from __future__ import annotations
@@ -140,7 +144,8 @@ def score(
         name: one of `SCORERS`.
         preds: the model's answers, one per test row (None counts as an empty answer).
         refs: references, one per row (None: the row has no reference).
-        teacher_preds: the teacher's answers on the same rows (for teacher_agreement).
+        teacher_preds: the teacher's answers on the same rows (teacher_agreement,
+            rouge_l_vs_teacher).
         labels: allowed answers for `choice`; without them letters A-E are compared.
         regex: the pattern of the `regex` scorer.
 
@@ -194,15 +199,25 @@ def score(
         idx, p, r = _refs_only(preds, refs)
         corpus, rows = _bleu(p, r)
         return ScoreResult(corpus, len(idx), _scatter(len(preds), idx, rows))
-    if name == "rouge_l":
+    if name in ("rouge_l", "rouge_l_vs_teacher"):
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
         def _rl(p: str, r: str) -> float:
+            # rouge-score keeps only [a-z0-9] tokens, so two identical answers of symbols would
+            # score 0 (nothing to match); the same text is a perfect match.
+            if p.strip() == r.strip():
+                return 1.0
             return scorer.score(r, p)["rougeL"].fmeasure
 
-        return _pairwise(preds, refs, _rl)
+        if name == "rouge_l":
+            return _pairwise(preds, refs, _rl)
+        if teacher_preds is None:
+            return ScoreResult(None, 0, [None] * len(preds))
+        if len(teacher_preds) != len(preds):
+            raise ValueError(f"{len(preds)} predictions but {len(teacher_preds)} teacher answers")
+        return _pairwise(preds, teacher_preds, _rl)
     if name == "f1":
         return _pairwise(preds, refs, _f1)
     if name == "teacher_agreement":
@@ -214,6 +229,10 @@ def score(
         idx, p, t = _refs_only(preds, teacher_preds)
         res.extra["teacher_bleu"] = _bleu(p, t)[0]
         return res
+    if name in ("teacher_nll", "token_agreement"):
+        raise ValueError(
+            f"`{name}` scores a model's logits, not its text; distray.evaluate.fidelity measures it"
+        )
     raise ConfigError(f"unknown scorer `{name}`; choose from: {', '.join(SCORERS)}")
 
 

@@ -91,18 +91,38 @@ def test_evaluate_writes_every_field_of_the_table(
     assert vt["memory_reduction_pct"] == pytest.approx(0.0)  # same model, same bytes
     assert vb["accuracy_gain_pts"]["regex"] is not None
     assert metrics["headline"]["scorer"] == "exact_match"
+    # latency at equal length: every model wrote max_tokens (6) tokens, timed beside free-running
+    for role, m in metrics["models"].items():
+        assert m["equal_length_tokens"] == 6, role
+        for f in ("ttft_ms", "equal_length_latency_ms", "equal_length_tpot_ms"):
+            assert m[f] is not None and m[f] > 0, (role, f)
+    assert vt["equal_length_tpot_reduction_pct"] is not None
+    # fidelity (on by default; the tiny models share a tokenizer): the copy of the teacher scores
+    # what the teacher scores on its own greedy answers, the baseline follows them less
+    assert metrics["fidelity"] == {"scorers": ["teacher_nll", "token_agreement", "rouge_l_vs_teacher"],
+                                   "skipped": {}}
+    ts, ss, bs = teacher["scores"], student["scores"], baseline["scores"]
+    assert ts["token_agreement"] == ss["token_agreement"] == 100.0
+    assert ss["teacher_nll"] == pytest.approx(ts["teacher_nll"], rel=1e-6)
+    assert bs["teacher_nll"] > ts["teacher_nll"] and bs["token_agreement"] < 100.0
+    assert ss["rouge_l_vs_teacher"] == 100.0 and ts["rouge_l_vs_teacher"] is None  # not vs itself
+    assert vt["fidelity_change"]["token_agreement"] == 0.0
+    assert "teacher_nll" not in vt["accuracy_retention_pct"]  # not a task score
 
     # predictions: one row per test prompt, with the answer and per-row scores
     for path in result.predictions.values():
         table = pq.read_table(path)
         assert table.num_rows == N_TEST
-        assert {"id", "prompt", "reference", "response", "score_exact_match"} <= set(table.column_names)
+        assert {"id", "prompt", "reference", "response", "score_exact_match",
+                "score_teacher_nll", "score_token_agreement"} <= set(table.column_names)
     # report: the table and both plots
     from distray.report import build_report
 
     assert sorted(Path(p).name for p in result.plots) == ["accuracy.png", "latency.png"]
     md = Path(build_report(cfg.run_dir)).read_text()
     assert "| Metric | Teacher | Student (distilled) | Baseline | Student vs teacher |" in md
+    assert "| Time per output token p50 at 6 tokens (ms) |" in md
+    assert "| token_agreement with the teacher (%) | 100.0 | 100.0 |" in md
     for png in ("evaluate/accuracy.png", "evaluate/latency.png"):
         assert f"]({png})" in md and (Path(cfg.run_dir) / png).stat().st_size > 1000
     # the flat figures the Python API returns

@@ -56,6 +56,12 @@ def test_regex_extracts_a_group_or_checks_format() -> None:
         score("regex", ["x"], ["x"], regex="(")
 
 
+def test_rouge_l_of_identical_text_is_100_even_without_words() -> None:
+    for name in ("rouge_l", "rouge_l_vs_teacher"):
+        r = score(name, ["=?!", "abc"], ["=?!", "=?!"], teacher_preds=["=?!", "=?!"])
+        assert r.per_row == [1.0, 0.0], name
+
+
 def test_bleu_and_rouge_l_rank_closer_answers_higher() -> None:
     ref = ["the cat sat on the mat today"]
     exact = score("bleu", ref, ref).value
@@ -93,8 +99,14 @@ def test_score_all_runs_every_scorer_the_config_allows() -> None:
 
     allowed = set(EvaluateConfig.model_fields["scorers"].annotation.__args__[0].__args__)
     assert allowed == set(SCORERS)
-    out = score_all([s for s in SCORERS if s != "regex"], ["42"], ["42"], teacher_preds=["42"])
+    from distray.evaluate.fidelity import FORCED_SCORERS
+
+    text_scorers = [s for s in SCORERS if s != "regex" and s not in FORCED_SCORERS]
+    out = score_all(text_scorers, ["42"], ["42"], teacher_preds=["42"])
     assert all(v.value == pytest.approx(100.0) for v in out.values())
+    for name in FORCED_SCORERS:  # logits, not text: distray.evaluate.fidelity measures them
+        with pytest.raises(ValueError, match="fidelity"):
+            score(name, ["42"], ["42"])
 
 
 # ---- task types: each preset's validation and scoring on hand-written cases -------------------
