@@ -11,7 +11,9 @@ Two sources, one row layout (`{id, messages, response, ...}`, `distray.train.dat
   a `reference`, which becomes the `response`.
 
 Without a validation split, `train.validation_fraction` of the rows is held out by a hash of the
-input id. Every dataset is lazy; each has an id-only twin that counts rows cheaply.
+input id. Every dataset is lazy; each has an id-only twin from which the driver reads the run's
+row ids (`RunDatasets.collect_ids`): each id once, whatever number of shards hold it
+(`distray.train.order`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any, Literal
 
 from distray.config import DistrayConfig
 from distray.errors import DataError
-from distray.inputs import INPUT_SUFFIXES
 from distray.formats import (
     ID,
     INPUT_ID,
@@ -35,6 +36,7 @@ from distray.formats import (
     normalize_row,
     parse_jsonl_line,
 )
+from distray.inputs import INPUT_SUFFIXES
 from distray.paths import RunPaths
 from distray.storage import exists, filesystem_for, list_files
 from distray.train.data import TRAIN_COLUMNS, holdout_flags
@@ -63,6 +65,30 @@ class RunDatasets:
     columns: list[str]
     use_teacher_ids: bool = False
     with_topk: bool = False
+    max_rows: int | None = None
+    train_ids: Any = None
+    validation_ids: Any = None
+    duplicates: int = 0
+
+    def collect_ids(self, seed: int) -> None:
+        """Read the row ids (the id-only twins) into `train_ids` / `validation_ids`: sorted,
+        each id once, training limited to `max_rows` by a seeded choice; `duplicates` counts the
+        rows dropped because another row has their id (e.g. two shards written for one block
+        after a crash), and a warning says so."""
+        from distray.train.order import limit_ids, unique_ids
+
+        self.train_ids, dup_train = unique_ids(_id_column(self.count_train))
+        self.train_ids = limit_ids(self.train_ids, self.max_rows, seed)
+        dup_val = 0
+        if self.count_validation is not None:
+            self.validation_ids, dup_val = unique_ids(_id_column(self.count_validation))
+        self.duplicates = dup_train + dup_val
+        if self.duplicates:
+            logger.warning(
+                "dropped %d duplicate row(s) (%d training, %d validation): their id is held by "
+                "another row too, e.g. in two shards written for one block; each id trains once",
+                self.duplicates, dup_train, dup_val,
+            )
 
     def for_workers(self) -> dict[str, Any]:
         """{"train", "validation"?}: the datasets Ray Train splits, reduced to TRAIN_COLUMNS."""
@@ -130,7 +156,8 @@ def build_datasets(
         answers: `teacher` or `reference`.
         model: the student folder (its vocabulary size).
         tokenizer_dir: the student's tokenizer folder.
-        max_rows: use at most this many training rows (after the hold-out).
+        max_rows: use at most this many training rows (after the hold-out), chosen by
+            `run.seed` when the ids are collected.
 
     Raises:
         DataError: teacher data without top-k for a logit loss, or vocabularies that differ.
@@ -139,14 +166,21 @@ def build_datasets(
         d = _teacher_datasets(cfg, data, validation_data, model, tokenizer_dir)
     else:
         d = _reference_datasets(cfg, data, validation_data)
-    if max_rows is not None:
-        d.train, d.count_train = d.train.limit(max_rows), d.count_train.limit(max_rows)
+    # Applied to the row ids (`collect_ids`): `limit` would keep whichever rows come first.
+    d.max_rows = max_rows
     for ds in (d.train, d.validation, d.count_train, d.count_validation):
         if ds is not None:
             # Progress bars of every epoch's stream would bury the step lines; training reports
             # progress itself.
             ds.context.enable_progress_bars = False
     return d
+
+
+def _id_column(ds: Any) -> list[Any]:
+    """The `id` column of a Ray Dataset, as Arrow arrays (read on the driver)."""
+    import ray
+
+    return [ray.get(ref).column(ID) for ref in ds.select_columns([ID]).to_arrow_refs()]
 
 
 def _with_holdout(d: RunDatasets, fraction: float, seed: int) -> RunDatasets:

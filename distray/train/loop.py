@@ -15,9 +15,9 @@ top-k tensors in every batch and a custom loss: with HF Trainer that means a Tra
 shard with a guessed `max_steps`, and a callback for the `ray.train.report` cadence — more code,
 and resume/export would go through two checkpoint systems instead of one.
 
-Every worker runs the same number of micro-batches (the Ray Data shards are split with
-`equal=True`, and a tail that does not fill a whole accumulation group is skipped), which
-ZeRO's collectives need. `ray.train.report` is called at the same steps on every worker.
+Every worker reads its own list of rows, the same number on every worker, in an order fixed by
+`run.seed` and the epoch (`distray.train.order`); ZeRO's collectives need the equal count, and
+an exact resume the fixed order. `ray.train.report` is called at the same steps on every worker.
 """
 
 from __future__ import annotations
@@ -50,11 +50,17 @@ VAL_CACHE_LIMIT = 256
 
 @dataclass
 class TrainState:
-    """Progress saved in every checkpoint (DeepSpeed `client_state`)."""
+    """Progress saved in every checkpoint (DeepSpeed `client_state`, and `distray_state.json`).
+
+    `rows_in_epoch` rows of each worker's list for `epoch` (`distray.train.order.worker_ids`)
+    have been trained on, under the row list, seed and worker count that `order_digest` names.
+    """
 
     step: int = 0
     epoch: int = 0
     micro_in_epoch: int = 0
+    rows_in_epoch: int = 0
+    order_digest: str | None = None
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
@@ -162,17 +168,6 @@ def _load_model(plan: WorkerPlan, cfg: DistrayConfig, dtype: Any) -> tuple[Any, 
     return model, keepalive
 
 
-def _arrow_collate(inner: Any) -> Any:
-    """Wrap a collator so Ray Data hands it pyarrow Tables (no per-column numpy conversion)."""
-    from ray.data.collate_fn import ArrowBatchCollateFn
-
-    class _Arrow(ArrowBatchCollateFn):
-        def __call__(self, batch: Any) -> Any:
-            return inner(batch)
-
-    return _Arrow()
-
-
 def _batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
@@ -211,8 +206,9 @@ class TrainWorker:
         plan: what the driver resolved (`distray.train.plan.WorkerPlan`).
     """
 
-    def __init__(self, cfg: DistrayConfig, plan: WorkerPlan) -> None:
+    def __init__(self, cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> None:
         self.cfg = cfg
+        self.datasets = datasets
         self.tc = cfg.train
         self.plan = plan
         self.micro = plan.micro_batch_size
@@ -257,8 +253,10 @@ class TrainWorker:
         self.engine, self.scheduler = self._engine()
         self._resume()
         self._record_placement()
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("validation") if plan.has_validation else None
+        self.world = ray.train.get_context().get_world_size()
+        self.train_ids = ray.get(plan.train_ids)
+        self.val_ids = ray.get(plan.validation_ids) if plan.validation_ids is not None else None
+        self.has_val = plan.has_validation and self.val_ids is not None
 
     def _collator(self) -> Any:
         from transformers import AutoTokenizer
@@ -267,14 +265,12 @@ class TrainWorker:
 
         tokenizer = AutoTokenizer.from_pretrained(self.plan.tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return _arrow_collate(
-            Collator(
-                ChatEncoder(tokenizer, self.tc.max_seq_len),
-                pad_id,
-                with_topk=self.plan.with_topk,
-                packing=self.tc.packing,
-                use_teacher_ids=self.plan.use_teacher_ids,
-            )
+        return Collator(
+            ChatEncoder(tokenizer, self.tc.max_seq_len),
+            pad_id,
+            with_topk=self.plan.with_topk,
+            packing=self.tc.packing,
+            use_teacher_ids=self.plan.use_teacher_ids,
         )
 
     def _engine(self) -> tuple[Any, Any]:
@@ -308,9 +304,21 @@ class TrainWorker:
         self.restored = ckpt is not None
         if ckpt is not None:
             with ckpt.as_directory() as d:
+                # DeepSpeed's loader unpickles its files (they hold DeepSpeed objects, which
+                # torch's weights_only loading rejects): a checkpoint folder is trusted code.
                 _, client = self.engine.load_checkpoint(d)
             if client and "distray" in client:
                 self.state = TrainState(**client["distray"])
+            digest = self.state.order_digest
+            if digest is not None and digest != self.plan.order_digest:
+                from distray.errors import DataError
+
+                raise DataError(
+                    f"the checkpoint at step {self.state.step} in {self.plan.out_dir}/checkpoints "
+                    "was trained on other rows (or another run.seed or train.num_workers), so "
+                    "it cannot resume after its last row; train into a new folder, or rerun "
+                    "the stage with --force"
+                )
             if self.rank == 0:
                 logger.info(
                     "resumed from checkpoint at step %d (epoch %d)", self.state.step, self.state.epoch
@@ -344,36 +352,31 @@ class TrainWorker:
             if not self.stop and st.micro_in_epoch != 0:
                 # The shard ran out before the planned micro-batches (fewer rows than counted).
                 st.epoch += 1
-                st.micro_in_epoch = 0
+                st.micro_in_epoch = st.rows_in_epoch = 0
             if st.step >= plan.total_steps:
                 self.stop = True
 
     def _train_epoch(self) -> None:
         st = self.state
-        skip = st.micro_in_epoch
-        batches = self.train_shard.iter_torch_batches(
-            batch_size=self.micro,
-            collate_fn=self.collator,
-            prefetch_batches=2,
-            local_shuffle_buffer_size=max(self.micro * 8, 64),
-            local_shuffle_seed=self.plan.seed * 1000 + st.epoch,
-        )
-        for i, batch in enumerate(batches):
+        for batch in self._batches(self.datasets["train"], self.train_ids, st.epoch, st.rows_in_epoch):
             if self.stop:
                 # Every worker stops at the same step (max_steps, or early stopping on an
                 # all-reduced loss), so all of them leave the stream together.
                 break
-            if i >= self.micro_per_epoch:
-                # The tail that does not fill an accumulation group; drained so the Ray Data
-                # epoch completes in step on every worker.
-                continue
-            if i < skip:
-                # Resuming mid-epoch: the micro-batches the checkpointed run already used.
-                continue
             self._micro_step(batch)
-            st.micro_in_epoch = i + 1
-            if (i + 1) % self.accum == 0:
+            st.micro_in_epoch += 1
+            if st.micro_in_epoch % self.accum == 0:
                 self._after_optimizer_step()
+
+    def _batches(self, ds: Any, ids: Any, epoch: int | None, start: int) -> Any:
+        """Collated micro-batches of this worker's rows of `epoch` (None: validation), from
+        row `start` of its list on."""
+        from distray.train.order import stream, worker_ids
+
+        rows = self.plan.rows_per_worker if epoch is not None else self.plan.validation_rows_per_worker
+        mine = worker_ids(ids, seed=self.plan.seed, epoch=epoch, world=self.world, rank=self.rank, rows=rows)
+        for table in stream(ds, mine[start:], start, self.micro):
+            yield self.collator(table)
 
     def _micro_step(self, batch: dict[str, Any]) -> None:
         """Forward, backward and (every `accum` micro-batches, inside DeepSpeed) the step."""
@@ -389,6 +392,7 @@ class TrainWorker:
         w.logit += float(parts.logit_sum) / max(float(parts.logit_count), 1.0)
         w.micro += 1
         w.tokens += int(batch["n_tokens"])
+        st.rows_in_epoch += int(batch["n_examples"])
         st.truncated += int(batch["n_truncated"])
         st.no_target += int(batch["n_no_target"])
         st.examples += int(batch["n_examples"])
@@ -404,13 +408,13 @@ class TrainWorker:
         self.step_loss = 0.0
         if st.micro_in_epoch >= self.micro_per_epoch:
             st.epoch += 1
-            st.micro_in_epoch = 0
+            st.micro_in_epoch = st.rows_in_epoch = 0
         at_end = st.step >= plan.total_steps
         log_now = st.step % tc.log_every_steps == 0 or at_end
         if log_now:
             self._log_step()
         early_stop = False
-        if self.val_shard is not None and tc.eval_every_steps and st.step % tc.eval_every_steps == 0:
+        if self.has_val and tc.eval_every_steps and st.step % tc.eval_every_steps == 0:
             early_stop = self.validate()
             if tc.early_stopping_patience and st.best_step == st.step:
                 self.checkpoint()  # the weights early stopping exports
@@ -483,7 +487,6 @@ class TrainWorker:
         """Validation losses over every worker's shard, averaged over answer tokens."""
         import torch
 
-        assert self.val_shard is not None
         self.engine.eval()
         sums = [0.0, 0.0, 0.0, 0.0]
         seen: list[dict[str, Any]] = []
@@ -491,9 +494,7 @@ class TrainWorker:
         batches = (
             self.val_cache
             if self.val_cache is not None
-            else self.val_shard.iter_torch_batches(
-                batch_size=self.micro, collate_fn=self.collator, prefetch_batches=1
-            )
+            else self._batches(self.datasets["validation"], self.val_ids, None, 0)
         )
         with torch.no_grad():
             for batch in batches:
@@ -532,8 +533,14 @@ class TrainWorker:
         # checkpoint_score_attribute), so the best one outlives train.keep_checkpoints.
         ev = next((r for r in reversed(st.history) if "val_step" in r), None)
         score = ev["val_loss"] if ev is not None and ev["val_step"] == st.step else NOT_EVALUATED
+        st.order_digest = self.plan.order_digest
         with tempfile.TemporaryDirectory(prefix="distray-ckpt-") as d:
             self.engine.save_checkpoint(d, tag=f"step{st.step:08d}", client_state={"distray": asdict(st)})
+            if self.rank == 0:
+                # What the checkpoint has consumed, readable without unpickling anything.
+                progress = {k: v for k, v in asdict(st).items() if k != "history"}
+                with open(f"{d}/distray_state.json", "w") as f:
+                    json.dump(progress, f, indent=1)
             ray.train.report(
                 {**self.summary(), "checkpoint_val_loss": score},
                 checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -546,7 +553,7 @@ class TrainWorker:
         import ray.train
 
         st = self.state
-        if self.val_shard is not None and (not st.history or st.history[-1].get("val_step") != st.step):
+        if self.has_val and (not st.history or st.history[-1].get("val_step") != st.step):
             self.validate()
         self.checkpoint()
         if self.last_ckpt_step == st.step and self.resumed_from == st.step and self.restored:
@@ -598,9 +605,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`).
 
     Args:
-        config: {"cfg": DistrayConfig as a JSON-able dict, "plan": WorkerPlan}.
+        config: {"cfg": DistrayConfig as a JSON-able dict, "plan": WorkerPlan,
+            "datasets": {"train": Ray Dataset, "validation"?: Ray Dataset}}.
     """
-    worker = TrainWorker(DistrayConfig.model_validate(config["cfg"]), config["plan"])
+    worker = TrainWorker(DistrayConfig.model_validate(config["cfg"]), config["plan"], config["datasets"])
     worker.setup()
     worker.train()
     worker.finish()

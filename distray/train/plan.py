@@ -41,6 +41,13 @@ class WorkerPlan:
         has_validation: a `validation` dataset shard exists.
         seed: `run.seed`.
         use_gpu: nccl on GPUs, else gloo on CPUs.
+        rows_per_worker: training rows each worker reads per epoch (its list in
+            `distray.train.order`; the tail that fills no accumulation group is not read).
+        validation_rows_per_worker: validation rows each worker reads (equal on every worker:
+            ZeRO-3's forward is a collective).
+        order_digest: identifies the row list, seed and worker count (`order.order_digest`).
+        train_ids: the run's sorted unique training ids (a Ray ObjectRef to a pyarrow array).
+        validation_ids: the same for validation, or None.
     """
 
     model: str
@@ -57,6 +64,11 @@ class WorkerPlan:
     has_validation: bool
     seed: int
     use_gpu: bool
+    rows_per_worker: int = 0
+    validation_rows_per_worker: int = 0
+    order_digest: str = ""
+    train_ids: Any = None
+    validation_ids: Any = None
 
     @property
     def micro_batch_size(self) -> int:
@@ -209,6 +221,11 @@ def build_worker_plan(
         has_validation=has_validation,
         seed=cfg.run.seed,
         use_gpu=use_gpu,
+        rows_per_worker=min(
+            n_train // tc.num_workers,
+            steps_per_epoch * int(ds_config["gradient_accumulation_steps"])
+            * int(ds_config["train_micro_batch_size_per_gpu"]),
+        ),
     )
 
 
