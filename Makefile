@@ -38,6 +38,13 @@ test-unit: setup
 quickstart: setup
 	$(BIN)/distray run jobs/configs/quickstart.yaml
 
+# The real-checkpoint example (SmolLM2-135M-Instruct → a pruned copy; arms pruned/sft/kd/reverse_kl,
+# one report: runs/smollm2-135m_to_pruned_kd/report.md). EXAMPLE_ARGS: e.g. --arms pruned,sft,kd,jsd
+.PHONY: example
+EXAMPLE_ARGS ?=
+example: setup
+	$(BIN)/python jobs/example.py --config jobs/configs/smollm2-135m_to_pruned_kd.yaml $(EXAMPLE_ARGS)
+
 lint: setup
 	$(BIN)/ruff check distray tests jobs benchmarks
 	$(BIN)/mypy distray

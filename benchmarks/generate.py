@@ -197,7 +197,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     model = args.model or make_tiny(work / "model", layers=args.layers, hidden=args.hidden,
                                     heads=args.heads, max_position=args.max_len, seed=0)
-    n_params = json.loads((Path(model) / "distray_tiny.json").read_text())["parameters"] if (Path(model) / "distray_tiny.json").exists() else None
+    from distray.evaluate.efficiency import count_parameters
+
+    n_params = count_parameters(str(model))[0]
     data = work / "prompts.jsonl"
     rows = _prompts(args.prompts, data)
     tok = load_tokenizer(model)
@@ -212,6 +214,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # address="local": a fresh Ray of our own, even when other Ray clusters run on this machine.
     init_ray(config_from_dict({"resources": {"num_cpus": (os.cpu_count() or 1) + 4}}), address="local")
     n = len(prompts)
+    load_before = os.getloadavg()[0]
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         # A B, B A, ...: load drifting in from other processes hits both sides alike.
@@ -269,6 +272,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "model": model, "parameters": n_params, "prompts": n, "max_tokens": args.max_tokens,
         "batch_size": args.batch_size, "cpus": os.cpu_count(), "rounds": args.rounds,
+        # Other jobs on the machine slow both sides; the load says how busy it was.
+        "load_avg_1m_at_start": load_before, "load_avg_1m_at_end": os.getloadavg()[0],
         "output_tokens_per_s": {k: {m: round(v, 1) for m, v in d_.items()} for k, d_ in tps.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "a_over_b_per_round": [
@@ -285,6 +290,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{names[k]:<20} {tps[k]['excl']:>12,.1f} {tps[k]['incl']:>16,.1f}")
     for x in "bcd":
         print(f"a/{x}: {ratios[f'a/{x}_excl']:.3f} excluding start-up, {ratios[f'a/{x}_incl']:.3f} including")
+    print(f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f} (goal a/b ≥ 0.95 excluding start-up)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--ray-single-hop", action="store_true",
                     help="also measure Ray's LLMServer as the ingress itself (vLLM's app) at /single")
     ap.add_argument("--out", default="runs/bench-serve.json")
+    load_before = os.getloadavg()[0]
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -288,6 +289,9 @@ def main() -> None:
         "rounds": rounds,
         "cross_check_one_point": cross,
         "errors": {n: sum(r["errors"] for r in rounds[n]) for n in targets},
+        # Other jobs on the machine slow every target; the load says how busy it was.
+        "load_avg_1m_at_start": load_before,
+        "load_avg_1m_at_end": os.getloadavg()[0],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -296,7 +300,8 @@ def main() -> None:
         f"{args.max_tokens} tok): request throughput {ratios['request_throughput']:.2f}x "
         f"({medians['distray']['request_throughput']:.2f} vs {medians['vllm']['request_throughput']:.2f} req/s), "
         f"p50 TTFT {ratios['p50_ttft']:.2f}x ({medians['distray']['median_ttft_ms']:.0f} vs "
-        f"{medians['vllm']['median_ttft_ms']:.0f} ms) -> {args.out}"
+        f"{medians['vllm']['median_ttft_ms']:.0f} ms); load average {load_before:.1f} → "
+        f"{os.getloadavg()[0]:.1f} -> {args.out}"
     )
     for name, r in out["ratios_over_vllm"].items():
         if name != "distray":

@@ -1,18 +1,20 @@
-"""distray train (Ray Train + DeepSpeed ZeRO-2, 2 workers) against a plain single-process PyTorch loop.
+"""distray train (Ray Train + DeepSpeed ZeRO, CPU workers) against a plain single-process PyTorch loop.
 
     .venv/bin/python benchmarks/train.py
     .venv/bin/python benchmarks/train.py --steps 80 --layers 4 --hidden 256 --loss kd
+    .venv/bin/python benchmarks/train.py --model runs/student --workers 1 --cpus-per-worker 2 --zero-stage 0
 
-Both sides train the same locally built Llama (`distray.tiny`) on the same teacher data (a
+Both sides train the same model (`--model`, a HF folder such as a `distray make-student` pruned
+SmolLM2, or a locally built Llama from `distray.tiny`) on the same teacher data (a
 synthetic reversal task written in TEACHER_DATA_SCHEMA, with top-k logprobs for `--loss kd`),
 with the same global batch (`--global-batch` sequences per optimizer step), the same sequences
 (distray's collator and loss functions, so the work per token is identical) and AdamW:
 
-- (a) `distray.train.train_model`: `--workers` Ray Train workers × 1 CPU thread each, ZeRO-2,
-  batches streamed from Parquet by Ray Data;
+- (a) `distray.train.train_model`: `--workers` Ray Train workers × `--cpus-per-worker` torch
+  threads each, ZeRO `--zero-stage`, batches streamed from Parquet by Ray Data;
 - (b) one process, a plain forward/backward/step loop over pre-collated batches in memory,
-  run with `--workers` threads (the same cores) and with 1 thread, before and after (a); the
-  fastest of these runs is the baseline.
+  run with workers × cpus-per-worker threads (the same cores) and with 1 thread, before and
+  after (a); the fastest of these runs is the baseline.
 
 Throughput is non-padding tokens per second in steady state: the median over logging windows
 of (a), skipping the first window (Ray Data and DeepSpeed start-up), and the median over steps
@@ -49,7 +51,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=256, help="model hidden size")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--answer-chars", type=int, default=96, help="answer length (≈ tokens)")
-    parser.add_argument("--workers", type=int, default=2, help="distray workers (= plain threads)")
+    parser.add_argument("--model", default=None, help="HF model folder; default a tiny Llama built here")
+    parser.add_argument("--workers", type=int, default=2, help="distray workers")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="torch threads per distray worker")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per worker per pass")
     parser.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
     parser.add_argument("--loss", default="kd", choices=["sft", "kd"], help="training loss")
@@ -149,7 +154,7 @@ def plain_loop(model_dir: str, data_dir: Path, args: argparse.Namespace, threads
 
 
 def distray_run(model_dir: str, data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """(a): distray.train.train_model with ZeRO-2 on `--workers` CPU workers."""
+    """(a): distray.train.train_model with ZeRO `--zero-stage` on `--workers` CPU workers."""
     from distray.config import DistrayConfig
     from distray.train import train_model
 
@@ -158,16 +163,16 @@ def distray_run(model_dir: str, data_dir: Path, work: Path, args: argparse.Names
             "run": {"name": "bench", "output_dir": str(work)},
             "student": {"model": model_dir},
             "generate": {"logprobs": K},
-            "resources": {"num_cpus": max(4, args.workers + 2)},
+            "resources": {"num_cpus": max(4, args.workers * args.cpus_per_worker + 2)},
             "train": {
                 "loss": args.loss,
                 "lr": 1e-3,
                 "num_workers": args.workers,
-                "cpus_per_worker": 1,
+                "cpus_per_worker": args.cpus_per_worker,
                 "micro_batch_size": args.micro_batch,
                 "global_batch_size": args.global_batch,
                 "max_steps": args.steps,
-                "zero_stage": 2,
+                "zero_stage": args.zero_stage,
                 "max_seq_len": 512,
                 "validation_fraction": 0.0,
                 "log_every_steps": args.log_every,
@@ -198,14 +203,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from distray.tiny import make_tiny
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="distray-bench-train-"))
-    model_dir = make_tiny(work / "model", layers=args.layers, hidden=args.hidden, heads=args.heads)
+    model_dir = args.model or make_tiny(work / "model", layers=args.layers, hidden=args.hidden, heads=args.heads)
     data_dir = write_data(model_dir, work / "data", args.rows, args.answer_chars)
     from distray.config import DistrayConfig
 
-    init_ray(DistrayConfig.model_validate({"resources": {"num_cpus": max(4, args.workers + 2)}}))
-    # The plain loop runs with as many threads as distray has workers, and with one thread, before
+    cores = args.workers * args.cpus_per_worker
+    init_ray(DistrayConfig.model_validate({"resources": {"num_cpus": max(4, cores + 2)}}))
+    # The plain loop runs with as many threads as distray has cores, and with one thread, before
     # and after distray (the load of a shared machine drifts); the best of them is the baseline.
-    plains = [plain_loop(model_dir, data_dir, args, t) for t in sorted({args.workers, 1}, reverse=True)]
+    load_before = os.getloadavg()[0]
+    plains = [plain_loop(model_dir, data_dir, args, t) for t in sorted({cores, 1}, reverse=True)]
     for pl in plains:
         print(f"plain PyTorch loop ({pl['threads']} threads): {pl['tokens_per_s_median']:.0f} tok/s", flush=True)
     dist = distray_run(model_dir, data_dir, work, args)
@@ -217,19 +224,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ratio = dist["tokens_per_s_median"] / plain["tokens_per_s_median"]
     ratio_p90 = dist["tokens_per_s_p90"] / max(r["tokens_per_s_p90"] for r in plains)
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    mc = AutoConfig.from_pretrained(model_dir)
     result = {
         "benchmark": "train",
-        "model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "parameters": n_params},
+        "model": {"path": str(model_dir), "layers": mc.num_hidden_layers, "hidden": mc.hidden_size,
+                  "heads": mc.num_attention_heads, "vocab_size": mc.vocab_size, "parameters": n_params},
         "loss": args.loss,
         "global_batch": args.global_batch,
         "micro_batch": args.micro_batch,
         "workers": args.workers,
-        "zero_stage": 2,
+        "cpus_per_worker": args.cpus_per_worker,
+        "zero_stage": args.zero_stage,
         "steps": args.steps,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
+        "load_avg_1m_at_start": load_before,
         "load_avg_1m_at_end": os.getloadavg()[0],
         "plain": plain,
         "plain_runs": [{k: v for k, v in r.items() if k != "tokens_per_s_per_step"} for r in plains],
@@ -237,7 +249,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_distray_over_plain": ratio,
         "ratio_distray_over_plain_p90": ratio_p90,
     }
-    print(f"ratio distray / plain = {ratio:.2f} (medians), {ratio_p90:.2f} (p90s)  (goal ≥ 0.8 on CPU)")
+    print(f"ratio distray / plain = {ratio:.2f} (medians), {ratio_p90:.2f} (p90s)  (goal ≥ 0.8 on CPU); "
+          f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,379 @@
+"""Training arms side by side: one teacher data set, one initial student, several losses.
+
+    python jobs/example.py --config jobs/configs/smollm2-135m_to_pruned_kd.yaml
+    python jobs/example.py --config C --arms pruned,sft,kd,jsd train.temperature=2.0
+
+An arm is a way to get a student from `student.model` (typically `student.from_teacher`'s
+pruned copy): `pruned` (no training at all) or a `train.loss` (`sft`, `kd`, `reverse_kl`,
+`jsd`). Every arm starts from the same weights and sees the same teacher rows in the same order
+for the same number of steps (only `train.loss` differs), so the arms differ by their loss
+alone. The run folder:
+
+    <run>/generate/              the teacher's answers + top-k, labelled once (pipeline stage)
+    <run>/student-init/          the pruned student every arm starts from
+    <run>/arms/<arm>/train/      each trained arm (train_model: metrics.jsonl, student/)
+    <run>/arms/<arm>/evaluate/   evaluate stage runs, two arms each (see `eval_pairs`)
+    <run>/arms.json, arms_loss.png, report.md
+
+Scoring goes through the evaluate stage unchanged. It compares at most three models per run
+(teacher, student, baseline), so the arms are evaluated in pairs: the first arm of a pair as the
+`student`, the second as the `baseline` (its folder in `evaluate.baseline`). Every pair scores
+the teacher's greedy answers again; the report gives the share of test prompts on which the
+pairs' teacher answers are identical, since the arms of different pairs are compared against
+those answers.
+
+Reruns reuse what is done: the generate stage skips itself, an arm whose `arm.json` settings
+match is not retrained, and a pair whose arms did not change is not evaluated again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distray.config import DistrayConfig, config_from_dict
+from distray.errors import ConfigError
+
+__all__ = ["ARMS", "PRUNED", "ArmsResult", "arm_config", "eval_pairs", "run", "render_report"]
+
+logger = logging.getLogger(__name__)
+
+#: `pruned` is the student before any training; the others are `train.loss` values.
+PRUNED = "pruned"
+ARMS = (PRUNED, "sft", "kd", "reverse_kl", "jsd")
+#: Figures of each model in the table: (metrics key, column title, format).
+COLUMNS = (
+    ("teacher_nll", "teacher_nll (nats/token) ↓", "{:.3f}"),
+    ("token_agreement", "token_agreement (%) ↑", "{:.1f}"),
+    ("rouge_l_vs_teacher", "rouge_l_vs_teacher ↑", "{:.1f}"),
+    ("rouge_l", "rouge_l vs human ↑", "{:.1f}"),
+    ("latency_output_tokens", "answer tokens", "{:.0f}"),
+    ("latency_ms", "latency ms (free)", "{:.0f}"),
+    ("equal_length_latency_ms", "latency ms (equal length)", "{:.0f}"),
+    ("equal_length_tpot_ms", "TPOT ms (equal length)", "{:.1f}"),
+)
+
+
+@dataclass
+class ArmsResult:
+    """What the arms run wrote and measured.
+
+    Attributes:
+        run_dir: the run folder.
+        report_path: report.md.
+        figures: model (`teacher`, then each arm) → flat figures (scores and efficiency).
+        train: trained arm → its training figures (steps, loss, tok/s, time).
+        seconds: phase → wall seconds this call spent (generate, train:<arm>, evaluate:<pair>).
+        ordering_met: pruned < sft < every logit arm on teacher_nll and token_agreement
+            (None when an arm of the comparison is missing).
+    """
+
+    run_dir: str
+    report_path: str
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    teacher_answers_identical_pct: float | None = None
+    ordering_met: bool | None = None
+
+
+def check_arms(arms: list[str]) -> list[str]:
+    """`arms` without repeats, each checked.
+
+    Raises:
+        ConfigError: an unknown arm.
+    """
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise ConfigError(f"`--arms` has {bad or 'nothing'}; choose from {', '.join(ARMS)}")
+    return list(dict.fromkeys(arms))
+
+
+def arm_config(cfg: DistrayConfig, arm: str) -> DistrayConfig:
+    """The prepared config of one arm: its own run folder `<run>/arms/<arm>`, its loss, and the
+    already pruned student (so preparing an arm never prunes again)."""
+    data = cfg.model_dump(mode="json")
+    data["run"] = {**data["run"], "output_dir": f"{cfg.run_dir}/arms", "name": arm}
+    data["student"] = {**data["student"], "from_teacher": None}
+    if arm != PRUNED:
+        data["train"] = {**data["train"], "loss": arm}
+    return config_from_dict(data, f"(arm {arm})")
+
+
+def eval_pairs(arms: list[str]) -> list[tuple[str | None, str | None]]:
+    """(student arm, baseline arm) of each evaluate run: consecutive arms two by two; `pruned`
+    (no trained folder of its own) is always the baseline side.
+
+    >>> eval_pairs(["pruned", "sft", "kd", "reverse_kl"])
+    [('sft', 'pruned'), ('kd', 'reverse_kl')]
+    """
+    out: list[tuple[str | None, str | None]] = []
+    for i in range(0, len(arms), 2):
+        a: str | None = arms[i]
+        b = arms[i + 1] if i + 1 < len(arms) else None
+        if a == PRUNED:
+            a, b = b, a
+        out.append((a, b))
+    return out
+
+
+# ---- phases -------------------------------------------------------------------------------
+
+
+def _settings(cfg: DistrayConfig, data_files: list[str]) -> dict[str, Any]:
+    """What an arm's training depends on: the train section, the student and the teacher data."""
+    return {
+        "train": cfg.train.model_dump(mode="json"),
+        "student": cfg.student.model if cfg.student else None,
+        "data": [(Path(p).name, Path(p).stat().st_size) for p in data_files],
+    }
+
+
+def _train_arm(
+    cfg: DistrayConfig, arm: str, train_data: str, validation_data: str | None, force: bool
+) -> tuple[dict[str, Any], bool]:
+    """Train one arm unless an identical one is done; returns (its figures, trained now)."""
+    from distray.train.trainer import train_model
+
+    acfg = arm_config(cfg, arm)
+    out = Path(acfg.run_dir) / "train"
+    record = Path(acfg.run_dir) / "arm.json"
+    wanted = _settings(acfg, sorted(str(p) for p in Path(train_data).glob("*.parquet")))
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if not force and done.get("settings") == wanted and (out / "student" / "config.json").is_file():
+        logger.info("arm %s: trained already with these settings (%s), reused", arm, out)
+        return done["result"], False
+    if out.exists():
+        shutil.rmtree(out)  # other settings: resuming its checkpoints would mix two runs
+    res = train_model(acfg, train_data, str(out), validation_data=validation_data, answers="teacher")
+    fig = {k: v for k, v in asdict(res).items() if k in (
+        "steps", "epochs", "train_rows", "train_loss", "tokens_per_s", "train_time_s", "elapsed_s",
+        "loss", "student_dir", "metrics_path", "truncated")}
+    record.write_text(json.dumps({"settings": wanted, "result": fig}, indent=2) + "\n")
+    return fig, True
+
+
+def _evaluate_pair(
+    cfg: DistrayConfig, pair: tuple[str | None, str | None], changed: bool, force: bool
+) -> dict[str, Any]:
+    """Run the evaluate stage for one pair of arms; returns its metrics.json."""
+    from distray.evaluate.runner import run as evaluate_run
+
+    student, baseline = pair
+    acfg = arm_config(cfg, student or baseline or PRUNED)
+    models = ["teacher"] + (["student"] if student else []) + (["baseline"] if baseline else [])
+    base_dir = (cfg.student.model if baseline == PRUNED else f"{cfg.run_dir}/arms/{baseline}/train/student") \
+        if baseline and cfg.student else None
+    ev = acfg.evaluate.model_copy(update={"models": models, "baseline": base_dir})
+    ecfg = acfg.model_copy(update={"evaluate": ev})
+    metrics = Path(ecfg.run_dir) / "evaluate" / "metrics.json"
+    if metrics.is_file() and not (changed or force):
+        logger.info("arms %s: evaluated already (%s), reused", pair, metrics)
+    else:
+        evaluate_run(ecfg)
+    return json.loads(metrics.read_text())
+
+
+def _teacher_consistency(cfg: DistrayConfig, pairs: list[tuple[str | None, str | None]]) -> float | None:
+    """% of test prompts on which every pair's teacher answered the same text."""
+    import pyarrow.parquet as pq
+
+    answers = []
+    for s, b in pairs:
+        p = Path(cfg.run_dir) / "arms" / str(s or b) / "evaluate" / "predictions" / "teacher.parquet"
+        if p.is_file():
+            t = pq.read_table(p, columns=["id", "response"]).to_pylist()
+            answers.append({r["id"]: r["response"] for r in t})
+    if len(answers) < 2:
+        return None
+    ids = set(answers[0])
+    same = sum(1 for i in ids if all(a.get(i) == answers[0][i] for a in answers[1:]))
+    return 100.0 * same / max(len(ids), 1)
+
+
+def _flat(model: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in model.items() if not isinstance(v, dict)}, **model.get("scores", {})}
+
+
+def ordering(figures: dict[str, dict[str, Any]], arms: list[str]) -> bool | None:
+    """pruned < sft < each logit arm, on teacher_nll (lower is better) and token_agreement."""
+    logit = [a for a in arms if a not in (PRUNED, "sft")]
+    if PRUNED not in figures or "sft" not in figures or not logit:
+        return None
+    for key, better in (("teacher_nll", lambda a, b: a < b), ("token_agreement", lambda a, b: a > b)):
+        vals = {a: figures[a].get(key) for a in (PRUNED, "sft", *logit)}
+        if any(v is None for v in vals.values()):
+            return None
+        if not better(vals["sft"], vals[PRUNED]) or not all(better(vals[a], vals["sft"]) for a in logit):
+            return False
+    return True
+
+
+def run(cfg: DistrayConfig, arms: list[str], *, force: bool = False) -> ArmsResult:
+    """Generate once, train every arm, evaluate them in pairs, write one report.
+
+    Args:
+        cfg: the loaded (not yet prepared) config; `train.loss` is replaced per arm.
+        arms: from ARMS, in table order.
+        force: retrain and re-evaluate every arm (the teacher data is kept).
+
+    Returns:
+        ArmsResult with the table figures and report path.
+
+    Raises:
+        ConfigError: an unknown arm, a logit arm without `generate.logprobs`, or a run folder on
+            a bucket (the arms read and write local folders).
+    """
+    from distray import pipeline
+    from distray.lease import hold
+    from distray.prepare import prepare
+    from distray.ray_utils import init_ray
+
+    arms = check_arms(arms)
+    if "://" in cfg.run.output_dir:
+        raise ConfigError(f"`run.output_dir` ({cfg.run.output_dir}) must be local for the arms run")
+    if any(a not in (PRUNED, "sft") for a in arms) and cfg.generate.logprobs is None:
+        raise ConfigError("logit arms (kd, reverse_kl, jsd) need `generate.logprobs` (e.g. 8)")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    init_ray(cfg)
+    pipeline.run(cfg, stages=["generate"])  # skipped when the teacher data is there
+    seconds["generate"] = round(time.perf_counter() - t0, 1)
+    cfg = prepare(cfg)
+    from distray.paths import RunPaths
+    from distray.train.datasets import teacher_splits
+
+    train_data, validation_data = teacher_splits(RunPaths(cfg.run_dir))
+    res = ArmsResult(run_dir=cfg.run_dir, report_path=f"{cfg.run_dir}/report.md", seconds=seconds)
+    changed: set[str] = set()
+    with hold(cfg.run_dir):
+        for arm in arms:
+            if arm == PRUNED:
+                continue
+            t = time.perf_counter()
+            res.train[arm], now = _train_arm(cfg, arm, train_data, validation_data, force)
+            if now:
+                changed.add(arm)
+                seconds[f"train:{arm}"] = round(time.perf_counter() - t, 1)
+        pairs = eval_pairs(arms)
+        for pair in pairs:
+            t = time.perf_counter()
+            m = _evaluate_pair(cfg, pair, bool(changed & set(pair)), force)
+            seconds[f"evaluate:{pair[0]}+{pair[1]}"] = round(time.perf_counter() - t, 1)
+            res.figures.setdefault("teacher", _flat(m["models"]["teacher"]))
+            for role, name in (("student", pair[0]), ("baseline", pair[1])):
+                if name:
+                    res.figures[name] = _flat(m["models"][role])
+    res.teacher_answers_identical_pct = _teacher_consistency(cfg, pairs)
+    res.ordering_met = ordering(res.figures, arms)
+    res.seconds["total"] = round(time.perf_counter() - t0, 1)
+    _write_outputs(cfg, arms, res)
+    logger.info("arms %s: report %s, figures %s/arms.json, ordering pruned < sft < logit: %s",
+                arms, res.report_path, cfg.run_dir, res.ordering_met)
+    return res
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def _records(path: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def plot_arms_loss(train: dict[str, dict[str, Any]], path: str) -> str | None:
+    """Two panels against the optimizer step: cross-entropy on the teacher's tokens (the same
+    quantity in every arm) and each arm's own training objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    from distray.storage import write_png
+
+    curves = {arm: [r for r in _records(t.get("metrics_path", "")) if "loss" in r and "step" in r]
+              for arm, t in train.items()}
+    curves = {a: c for a, c in curves.items() if c}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=100)
+    try:
+        for arm, recs in curves.items():
+            steps = [r["step"] for r in recs]
+            axes[0].plot(steps, [r.get("sft_loss", r["loss"]) for r in recs], marker=".", label=arm)
+            axes[1].plot(steps, [r["loss"] for r in recs], marker=".", label=arm)
+        axes[0].set_title("cross-entropy on the teacher's tokens")
+        axes[1].set_title("training objective of the arm")
+        for ax in axes:
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        return write_png(path, fig, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "–" if v is None else spec.format(v)
+
+
+def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png: str | None) -> str:
+    """report.md of the arms run: settings, the table, the loss curves, the verdict, timings."""
+    tc, ft = cfg.train, cfg.student.from_teacher if cfg.student else None
+    stats_p = Path(cfg.run_dir) / "generate" / "stats.json"
+    stats = json.loads(stats_p.read_text()) if stats_p.is_file() else {}
+    lines = [
+        f"# {cfg.run.name}: training arms side by side",
+        "",
+        f"Teacher `{cfg.all_teachers[0].label}`; student: "
+        + (f"the teacher pruned to {ft.layers} layers ({ft.select})" if ft else f"`{cfg.student.model if cfg.student else ''}`")
+        + f". Teacher data: {stats.get('total_data_rows', '?')} rows "
+        f"({stats.get('total_reject_rows', 0)} rejected), greedy, top-{cfg.generate.logprobs} logprobs.",
+        f"Every trained arm: same initial weights, same rows, same order, {tc.epochs} epoch(s), "
+        f"global batch {tc.global_batch_size or tc.micro_batch_size * tc.num_workers}, lr {tc.lr:g}; "
+        f"logit arms mix alpha {tc.alpha:g} × logit loss + {1 - tc.alpha:g} × cross-entropy, "
+        f"temperature {tc.temperature:g}.",
+        f"Scored on {cfg.data.test} (held out), greedy, max {cfg.evaluate.max_tokens} tokens.",
+        "",
+        "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " | steps | train tok/s |",
+        "|---|" + "---|" * (len(COLUMNS) + 2),
+    ]
+    for name in ["teacher", *arms]:
+        f = res.figures.get(name, {})
+        t = res.train.get(name, {})
+        lines.append(
+            f"| {name} | " + " | ".join(_fmt(f.get(k), spec) for k, _, spec in COLUMNS)
+            + f" | {_fmt(t.get('steps'), '{}')} | {_fmt(t.get('tokens_per_s'), '{:.0f}')} |"
+        )
+    verdict = {True: "met", False: "NOT met", None: "not measured"}[res.ordering_met]
+    lines += [
+        "",
+        f"Goal pruned < sft < logit arms on teacher_nll and token_agreement: **{verdict}**.",
+    ]
+    if res.teacher_answers_identical_pct is not None:
+        lines.append(
+            f"The teacher's greedy answers were identical in every evaluate run on "
+            f"{res.teacher_answers_identical_pct:.0f}% of the test prompts."
+        )
+    if loss_png:
+        lines += ["", f"![loss curves]({Path(loss_png).name})"]
+    lines += ["", "| phase | wall s |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in res.seconds.items()]
+    lines += ["", "Figures: arms.json; each arm's run folder: arms/<arm>/ (train/, evaluate/)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(cfg: DistrayConfig, arms: list[str], res: ArmsResult) -> None:
+    from distray.storage import write_text
+
+    loss_png = plot_arms_loss(res.train, f"{cfg.run_dir}/arms_loss.png")
+    write_text(f"{cfg.run_dir}/arms.json", json.dumps(asdict(res), indent=2, default=str) + "\n")
+    write_text(res.report_path, render_report(cfg, arms, res, loss_png))
