@@ -501,3 +501,38 @@ def test_hf_engine_with_logprobs(ray_cluster, tmp_path, tiny_model) -> None:
     data, rejects = assert_exactly_once(cfg)
     assert len(data) == 4 and len(rejects) == 4
     _check_logprob_rows(tiny_model, data, 3)
+
+
+def test_distillation_job_run_then_evaluate_for_real(ray_cluster, tmp_path, fake_openai, tiny_model) -> None:
+    """The seed's Python face end to end on real parts: `DistillationJob.run` labels the
+    prompts, `evaluate` scores the API teacher and a local student (hf backend) and writes the
+    report."""
+    import shutil
+
+    from distray.api import DistillationJob
+    from distray.paths import RunPaths
+
+    server = fake_openai()
+    prompts = write_prompts(tmp_path / "in.jsonl", 8, bad=False)
+    test = write_prompts(tmp_path / "test.jsonl", 4, bad=False)
+    job = DistillationJob(
+        teacher_model=api_teacher(server), student_model=tiny_model, training_data=str(prompts),
+        test_data=str(test), output_dir=str(tmp_path / "runs"), name="api",
+        generate={"splits": ["train"]},
+        evaluate={"backend": "hf", "max_tokens": 4, "latency_samples": 1, "models": ["teacher", "student"],
+                  "scorers": ["numeric"]},
+    )
+    result = job.run(stages=["generate"])
+    assert result.stages_run == ["generate"] and result.stages_skipped == []
+    data, _ = outputs(job.config.run_dir)
+    assert sorted(r["input_id"] for r in data) == [f"q{i}" for i in range(8)]
+    assert job.run(stages=["generate"]).stages_skipped == ["generate"]  # a rerun reuses it
+
+    shutil.copytree(tiny_model, RunPaths(job.config.run_dir).student)  # stands in for train
+    out = job.evaluate(metrics=["accuracy", "bleu_score"])
+    assert set(out["models"]) == {"teacher", "student"}
+    teacher = out["models"]["teacher"]
+    # The fake teacher echoes "question i" and the reference is i: numeric is right every time.
+    assert teacher["numeric"] == 100.0 and teacher["bleu"] is not None
+    assert out["models"]["student"]["answered_rows"] == 4
+    assert Path(out["report_path"]).read_text().count("| Metric |") == 1
