@@ -53,6 +53,12 @@ def is_distray_line(line: str) -> bool:
     return bool(_OURS.match(line))
 
 
+# Known noise at a clean shutdown, which must not pass for the cause of a failure: Python's
+# multiprocessing resource tracker of a vLLM engine process forgetting its shared memory, and
+# vLLM's output handler seeing its engine core end while the actor is torn down.
+_SHUTDOWN_NOISE = re.compile(r"KeyError: '/(psm_|mp-)|EngineDeadError: EngineCore encountered an issue")
+
+
 def error_tail(log_path: str, n: int = 8) -> list[str]:
     """The last `n` lines of a log that look like errors (tracebacks' last lines, `...Error:`)."""
     try:
@@ -63,7 +69,7 @@ def error_tail(log_path: str, n: int = 8) -> list[str]:
     picked: list[str] = []
     for ln in lines:
         ln = ln.rstrip()
-        if _ERRORISH.match(ln) and (not picked or picked[-1] != ln):
+        if _ERRORISH.match(ln) and not _SHUTDOWN_NOISE.search(ln) and (not picked or picked[-1] != ln):
             picked.append(ln[:300])
     return picked[-n:]
 

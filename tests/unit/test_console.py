@@ -84,5 +84,6 @@ def test_distray_lines_are_told_from_library_lines() -> None:
 def test_error_tail_picks_exception_lines(tmp_path: Path) -> None:
     log = tmp_path / "driver.log"
     log.write_text("ok\nTraceback (most recent call last):\n  File x\n    raise X\nValueError: bad row\n"
+                   "(MapWorker pid=9) KeyError: '/psm_5d720120'\n"
                    "(EngineActor pid=3) RuntimeError: engine died\nfine again\n")
     assert error_tail(str(log)) == ["ValueError: bad row", "(EngineActor pid=3) RuntimeError: engine died"]
