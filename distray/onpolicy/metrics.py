@@ -118,6 +118,7 @@ def plot_rounds(points: list[dict[str, Any]], path: str) -> str | None:
 
     matplotlib.use("Agg")  # no display on clusters and CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.6), dpi=100)
     try:
@@ -129,6 +130,7 @@ def plot_rounds(points: list[dict[str, Any]], path: str) -> str | None:
             ax.plot(xs, [p[key] for p in points if key in p], marker="o")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("student after round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         ax = axes[2]
         bottom = [0.0] * len(points)
@@ -139,6 +141,7 @@ def plot_rounds(points: list[dict[str, Any]], path: str) -> str | None:
             bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
         ax.set_title("time per phase (s)", fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         fig.tight_layout()
         return storage.write_png(path, fig, dpi=100)
