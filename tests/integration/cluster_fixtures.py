@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,10 @@ BUCKET = "distray-test"
 
 
 def free_port() -> int:
+    """A port free on every interface: Ray binds its node IP (not 127.0.0.1), so a port that is
+    free on loopback only may be a running GCS's."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
@@ -88,6 +92,7 @@ class LocalCluster:
         # binds 127.0.0.1 only, and head, nodes and clients must agree.
         self.env["RAY_AUTH_MODE"] = "disabled"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.temp_dirs: list[str] = []
         self.gcs = ""
         self.address = ""
 
@@ -105,18 +110,25 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        # A temp dir per node, as on separate machines: nodes sharing one session folder
+        # garbage-collect each other's runtime_env packages, a running job's cwd among them.
+        temp = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
+        self.temp_dirs.append(temp)
         self.procs[name] = subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             *self._ports(), *args],
+             f"--temp-dir={temp}", *self._ports(), *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
-    def start_head(self, num_cpus: int, resources: dict[str, float]) -> None:
-        port, dash = free_port(), free_port()
+    def start_head(self, num_cpus: int, resources: dict[str, float], extra: tuple[str, ...] = (),
+                   port: int | None = None) -> None:
+        """The head with the dashboard and job server; `extra` flags go to `ray start`."""
+        port, dash = port or free_port(), free_port()
         self._start("head", [
             "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--include-dashboard=true", f"--num-cpus={num_cpus}",
             f"--resources={json.dumps(resources)}", f"--ray-client-server-port={free_port()}",
+            "--object-store-memory=300000000", *extra,
         ])
         self.gcs = f"127.0.0.1:{port}"
         self.address = f"http://127.0.0.1:{dash}"
@@ -138,7 +150,7 @@ class LocalCluster:
         """A worker node with `num_cpus` CPUs and the custom resource `{name: 1}`."""
         self._start(name, [
             f"--address={self.gcs}", f"--num-cpus={num_cpus}",
-            f"--resources={json.dumps({name: 1})}",
+            f"--resources={json.dumps({name: 1})}", "--object-store-memory=300000000",
         ])
         if wait:
             self.wait_for(lambda nodes: name in {n["name"] for n in nodes if n["alive"]},
@@ -189,3 +201,6 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.temp_dirs.clear()
