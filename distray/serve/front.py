@@ -1,4 +1,5 @@
-"""The hardened HTTP front both serve backends share: API-key and body middleware, OpenAI-style errors.
+"""The hardened HTTP front both serve backends share: API-key and body middleware, OpenAI-style
+errors, and Prometheus metrics of the serving layer.
 
     app = harden(FastAPI(), digest, max_request_bytes=8 << 20)   # digest: guards.key_digest(key)
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from distray.serve.guards import RequestRejected, body_problem, check_bearer, openai_error
 
-__all__ = ["OPEN_PATHS", "BearerAuth", "BodyGuard", "harden"]
+__all__ = ["COUNTS", "OPEN_PATHS", "BearerAuth", "BodyGuard", "RequestMetrics", "harden"]
 
 #: Paths reachable without the API key: load balancers and `distray serve` itself probe them.
 OPEN_PATHS = frozenset({"/health"})
@@ -121,6 +122,102 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
+#: Requests this process answered, by ("requests", route, status) and ("rejected", status, reason).
+COUNTS: dict[tuple[str, ...], int] = {}
+
+#: Buckets for the TTFT and end-to-end histograms, in seconds.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class RequestMetrics:
+    """ASGI middleware, outermost: Prometheus metrics for distray's own serving layer.
+
+    Exported through Ray's metrics agent (`ray.serve.metrics`, aggregated over every ingress
+    replica of the node, scraped at the node's metrics export port), next to Ray Serve's and
+    vLLM's engine metrics (`ray_vllm:*`, from Ray LLM's `log_engine_metrics`):
+
+    - `ray_distray_serve_requests_total{route, status}`: every request, by route and status;
+    - `ray_distray_serve_rejected_total{status, reason}`: 4xx/5xx, with the error body's `code`
+      (`invalid_api_key`, `request_too_large`, `max_tokens_cap`, ...);
+    - `ray_distray_serve_ttft_seconds{route}`: request start to the first body bytes;
+    - `ray_distray_serve_e2e_seconds{route}`: request start to the last body bytes.
+
+    `COUNTS` keeps the same counters in the replica process, for tests without a metrics agent.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts = COUNTS
+        self._ray: dict[str, Any] | None = None
+        try:
+            from ray.serve import metrics
+
+            self._ray = {
+                "requests": metrics.Counter("distray_serve_requests_total", "Requests by route and status.",
+                                            tag_keys=("route", "status")),  # type: ignore[arg-type]
+                "rejected": metrics.Counter("distray_serve_rejected_total", "4xx/5xx by status and reason.",
+                                            tag_keys=("status", "reason")),  # type: ignore[arg-type]
+                "ttft": metrics.Histogram("distray_serve_ttft_seconds", "Time to the first body bytes.",
+                                          boundaries=list(LATENCY_BUCKETS_S), tag_keys=("route",)),
+                "e2e": metrics.Histogram("distray_serve_e2e_seconds", "Time to the last body bytes.",
+                                         boundaries=list(LATENCY_BUCKETS_S), tag_keys=("route",)),
+            }
+        except Exception:  # noqa: BLE001 - no Ray here (a unit test): keep the in-replica counts
+            self._ray = None
+
+    def _count(self, kind: str, tags: dict[str, str]) -> None:
+        key = (kind, *tags.values())
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self._ray is not None:
+            self._ray[kind].inc(tags=tags)
+
+    def _observe(self, kind: str, value: float, route: str) -> None:
+        if self._ray is not None:
+            self._ray[kind].observe(value, tags={"route": route})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import json
+        import time
+
+        t0 = time.perf_counter()
+        route = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and route.startswith(root):
+            route = route[len(root):]
+        state: dict[str, Any] = {"status": 0, "first": None, "error": b""}
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = int(message["status"])
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if body and state["first"] is None:
+                    state["first"] = now = time.perf_counter()
+                    self._observe("ttft", now - t0, route)
+                if state["status"] >= 400 and len(state["error"]) < 4096:
+                    state["error"] += body
+                if not message.get("more_body", False):
+                    self._observe("e2e", time.perf_counter() - t0, route)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            status = state["status"] or 500
+            self._count("requests", {"route": route, "status": str(status)})
+            if status >= 400:
+                reason = "unknown"
+                try:
+                    err = json.loads(state["error"] or b"{}").get("error") or {}
+                    reason = str(err.get("code") or err.get("type") or "unknown")
+                except (ValueError, AttributeError):
+                    pass
+                self._count("rejected", {"status": str(status), "reason": reason[:64]})
+
+
 def harden(app: Any, digest: str | None, max_request_bytes: int | None = None) -> Any:
     """Add the OpenAI-style error handlers, the body guard and the API-key middleware to a
     FastAPI app."""
@@ -163,4 +260,5 @@ def harden(app: Any, digest: str | None, max_request_bytes: int | None = None) -
     # Starlette middleware is LIFO: the key check, added last, runs first (401 beats 413/400).
     app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
     app.add_middleware(BearerAuth, digest=digest)
+    app.add_middleware(RequestMetrics)  # outermost: sees every answer, 401s included
     return app

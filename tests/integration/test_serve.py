@@ -456,3 +456,29 @@ def test_unreachable_endpoint_in_config_is_a_stage_error(tmp_path) -> None:
     })
     with pytest.raises(StageError, match="cannot connect"):
         bench.run(cfg)
+
+
+def test_prometheus_metrics_count_requests_and_show_the_engine(served, client) -> None:
+    """After a few requests (one refused), Ray's metrics export (what Prometheus scrapes) has
+    distray's request counts by status and reason, and vLLM's engine metrics."""
+    import ray
+
+    client.completions.create(model="student", prompt="hi", max_tokens=2)
+    bad = httpx.post(served["url"] + "/v1/completions", json={"model": "student", "prompt": "hi"},
+                     headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert bad.status_code == 401
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    deadline = time.monotonic() + 120
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if 'reason="invalid_api_key"' in text and "ray_vllm" in text:
+            break
+        time.sleep(5)
+    ok = [ln for ln in text.splitlines() if ln.startswith("ray_distray_serve_requests_total") and 'status="200"' in ln]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, text[-3000:]
+    assert any(ln.startswith("ray_distray_serve_rejected_total") and 'reason="invalid_api_key"' in ln
+               for ln in text.splitlines())
+    assert "ray_distray_serve_ttft_seconds_bucket" in text
+    assert "ray_vllm" in text  # the engine's own metrics, next to ours

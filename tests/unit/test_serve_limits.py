@@ -296,6 +296,23 @@ def test_unusable_text_and_numbers_are_400(front, body: bytes) -> None:
     assert r.status_code == 400 and r.json()["error"]["message"]
 
 
+def test_every_answer_is_counted_with_its_status_and_reason(front) -> None:
+    from distray.serve.front import COUNTS
+
+    before = dict(COUNTS)
+    front.post("/v1/completions", json={"prompt": "ok"})
+    front.post("/v1/completions", json={"prompt": "x" * 2000})
+    front.post("/v1/completions", json={"prompt": "ok"}, headers={"Authorization": "Bearer no"})
+
+    def added(key: tuple[str, ...]) -> int:
+        return COUNTS.get(key, 0) - before.get(key, 0)
+
+    assert added(("requests", "/v1/completions", "200")) == 1
+    assert added(("requests", "/v1/completions", "413")) == 1
+    assert added(("rejected", "413", "request_too_large")) == 1
+    assert added(("rejected", "401", "invalid_api_key")) == 1
+
+
 # ---- hf backend: incremental detokenization and stop strings ------------------------------
 
 
