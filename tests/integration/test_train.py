@@ -1,6 +1,7 @@
-"""Ray Train × DeepSpeed on 2 CPU workers: loss goes down, the export reloads with the same loss,
-a killed worker resumes from its checkpoint, a rerun resumes, early stopping exports the best
-checkpoint, a vocabulary mismatch fails early.
+"""Ray Train × DeepSpeed on 2 CPU workers: loss goes down and the export reloads with the same loss
+under ZeRO-1, 2 and 3; a killed worker resumes from its checkpoint; a killed driver (`distray
+train`) resumes exactly where its checkpoint left off; a rerun resumes; early stopping exports the
+best checkpoint; a row two shards hold trains once; a vocabulary mismatch fails early.
 
     .venv/bin/python -m pytest tests/integration/test_train.py -x -q
 """
@@ -113,8 +114,9 @@ def _cfg(tmp_path: Path, student: str, teacher: str | None = None, lora: dict | 
     return DistrayConfig.model_validate(data)
 
 
-def _eval_loss(model_dir: str, data_dir: Path, cfg: DistrayConfig) -> float:
-    """Validation loss of an exported model, computed as the workers compute it."""
+def _eval_loss(model_dir: str, data_dir: Path | list[dict], cfg: DistrayConfig) -> float:
+    """Validation loss of an exported model, computed as the workers compute it (over the
+    Parquet files of `data_dir`, or over rows given as a list)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distray.train.data import ChatEncoder, Collator
@@ -124,7 +126,10 @@ def _eval_loss(model_dir: str, data_dir: Path, cfg: DistrayConfig) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tc = cfg.train
     coll = Collator(ChatEncoder(tok, tc.max_seq_len), tok.pad_token_id, with_topk=tc.is_logit_loss)
-    rows = pa.concat_tables([pq.read_table(p) for p in sorted(data_dir.glob("*.parquet"))]).to_pylist()
+    rows = (
+        data_dir if isinstance(data_dir, list)
+        else pa.concat_tables([pq.read_table(p) for p in sorted(data_dir.glob("*.parquet"))]).to_pylist()
+    )
     sums = [0.0] * 4
     for i in range(0, len(rows), 4):
         b = coll(rows[i : i + 4])
@@ -207,8 +212,10 @@ def test_early_stopping_exports_the_best_checkpoint_and_a_rerun_stays_stopped(
     assert max(r["step"] for r in _metrics(res2.metrics_path) if "loss" in r) <= res.steps
 
 
-def test_reference_sft_zero3_from_jsonl(ray_cluster, tmp_path, tiny_model):
+def test_reference_sft_zero3_from_jsonl_exports_what_it_evaluated(ray_cluster, tmp_path, tiny_model):
+    from distray.formats import ID, MESSAGES, parse_jsonl_line
     from distray.train import train_model
+    from distray.train.data import holdout_flags
 
     src = tmp_path / "labels.jsonl"
     lines = [json.dumps({"prompt": p, "reference": a, "id": f"q{i}"}) for i, (p, a) in enumerate(_reverse_rows(120, 3))]
@@ -225,6 +232,14 @@ def test_reference_sft_zero3_from_jsonl(ray_cluster, tmp_path, tiny_model):
 
     m = AutoModelForCausalLM.from_pretrained(res.student_dir)
     assert m.config.num_hidden_layers == 2
+    # The ZeRO-3 shards consolidate into the weights the workers evaluated last: the held-out
+    # rows (each worker evaluates as many as the other, so an odd one out is left out).
+    rows = [parse_jsonl_line(x.encode(), line=i + 1)[0] for i, x in enumerate(lines[:-1])]
+    held = sorted((r for r, f in zip(rows, holdout_flags([r[ID] for r in rows], 0.15, cfg.run.seed), strict=True) if f),
+                  key=lambda r: r[ID])
+    held = held[: len(held) // 2 * 2]
+    val_rows = [{MESSAGES: r[MESSAGES], F.RESPONSE: r["reference"]} for r in held]
+    assert _eval_loss(res.student_dir, val_rows, cfg) == pytest.approx(res.val_loss, rel=1e-3)
 
 
 def _train_worker_pids() -> list[int]:
@@ -295,3 +310,88 @@ def test_vocab_mismatch_fails_before_workers_start(ray_cluster, tmp_path, teache
         train_model(cfg, str(teacher_data["train"]), str(tmp_path / "mm"))
     assert time.time() - t0 < 30
     assert not (tmp_path / "mm" / "checkpoints").exists()
+
+
+def _start_cli(cfg_path: Path, log: Path):
+    import subprocess
+    import sys
+
+    import ray
+
+    # The driver joins the session's Ray, as a driver joins its cluster: killing it kills its
+    # job (the Ray Train controller and workers), not the cluster.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distray", "train", "--config", str(cfg_path)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+    )
+
+
+def test_zero1_driver_killed_mid_run_resumes_exactly_after_its_checkpoint(
+    ray_cluster, tmp_path, tiny_model, teacher_data
+):
+    import shutil
+
+    import yaml
+
+    from distray.paths import RunPaths
+
+    train = {"loss": "sft", "lr": 3e-3, "warmup_steps": 2, "micro_batch_size": 4, "num_workers": 2,
+             "max_seq_len": 64, "log_every_steps": 1, "report_every_steps": 1000, "max_steps": 16,
+             "checkpoint_every_steps": 4, "zero_stage": 1, "max_failures": 0}
+    raw = {"run": {"name": "kill", "output_dir": str(tmp_path)}, "student": {"model": tiny_model}, "train": train}
+    cfg = DistrayConfig.model_validate(raw)
+    cfg_path = tmp_path / "kill.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    paths = RunPaths(cfg.run_dir)
+    for split in ("train", "validation"):
+        shutil.copytree(teacher_data[split], f"{paths.generate_data}/{split}")
+    # A block written twice (a crash between a shard and its record): its rows must train once.
+    dup = pq.read_table(teacher_data["train"] / "part-0.parquet").slice(0, 5)
+    pq.write_table(dup, f"{paths.generate_data}/train/part-9-rewritten.parquet")
+
+    metrics = Path(paths.train_metrics)
+    snap = Path(paths.train) / "checkpoints" / "checkpoint_manager_snapshot.json"
+    proc = _start_cli(cfg_path, tmp_path / "driver-1.log")
+    before: dict[int, float] = {}
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            # Killed once Ray Train has registered a checkpoint and training went past it.
+            if snap.exists() and metrics.exists():
+                recs = [r for r in _metrics(str(metrics)) if "loss" in r]
+                if recs and recs[-1]["step"] > 4 and "checkpoint_00000004" in snap.read_text():
+                    proc.send_signal(signal.SIGKILL)
+                    before = {r["step"]: r["loss"] for r in _metrics(str(metrics)) if "loss" in r}
+                    break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None and not before:
+            proc.kill()
+        proc.wait()  # reaped: the run-folder lease sees its holder dead
+    assert before, f"no kill after a checkpoint: {(tmp_path / 'driver-1.log').read_text()[-3000:]}"
+    assert max(before) < 16
+
+    proc = _start_cli(cfg_path, tmp_path / "driver-2.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "driver-2.log").read_text()[-3000:]
+    recs = _metrics(str(metrics))
+    final = recs[-1]
+    assert final["final"] and final["step"] == 16
+    resumed = final["resumed_from_step"]
+    # From the last checkpoint before the kill, not from step 0 and not past the kill.
+    assert resumed % 4 == 0 and 4 <= resumed < max(before)
+    starts = [r["start_step"] for r in recs if "start_step" in r]
+    assert starts == [0, resumed], starts
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == list(range(1, 17))
+    # The steps done again after the checkpoint read the same rows in the same order: same loss.
+    after = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    redone = [s for s in before if s > resumed]
+    assert redone and all(after[s] == pytest.approx(before[s], rel=1e-5) for s in redone), (before, after)
+    assert all(after[s] == before[s] for s in before if s <= resumed)
+    # The rewritten block's rows trained once: 96 distinct rows over 2 workers × micro 4 make
+    # 12 steps an epoch (101 rows would make 13).
+    assert "dropped 5 duplicate row(s)" in (tmp_path / "driver-2.log").read_text()
+    assert next(r for r in recs if r.get("step") == 12 and "loss" in r)["epoch"] == 1
+    # The ZeRO-1 export reloads and scores the validation data as the workers did.
+    assert _eval_loss(paths.student, teacher_data["validation"], cfg) == pytest.approx(final["val_loss"], rel=1e-3)
