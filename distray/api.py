@@ -94,6 +94,12 @@ METRICS: dict[str, str | None] = {
     "latency": None,
     "memory": None,
     "throughput": None,
+    # White-box fidelity: measured whenever teacher and student share a tokenizer
+    # (`evaluate.fidelity`), so asking for them adds nothing to the scorers.
+    "teacher_nll": None,
+    "token_agreement": None,
+    "rouge_l_vs_teacher": None,
+    "fidelity": None,
 }
 
 
