@@ -73,6 +73,8 @@ def _prefixes(cfg: DistrayConfig, stage: str) -> tuple[str, ...]:
             own = (*own, "demo")
     if stage == "evaluate" and cfg.demo.train_teacher:
         own = (*own, "demo")  # the baseline is trained from demo settings
+    if stage == "train" and getattr(cfg.train, "mode", "off_policy") == "on_policy":
+        own = (*own, "teacher", "teachers", "generate.logprobs")  # the teacher scores each round
     return own
 
 
@@ -175,7 +177,14 @@ def check(cfg: DistrayConfig, stage: str, *, how_to_force: str) -> None:
     record = read(cfg, stage)
     if record is None:
         return
-    diff = changed_settings(record.get("settings") or {}, settings(cfg, stage))
+    old = dict(record.get("settings") or {})
+    new = settings(cfg, stage)
+    # A setting distray added after the record was written reads as its default there.
+    defaults = settings(type(cfg).model_validate(_skeleton(cfg)), stage)
+    for key in set(new) - set(old):
+        if key in defaults and new[key] == defaults[key]:
+            old[key] = new[key]
+    diff = changed_settings(old, new)
     if diff:
         more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
         raise ConfigError(
@@ -184,6 +193,14 @@ def check(cfg: DistrayConfig, stage: str, *, how_to_force: str) -> None:
             + f". {how_to_force} to redo {stage} with the new settings, or set a new run.name "
             "to keep both runs"
         )
+
+
+def _skeleton(cfg: DistrayConfig) -> dict[str, Any]:
+    """The smallest config with `cfg`'s required values: everything else at its default."""
+    skeleton: dict[str, Any] = {}
+    if cfg.student is not None:
+        skeleton["student"] = {"model": cfg.student.model or "x"}
+    return skeleton
 
 
 def inputs_changed(cfg: DistrayConfig, stage: str) -> list[str]:

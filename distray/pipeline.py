@@ -135,17 +135,19 @@ def stage_done(cfg: DistrayConfig, stage: str) -> bool:
 def clear_stage(cfg: DistrayConfig, stage: str) -> None:
     """Remove a stage's output folder (`--force`); nothing to remove is no error."""
     p = RunPaths(cfg.run_dir)
-    folder = {"generate": p.generate, "train": p.train, "evaluate": p.evaluate, "bench": p.bench}.get(stage)
-    if not folder or not exists(folder):
-        return
-    logger.info("--force: removing %s", folder)
-    if "://" in folder:
-        from distray.storage import filesystem_for
+    folders = {"generate": [p.generate], "train": [p.train, f"{cfg.run_dir}/onpolicy"],
+               "evaluate": [p.evaluate], "bench": [p.bench]}.get(stage, [])
+    for folder in folders:
+        if not exists(folder):
+            continue
+        logger.info("--force: removing %s", folder)
+        if "://" in folder:
+            from distray.storage import filesystem_for
 
-        fs, inner = filesystem_for(folder)
-        fs.delete_dir(inner)
-    else:
-        shutil.rmtree(folder)
+            fs, inner = filesystem_for(folder)
+            fs.delete_dir(inner)
+        else:
+            shutil.rmtree(folder)
 
 
 def _warn_retry_rows(cfg: DistrayConfig) -> None:

@@ -350,6 +350,23 @@ def _bench_section(paths: RunPaths) -> list[str]:
     return out
 
 
+def _onpolicy_section(paths: RunPaths) -> list[str]:
+    """On-policy rounds (`train.mode: on_policy`): the per-round plot and the last round's figures."""
+    root = f"{paths.run_dir}/onpolicy"
+    data = _read_json(f"{root}/metrics.json")
+    if not isinstance(data, dict) or not data.get("rounds"):
+        return []
+    out = ["## On-policy rounds\n"]
+    if exists(f"{root}/rounds.png"):
+        out.append("![on-policy rounds](onpolicy/rounds.png)\n")
+    rounds = data["rounds"]
+    out.append(f"{len(rounds)} rounds; the last:\n")
+    last = rounds[-1] if isinstance(rounds[-1], dict) else {}
+    out.append(_kv_table({k: v for k, v in last.items() if not isinstance(v, (dict, list))}) + "\n")
+    out.append("Every figure: [onpolicy/metrics.json](onpolicy/metrics.json)\n")
+    return out
+
+
 def build_report(run_dir: str) -> str:
     """Write `<run_dir>/report.md` from the run folder's JSON and figures.
 
@@ -363,7 +380,7 @@ def build_report(run_dir: str) -> str:
     name = os.path.basename(run_dir.rstrip("/"))
     out = [f"# distray run report: {name}\n", *_run_section(paths)]
     n_head = len(out)
-    for section in (_evaluate_section, _generate_section, _train_section, _bench_section):
+    for section in (_evaluate_section, _generate_section, _train_section, _onpolicy_section, _bench_section):
         out += section(paths)
     if len(out) <= n_head:
         out.append("Nothing to report yet: run `distray generate`, `train`, `evaluate` or `bench` first.\n")

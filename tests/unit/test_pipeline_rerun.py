@@ -222,3 +222,17 @@ def test_is_hub_id_only_for_org_slash_name_that_is_not_a_path(tmp_path: Path) ->
     assert not any(is_hub_id(v) for v in (
         "./org/x", "/models/x", "~/x", "s3://b/m", "a/b/c", "gpt-4o", str(tmp_path / "org"),
     ))
+
+
+def test_a_setting_added_later_at_its_default_does_not_mark_a_stage_stale(tmp_path: Path) -> None:
+    from distray import lineage
+
+    cfg = prepare.prepare(_cfg(tmp_path))
+    path = lineage.write(cfg, "train")
+    record = json.loads(Path(path).read_text())
+    del record["settings"]["train.mode"]  # as a record written before train.mode existed
+    Path(path).write_text(json.dumps(record))
+    lineage.check(cfg, "train", how_to_force="x")  # no refusal
+    on_policy = prepare.prepare(_cfg(tmp_path, train={"mode": "on_policy", "loss": "kd"}, generate={"logprobs": 5}))
+    with pytest.raises(ConfigError, match=r"stage train: .* other settings: .*generate.logprobs: None → 5"):
+        lineage.check(on_policy, "train", how_to_force="x")

@@ -156,3 +156,19 @@ def test_report_names_the_trained_student_and_its_init(tmp_path: Path) -> None:
     md = Path(build_report(str(tmp_path))).read_text()
     assert f"- student: `{tmp_path}/train/student`" in md
     assert "- student init: `/cache/student-init`" in md
+
+
+def test_on_policy_rounds_are_linked(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from distray.report import build_report
+
+    root = tmp_path / "onpolicy"
+    root.mkdir()
+    (root / "metrics.json").write_text(json.dumps({"rounds": [
+        {"round": 0, "reverse_kl": 0.3, "teacher_nll": 5.7}, {"round": 1, "reverse_kl": 0.2, "teacher_nll": 4.9},
+    ]}))
+    (root / "rounds.png").write_bytes(b"\x89PNG")
+    text = Path(build_report(str(tmp_path))).read_text()
+    assert "## On-policy rounds" in text and "onpolicy/rounds.png" in text and "4.9" in text

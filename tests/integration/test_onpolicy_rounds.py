@@ -1,6 +1,6 @@
 """On-policy distillation end to end on tiny models: real Ray, vLLM engines and DeepSpeed.
 
-    .venv/bin/python -m pytest tests/integration/test_onpolicy.py -x -q
+    .venv/bin/python -m pytest tests/integration/test_onpolicy_rounds.py -x -q
 
 One run of `distray train` with `train.mode: on_policy` (one round, then the final eval) is
 SIGKILLed after its rollouts, part of them is then taken away, and the rerun must:

