@@ -118,7 +118,7 @@ def test_fetch_prune_generate_distil_export_load_score(ray_cluster: Any, teacher
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}).remote(student, messages), timeout=600)
     assert all(o["text"] for o in out)
     for m, o in zip(messages, out, strict=True):
-        ids = tok(render_prompt(tok, m, True)[1], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([render_prompt(tok, m, True)[1]])
         with torch.no_grad():
             top1 = int(hf(input_ids=ids).logits[0, -1].argmax())
         assert top1 in o["first_topk"], (top1, o)
