@@ -15,6 +15,10 @@ to the student's dtype, and written with `save_pretrained` (one model.safetensor
 next to the student's tokenizer files and chat template. The token training ended answers with
 (the chat template's end of turn, e.g. `<|im_end|>`) joins `generation_config.eos_token_id`, so
 vLLM and `generate` stop where the trained student stops, not only at the base model's eos.
+
+The folder is complete when its marker (`distray.cluster.EXPORT_MARKER`, the files and sizes
+written) exists: locally the finished folder is renamed into place, on an object store the old
+marker is removed first and the new one written after every file (`pipeline.stage_done`).
 """
 
 from __future__ import annotations
