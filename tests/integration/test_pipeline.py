@@ -25,8 +25,9 @@ ENGINE = {"max_model_len": 128, "enforce_eager": True, "dtype": "float32"}
 
 
 def _free_port() -> int:
+    # On every interface: Ray binds some ports on the machine's address, not only 127.0.0.1.
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
