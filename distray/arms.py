@@ -130,7 +130,7 @@ def _settings(cfg: DistrayConfig, data_files: list[str]) -> dict[str, Any]:
     return {
         "train": cfg.train.model_dump(mode="json"),
         "student": cfg.student.model if cfg.student else None,
-        "data": [(Path(p).name, Path(p).stat().st_size) for p in data_files],
+        "data": [[Path(p).name, Path(p).stat().st_size] for p in data_files],
     }
 
 
