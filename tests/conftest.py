@@ -16,6 +16,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distr
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One Ray auth mode for the whole session. Ray 2.60 turns token auth on for a new local
+# `ray.init()` when the mode is unset, and caches the mode per process: a test that flips the
+# variable later leaves its clients and a fresh GCS disagreeing ("InvalidAuthToken"). The
+# suite's clusters bind 127.0.0.1 only; run with RAY_AUTH_MODE=token to test with tokens.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _has_gpu() -> bool:

@@ -88,9 +88,8 @@ class LocalCluster:
         self.env = dict(env)
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"
         self.env.pop("RAY_ADDRESS", None)
-        # Ray 2.60 turns token auth on when ~/.ray/auth_token exists; this throwaway cluster
-        # binds 127.0.0.1 only, and head, nodes and clients must agree.
-        self.env["RAY_AUTH_MODE"] = "disabled"
+        # Head, nodes and this process's clients must agree on Ray's auth mode: the nodes
+        # inherit the session's (conftest sets it once, before anything starts Ray).
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.temp_dirs: list[str] = []
         self.gcs = ""

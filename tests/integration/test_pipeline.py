@@ -95,11 +95,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
-    # Ray 2.60 turns token auth on when ~/.ray/auth_token exists; head and clients must agree,
-    # and this throwaway cluster binds 127.0.0.1 only.
-    env["RAY_AUTH_MODE"] = "disabled"
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # The head inherits the session's Ray auth mode (conftest), so head and clients agree.
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -144,10 +140,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         raise RuntimeError(f"Ray dashboard did not come up at {address}; see {log.name}")
     yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env}
     stop()
-    if saved_mode is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
