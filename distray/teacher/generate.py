@@ -98,6 +98,9 @@ class GenerateResult:
     total_data_rows: int = 0
     total_reject_rows: int = 0
     total_retry_rows: int = 0
+    #: Engine replicas of this run per Ray node id, on a cluster of more than one node (from
+    #: Ray's state API; None on one node, or where that API is not reachable).
+    engine_nodes: dict[str, int] | None = None
     parts: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -515,6 +518,7 @@ class _Stage:
         r.total_data_rows = len(W.load_done_ids([self.paths.generate_data]))
         r.total_reject_rows = len(W.load_done_ids([self.rejects_dir], include_retry=True))
         r.total_retry_rows = r.total_reject_rows - len(W.load_done_ids([self.rejects_dir]))
+        r.engine_nodes = _engine_nodes()
         storage.write_text(self.paths.generate_stats, json.dumps(asdict(r), indent=2, default=str))
         return r
 
@@ -575,6 +579,29 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     result = stage.finish(t_start)
     logger.info(result.summary())
     return result
+
+
+#: The teacher engines' actor classes, as Ray Data names their actors (`MapWorker(...)`).
+_ENGINE_CLASSES = ("vLLMEngineStageUDF", "HFGenerator", "OpenAIClient")
+
+
+def _engine_nodes() -> dict[str, int] | None:
+    """How many engine replicas this job ran on each Ray node (dead ones included), by node id."""
+    try:
+        import ray
+        from ray.util.state import list_actors
+
+        if sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+            return None  # one node: nothing to tell, and a local Ray runs no state API
+        job = ray.get_runtime_context().get_job_id()
+        actors = list_actors(filters=[("job_id", "=", job)], detail=True, limit=10_000,
+                             raise_on_missing_output=False, timeout=20)
+    except Exception as e:  # noqa: BLE001 - a record for people, never a reason to fail the stage
+        logger.debug("engine placement not recorded: %s", e)
+        return None
+    nodes = Counter(a.node_id for a in actors
+                    if a.node_id and any(c in (a.class_name or "") for c in _ENGINE_CLASSES))
+    return dict(nodes)
 
 
 def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
