@@ -395,3 +395,32 @@ def test_zero1_driver_killed_mid_run_resumes_exactly_after_its_checkpoint(
     assert next(r for r in recs if r.get("step") == 12 and "loss" in r)["epoch"] == 1
     # The ZeRO-1 export reloads and scores the validation data as the workers did.
     assert _eval_loss(paths.student, teacher_data["validation"], cfg) == pytest.approx(final["val_loss"], rel=1e-3)
+
+
+def test_both_sort_paths_give_a_worker_the_same_rows_in_the_same_order(ray_cluster, monkeypatch):
+    """Up to LOCAL_SORT_ROWS a worker sorts its rows in memory, beyond it with Ray Data's sort:
+    the micro-batches are the same either way, in `worker_ids` order, copies dropped."""
+    import ray
+
+    from distray.train import order
+
+    ids = [f"row-{i:03d}" for i in range(60)]
+    rng = random.Random(0)
+    shuffled = ids + ids[:7]  # seven rows that two shards hold
+    rng.shuffle(shuffled)
+    blocks = [pa.table({F.ID: shuffled[i:i + 9], F.RESPONSE: [f"answer {x}" for x in shuffled[i:i + 9]]})
+              for i in range(0, len(shuffled), 9)]
+    unique, dropped = order.unique_ids([b.column(F.ID) for b in blocks])
+    assert dropped == 7
+    mine = order.worker_ids(unique, seed=3, epoch=1, world=2, rank=1, rows=30)
+
+    def read(start: int) -> list[list[str]]:
+        ds = ray.data.from_arrow(blocks)
+        return [t.column(F.ID).to_pylist() for t in order.stream(ds, mine[start:], start, 4)]
+
+    local = read(5)
+    monkeypatch.setattr(order, "LOCAL_SORT_ROWS", 0)
+    shuffled_path = read(5)
+    assert local == shuffled_path
+    assert [i for b in local for i in b] == mine.to_pylist()[5:]
+    assert [len(b) for b in local] == [4] * 6 + [1]
