@@ -150,6 +150,12 @@ def cluster_config(name: str, teacher: str, student: str, inputs: dict[str, Any]
     return cfg
 
 
+#: Ray Data starts an actor pool's replicas asynchronously and streams as soon as one is up; on
+#: this tiny job its read tasks could then hold the other node's CPUs until the first replica had
+#: done all the work. Waiting for both replicas first puts one on each worker node every time.
+JOB_ENV = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
+
+
 def submit(c: LocalCluster, s3: S3Server, cfg: dict[str, Any], tmp: Path, *args: str,
            wait: bool = True) -> Any:
     """`ray job submit` of jobs/pipeline.py, as a user runs it; the S3 settings travel as the
@@ -158,7 +164,7 @@ def submit(c: LocalCluster, s3: S3Server, cfg: dict[str, Any], tmp: Path, *args:
     path.write_text(yaml.safe_dump(cfg))
     cmd = [
         RAY, "job", "submit", f"--address={c.address}", "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps({"env_vars": s3.env}), "--",
+        "--runtime-env-json", json.dumps({"env_vars": {**s3.env, **JOB_ENV}}), "--",
         "python", "jobs/pipeline.py", "--config", str(path), *args,
     ]
     if wait:
