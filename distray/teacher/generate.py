@@ -2,12 +2,16 @@
 
     distray generate --config jobs/configs/quickstart.yaml generate.logprobs=5
 
-For each split (`generate.splits`: train from `data.train`, validation from `data.validation`;
-a built-in task's files under `<run>/data/`) and each teacher (`teacher` or `teachers`), one
-streaming Ray Data pipeline:
+The splits (`generate.splits`: train from `data.train`, validation from `data.validation`;
+a built-in task's files under `<run>/data/`) are validated one by one; then each teacher
+(`teacher` or `teachers`) answers every split in one streaming Ray Data pipeline, so its
+engines load the model once per run, not once per split (on a large teacher, loading the
+weights takes minutes):
 
     read → validate ─────────────────────────────────────────────────────────┐ rejects
-         → one row per sample (ids) → skip ids already done → [cache] → teacher → filter → write
+    (each split) → one row per sample (ids) → skip ids already done ┐
+                                        union of the splits ────────┴→ [cache] → teacher → filter
+                                                                         → write to the row's split
 
 Output (`RunPaths`):
 
@@ -15,7 +19,7 @@ Output (`RunPaths`):
     <run>/generate/data/validation/part-<hash>.parquet   (when a validation split is labelled)
     <run>/generate/rejects/rejects-<hash>.jsonl          REJECT_SCHEMA: input row, stage, reason
     <run>/generate/rejects/retry-<run>-<hash>.jsonl      REJECT_SCHEMA: transient teacher failures
-    <run>/generate/stats.json                            this run's figures, per split × teacher
+    <run>/generate/stats.json                            this run's figures, per teacher (and validation per split)
 
 Every input row (× teachers × samples) ends in data or rejects exactly once: ids are content
 hashes, shards are written atomically (writer.py), and a rerun skips every id already in either
@@ -169,12 +173,13 @@ def _is_transient(row: dict[str, Any]) -> bool:
 
 
 class _Sink:
-    """Filter, cache and write one batch; return its stats (runs in Ray Data tasks)."""
+    """Filter, cache and write one batch, each row to its split's folder (`_split`); return the
+    batch's stats (runs in Ray Data tasks)."""
 
     def __init__(
         self,
         *,
-        out_dir: str,
+        out_dirs: dict[str, str],
         rejects_dir: str,
         tmp_dir: str,
         rejects_format: str,
@@ -185,7 +190,7 @@ class _Sink:
         store_cache: bool,
         tracker: Any,
     ) -> None:
-        self.out_dir = out_dir
+        self.out_dirs = out_dirs
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
         self.rejects_format = rejects_format
@@ -231,16 +236,22 @@ class _Sink:
                     rejects.append(reject_row(r, "filter", "duplicate_response", detail))
                     reasons["duplicate_response"] += 1
             accepted = kept
-        data_rows = [{f.name: r.get(f.name) for f in F.TEACHER_DATA_SCHEMA} for r in accepted]
-        # A value the schema cannot hold (an engine quirk) costs its row, not the batch.
-        data_rows, unstorable = W.split_writable(data_rows, F.TEACHER_DATA_SCHEMA)
-        for r, why in unstorable:
-            rejects.append(reject_row(r, "write", "bad_answer", f"cannot be stored: {why}"))
-            reasons["bad_answer"] += 1
-        if unstorable:
+        stored: list[dict[str, Any]] = []
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for r in accepted:
+            by_split.setdefault(r["_split"], []).append(r)
+        for split, mine in by_split.items():
+            out_dir = self.out_dirs[split]
+            data_rows = [{f.name: r.get(f.name) for f in F.TEACHER_DATA_SCHEMA} for r in mine]
+            # A value the schema cannot hold (an engine quirk) costs its row, not the batch.
+            data_rows, unstorable = W.split_writable(data_rows, F.TEACHER_DATA_SCHEMA)
+            for r, why in unstorable:
+                rejects.append(reject_row(r, "write", "bad_answer", f"cannot be stored: {why}"))
+                reasons["bad_answer"] += 1
             kept_ids = {d[F.ID] for d in data_rows}
-            accepted = [r for r in accepted if r[F.ID] in kept_ids]
-        W.write_shard(data_rows, self.out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA)
+            stored += [r for r in mine if r[F.ID] in kept_ids]
+            W.write_shard(data_rows, out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA)
+        accepted = stored
         W.write_shard(
             rejects, self.rejects_dir, self.tmp_dir,
             schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects",
@@ -443,41 +454,50 @@ class _Stage:
             batch_format="pyarrow", batch_size=None,
         )
 
-    def sink(self, split: str, store_cache: bool) -> _Sink:
+    def sink(self, store_cache: bool) -> _Sink:
         gen = self.cfg.generate
         return _Sink(
-            out_dir=self.out_dirs[split], rejects_dir=self.rejects_dir, tmp_dir=self.tmp_dir,
+            out_dirs=self.out_dirs, rejects_dir=self.rejects_dir, tmp_dir=self.tmp_dir,
             rejects_format=self.cfg.data.rejects_format, retry_prefix=self.retry_prefix,
             filters=gen.filters,
             labels=self.cfg.task.labels, cache_dir=gen.cache_dir, store_cache=store_cache,
             tracker=self.tracker,
         )
 
-    def label(self, split: str, src: str, teacher: Teacher, n_valid: int) -> None:
-        """Passes A (cache, optional) and B (teacher) of one split × teacher."""
+    def todo_all(self, teacher: Teacher, with_cache_key: bool) -> Any:
+        """Teacher rows of every split not yet done, as one dataset (lazy)."""
+        parts = [self.todo(split, src, teacher, with_cache_key) for split, src in self.inputs.items()]
+        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+    def label(self, teacher: Teacher, n_valid: int) -> None:
+        """Passes A (cache, optional) and B (teacher) of one teacher over every split.
+
+        One pipeline for all splits: the teacher's engines start (and load its weights) once.
+        """
         gen = self.cfg.generate
+        splits = "+".join(self.inputs)
         processed = 0
         if gen.cache_dir:
             # Pass A: rows whose answer is cached are written without the teacher.
-            hits = self.todo(split, src, teacher, True).map_batches(
+            hits = self.todo_all(teacher, True).map_batches(
                 _cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
                 batch_format="pyarrow", batch_size=None,
             )
             part = _sum_stats(
                 hits.map_batches(
-                    self.sink(split, store_cache=False),
+                    self.sink(store_cache=False),
                     batch_format="pyarrow", batch_size=gen.rows_per_shard,
                 )
             )
             processed += part["rows"]
-            self.add(part, split=split, teacher=teacher.label, pass_="cache")
+            self.add(part, split=splits, teacher=teacher.label, pass_="cache")
         # Pass B: the rest goes to the teacher.
         t0 = time.perf_counter()
-        todo = self.todo(split, src, teacher, gen.cache_dir is not None)
+        todo = self.todo_all(teacher, gen.cache_dir is not None)
         answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs)
         part = _sum_stats(
             answered.map_batches(
-                self.sink(split, store_cache=True),
+                self.sink(store_cache=True),
                 batch_format="pyarrow", batch_size=gen.rows_per_shard,
             )
         )
@@ -485,7 +505,7 @@ class _Stage:
         processed += part["rows"]
         part["wall_s"] = round(wall, 3)
         part["output_tokens_per_s"] = round(part["completion_tokens"] / wall, 2) if wall > 0 else 0.0
-        self.add(part, split=split, teacher=teacher.label, pass_="teacher")
+        self.add(part, split=splits, teacher=teacher.label, pass_="teacher")
         self.result.generate_wall_s += wall
         self.result.engine_busy_s += part["engine_busy_s"]
         self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
@@ -559,10 +579,9 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     if cfg.generate.filters.dedupe_responses:
         stage.tracker = _start_tracker(list(stage.out_dirs.values()))
     try:
-        for split, src in inputs.items():
-            n_valid = stage.validate(split, src)
-            for teacher in teachers:
-                stage.label(split, src, teacher, n_valid)
+        n_valid = sum(stage.validate(split, src) for split, src in inputs.items())
+        for teacher in teachers:
+            stage.label(teacher, n_valid)
     except Exception as e:
         try:
             # A run stopped by min_success_ratio has retried some rows: keep them once.
@@ -618,8 +637,12 @@ def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
 
 
 def _expand(batch: pa.Table, **kwargs: Any) -> pa.Table:
-    """One teacher row per (prompt row, sample), with ids (`rows.expand_rows`)."""
-    return pa.Table.from_pylist(expand_rows(batch.to_pylist(), **kwargs))
+    """One teacher row per (prompt row, sample), with ids (`rows.expand_rows`) and `_split`,
+    which tells the sink the row's folder."""
+    rows = expand_rows(batch.to_pylist(), **kwargs)
+    for r in rows:
+        r["_split"] = kwargs["split"]
+    return pa.Table.from_pylist(rows)
 
 
 def _cache_lookup(batch: pa.Table, cache_dir: str) -> pa.Table:

@@ -14,12 +14,17 @@ Without a validation split, `train.validation_fraction` of the rows is held out 
 input id. Every dataset is lazy; each has an id-only twin from which the driver reads the run's
 row ids (`RunDatasets.collect_ids`): each id once, whatever number of shards hold it
 (`distray.train.order`).
+
+Teacher data given as a folder also gets a `ParquetRows` twin: the driver reads the ids, and a
+worker whose share is small (`order.LOCAL_SORT_ROWS`) its rows, with pyarrow in its own process
+instead of a Ray Data execution (see `ParquetRows` for why).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from distray.config import DistrayConfig
@@ -43,6 +48,7 @@ from distray.train.data import TRAIN_COLUMNS, holdout_flags
 
 __all__ = [
     "Answers",
+    "ParquetRows",
     "RunDatasets",
     "build_datasets",
     "holdout_filter",
@@ -52,6 +58,54 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Answers = Literal["teacher", "reference"]
+
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """The rows of a Parquet folder (or file), read with pyarrow in the calling process.
+
+    Written here rather than left to Ray Data because a Ray Data execution starts read tasks
+    (and, on a fresh node, their worker processes): seconds of start-up each time, whatever the
+    size. The driver reads the run's ids once and each worker its rows once per epoch and once
+    for validation, so a short run spent more time starting reads than training. A worker uses
+    this reader only while its rows fit in memory (`order.LOCAL_SORT_ROWS`); beyond that it
+    streams `dataset()` with Ray Data. Both give the same rows.
+
+    Args:
+        path: a folder of `.parquet` shards, a file, or an object-store URI.
+        columns: the columns to read.
+        filters: pyarrow-table functions applied in order (e.g. `holdout_filter`).
+    """
+
+    path: str
+    columns: list[str]
+    filters: tuple[Callable[[Any], Any], ...] = field(default=())
+
+    def with_columns(self, columns: list[str]) -> ParquetRows:
+        return replace(self, columns=list(columns))
+
+    def filtered(self, fn: Callable[[Any], Any]) -> ParquetRows:
+        return replace(self, filters=(*self.filters, fn))
+
+    def tables(self) -> Iterator[Any]:
+        """One table per shard, filtered, columns in `columns` order."""
+        import pyarrow.parquet as pq
+
+        fs, _ = filesystem_for(self.path)
+        for path in list_files(self.path, (".parquet",)):
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=self.columns)
+            for fn in self.filters:
+                table = fn(table)
+            yield table
+
+    def dataset(self) -> Any:
+        """The same rows as a lazy Ray Dataset."""
+        ds = _teacher_dataset(self.path, self.columns)
+        for fn in self.filters:
+            ds = ds.map_batches(fn, batch_format="pyarrow")
+        ds.context.enable_progress_bars = False
+        return ds
 
 
 @dataclass
@@ -69,6 +123,9 @@ class RunDatasets:
     train_ids: Any = None
     validation_ids: Any = None
     duplicates: int = 0
+    #: The same rows read with pyarrow (teacher data given as a path), else None.
+    train_files: ParquetRows | None = None
+    validation_files: ParquetRows | None = None
 
     def collect_ids(self, seed: int) -> None:
         """Read the row ids (the id-only twins) into `train_ids` / `validation_ids`: sorted,
@@ -77,11 +134,11 @@ class RunDatasets:
         after a crash), and a warning says so."""
         from distray.train.order import limit_ids, unique_ids
 
-        self.train_ids, dup_train = unique_ids(_id_column(self.count_train))
+        self.train_ids, dup_train = unique_ids(_ids(self.count_train, self.train_files))
         self.train_ids = limit_ids(self.train_ids, self.max_rows, seed)
         dup_val = 0
         if self.count_validation is not None:
-            self.validation_ids, dup_val = unique_ids(_id_column(self.count_validation))
+            self.validation_ids, dup_val = unique_ids(_ids(self.count_validation, self.validation_files))
         self.duplicates = dup_train + dup_val
         if self.duplicates:
             logger.warning(
@@ -91,11 +148,18 @@ class RunDatasets:
             )
 
     def for_workers(self) -> dict[str, Any]:
-        """{"train", "validation"?}: the datasets Ray Train splits, reduced to TRAIN_COLUMNS."""
+        """{"train", "validation"?}: what each worker reads its rows from, reduced to
+        TRAIN_COLUMNS: a `ParquetRows` where there is one, else the Ray Dataset."""
         keep = [c for c in TRAIN_COLUMNS if c in self.columns]
-        out = {"train": self.train.select_columns(keep)}
+        out: dict[str, Any] = {
+            "train": self.train_files.with_columns(keep) if self.train_files else self.train.select_columns(keep)
+        }
         if self.validation is not None:
-            out["validation"] = self.validation.select_columns(keep)
+            out["validation"] = (
+                self.validation_files.with_columns(keep)
+                if self.validation_files
+                else self.validation.select_columns(keep)
+            )
         return out
 
 
@@ -176,8 +240,12 @@ def build_datasets(
     return d
 
 
-def _id_column(ds: Any) -> list[Any]:
-    """The `id` column of a Ray Dataset, as Arrow arrays (read on the driver)."""
+def _ids(ds: Any, files: ParquetRows | None) -> list[Any]:
+    """The `id` column, as Arrow arrays read on the driver: with pyarrow from `files` when
+    given, else from the Ray Dataset."""
+    if files is not None:
+        ids = [c for c in (ID, INPUT_ID) if c in files.columns]  # the hold-out hashes input_id
+        return [t.column(ID) for t in files.with_columns(ids).tables()]
     import ray
 
     return [ray.get(ref).column(ID) for ref in ds.select_columns([ID]).to_arrow_refs()]
@@ -195,6 +263,8 @@ def _with_holdout(d: RunDatasets, fraction: float, seed: int) -> RunDatasets:
         columns=d.columns,
         use_teacher_ids=d.use_teacher_ids,
         with_topk=d.with_topk,
+        train_files=d.train_files.filtered(drop) if d.train_files else None,
+        validation_files=d.train_files.filtered(keep) if d.train_files else None,
     )
 
 
@@ -236,6 +306,7 @@ def _teacher_datasets(
         columns = _parquet_columns(data)
         ids = [c for c in (ID, INPUT_ID) if c in columns]  # what the hold-out hashes
         d = RunDatasets(_teacher_dataset(data, columns), None, _teacher_dataset(data, ids), None, columns)
+        d.train_files = ParquetRows(data, columns)
     else:
         columns = list(data.columns())
         ids = [c for c in (ID, INPUT_ID) if c in columns]
@@ -253,8 +324,10 @@ def _teacher_datasets(
     if validation_data is None:
         return _with_holdout(d, tc.validation_fraction, cfg.run.seed) if tc.validation_fraction > 0 else d
     if isinstance(validation_data, str):
-        d.validation = _teacher_dataset(validation_data, _parquet_columns(validation_data))
+        val_columns = _parquet_columns(validation_data)
+        d.validation = _teacher_dataset(validation_data, val_columns)
         d.count_validation = _teacher_dataset(validation_data, [ID])
+        d.validation_files = ParquetRows(validation_data, val_columns)
     else:
         d.validation = validation_data
         d.count_validation = validation_data.select_columns([ID])

@@ -14,7 +14,7 @@ worker. A three-row example, two workers, one row each::
     epoch 0 permutation   [2, 0, 1]  → order ["c", "a", "b"]
     worker 0 / worker 1   ["c"] / ["a"]      ("b", the tail that fills no worker, is skipped)
 
-Each worker then streams its rows with Ray Data (`stream`): the training columns are read, the
+Each worker then streams its rows (`stream`): the training columns are read, the
 rows it wants are kept and numbered by their place in its list (`select_rows`), sorted by that
 number, and cut into micro-batches (`micro_tables`, which also drops the second copy of a row
 that two shards hold). A checkpoint records how many rows of its list each worker has consumed
@@ -22,8 +22,9 @@ that two shards hold). A checkpoint records how many rows of its list each worke
 starts exactly after the last consumed row, and refuses data that changed underneath it.
 
 Each worker reads the training columns of the whole data once per epoch and keeps 1/W of it;
-up to `LOCAL_SORT_ROWS` rows per worker it sorts them in memory, beyond that with Ray Data's
-sort, which spills to disk when they do not fit.
+up to `LOCAL_SORT_ROWS` rows per worker it reads them with pyarrow in its own process (when the
+data is a Parquet folder, `ParquetRows`; else with Ray Data) and sorts them in memory, beyond that
+it streams them with Ray Data and sorts with Ray Data's sort, which spills to disk.
 """
 
 from __future__ import annotations
@@ -161,32 +162,45 @@ LOCAL_SORT_ROWS = 20_000
 
 
 def stream(ds: Any, wanted: pa.Array, start: int, micro: int) -> Iterator[pa.Table]:
-    """A worker's rows from a Ray Dataset, in the order of `wanted`, as micro-batch tables.
+    """A worker's rows, in the order of `wanted`, as micro-batch tables.
 
     Args:
-        ds: the training (or validation) rows, as a Ray Dataset.
+        ds: the training (or validation) rows: a Ray Dataset, or a
+            `distray.train.datasets.ParquetRows` (read in this process while the worker's rows
+            fit in memory, else as a Ray Dataset).
         wanted: the ids still to read, in order (`worker_ids(...)[start:]`).
         start: rows of the list already consumed.
         micro: rows per micro-batch.
     """
     if len(wanted) == 0:
         return
+    local = len(wanted) <= LOCAL_SORT_ROWS
+    if hasattr(ds, "tables") and local:
+        tables = [t for t in (select_rows(t, wanted, start) for t in ds.tables()) if t.num_rows]
+        yield from _sorted_micro_tables(tables, micro)
+        return
+    if hasattr(ds, "dataset"):
+        ds = ds.dataset()
 
     def select(batch: pa.Table) -> pa.Table:
         return select_rows(batch, wanted, start)
 
     selected = ds.map_batches(select, batch_format="pyarrow")
-    if len(wanted) > LOCAL_SORT_ROWS:
+    if not local:
         ordered = selected.sort([SLOT, TIE])
         yield from micro_tables(
             ordered.iter_batches(batch_size=micro, batch_format="pyarrow", prefetch_batches=2), micro
         )
         return
+    tables = [t for t in selected.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    yield from _sorted_micro_tables(tables, micro)
+
+
+def _sorted_micro_tables(tables: list[pa.Table], micro: int) -> Iterator[pa.Table]:
     # Written here rather than with Ray Data's sort: that sort is a distributed shuffle
     # (sampling, then a map and a reduce task per partition), which costs seconds of task
     # start-up per epoch and worker whatever the size; up to LOCAL_SORT_ROWS rows the worker
     # keeps its own rows in memory and pyarrow sorts them in milliseconds, in the same order.
-    tables = [t for t in selected.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
     if not tables:
         return
     mine = pa.concat_tables(tables, promote_options="default")

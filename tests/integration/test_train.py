@@ -397,12 +397,15 @@ def test_zero1_driver_killed_mid_run_resumes_exactly_after_its_checkpoint(
     assert _eval_loss(paths.student, teacher_data["validation"], cfg) == pytest.approx(final["val_loss"], rel=1e-3)
 
 
-def test_both_sort_paths_give_a_worker_the_same_rows_in_the_same_order(ray_cluster, monkeypatch):
-    """Up to LOCAL_SORT_ROWS a worker sorts its rows in memory, beyond it with Ray Data's sort:
-    the micro-batches are the same either way, in `worker_ids` order, copies dropped."""
+def test_all_read_paths_give_a_worker_the_same_rows_in_the_same_order(ray_cluster, monkeypatch, tmp_path):
+    """Up to LOCAL_SORT_ROWS a worker sorts its rows in memory (read with pyarrow from a Parquet
+    folder, or with Ray Data), beyond it with Ray Data's sort: the micro-batches are the same
+    every way, in `worker_ids` order, copies dropped, a hold-out filter applied alike."""
+    import pyarrow.parquet as pq
     import ray
 
     from distray.train import order
+    from distray.train.datasets import ParquetRows, holdout_filter
 
     ids = [f"row-{i:03d}" for i in range(60)]
     rng = random.Random(0)
@@ -418,9 +421,21 @@ def test_both_sort_paths_give_a_worker_the_same_rows_in_the_same_order(ray_clust
         ds = ray.data.from_arrow(blocks)
         return [t.column(F.ID).to_pylist() for t in order.stream(ds, mine[start:], start, 4)]
 
-    local = read(5)
+    for i, b in enumerate(blocks):
+        pq.write_table(b, tmp_path / f"part-{i}.parquet")
+    files = ParquetRows(str(tmp_path), [F.ID, F.RESPONSE])
+
+    def read_files(start: int, rows: ParquetRows = files) -> list[list[str]]:
+        return [t.column(F.ID).to_pylist() for t in order.stream(rows, mine[start:], start, 4)]
+
+    local, local_files = read(5), read_files(5)
     monkeypatch.setattr(order, "LOCAL_SORT_ROWS", 0)
-    shuffled_path = read(5)
-    assert local == shuffled_path
+    shuffled_path, files_via_ray = read(5), read_files(5)
+    assert local == shuffled_path == local_files == files_via_ray
     assert [i for b in local for i in b] == mine.to_pylist()[5:]
     assert [len(b) for b in local] == [4] * 6 + [1]
+    # A filter (the validation hold-out) keeps the same rows on both readers.
+    held = files.filtered(holdout_filter(0.3, 1, keep_holdout=True))
+    direct = sorted(i for t in held.tables() for i in t.column(F.ID).to_pylist())
+    via_ray = sorted(i for r in held.dataset().to_arrow_refs() for i in ray.get(r).column(F.ID).to_pylist())
+    assert 0 < len(direct) < len(shuffled) and direct == via_ray

@@ -31,7 +31,7 @@ def _row(name: str, error: str | None) -> dict[str, Any]:
     return {
         F.ID: F.content_hash("row", name), F.INPUT_ID: name,
         F.MESSAGES: [{"role": "user", "content": name}], F.PROMPT: name, F.REFERENCE: None,
-        F.TEACHER: "t", F.SAMPLE_INDEX: 0,
+        F.TEACHER: "t", F.SAMPLE_INDEX: 0, "_split": "train",
         F.RESPONSE: None if error else f"answer to {name}", F.RESPONSE_TOKEN_IDS: None,
         F.TOPK_TOKEN_IDS: None, F.TOPK_LOGPROBS: None,
         F.FINISH_REASON: None if error else "stop", F.PROMPT_TOKENS: 3, F.COMPLETION_TOKENS: None,
@@ -43,7 +43,7 @@ def _row(name: str, error: str | None) -> dict[str, Any]:
 
 def _sink(run_dir: Path, prefix: str) -> _Sink:
     return _Sink(
-        out_dir=str(run_dir / "data" / "train"), rejects_dir=str(run_dir / "rejects"),
+        out_dirs={"train": str(run_dir / "data" / "train")}, rejects_dir=str(run_dir / "rejects"),
         tmp_dir=str(run_dir / ".tmp"), rejects_format="jsonl", retry_prefix=prefix,
         filters=FilterConfig(), labels=None, cache_dir=None, store_cache=False, tracker=None,
     )
