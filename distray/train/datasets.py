@@ -15,9 +15,9 @@ input id. Every dataset is lazy; each has an id-only twin from which the driver 
 row ids (`RunDatasets.collect_ids`): each id once, whatever number of shards hold it
 (`distray.train.order`).
 
-Teacher data given as a folder also gets a `ParquetRows` twin: the driver reads the ids, and a
+Data given as a path also gets a `FileRows` twin: the driver reads the ids, and a
 worker whose share is small (`order.LOCAL_SORT_ROWS`) its rows, with pyarrow in its own process
-instead of a Ray Data execution (see `ParquetRows` for why).
+instead of a Ray Data execution (see `FileRows` for why).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from distray.train.data import TRAIN_COLUMNS, holdout_flags
 
 __all__ = [
     "Answers",
-    "ParquetRows",
+    "FileRows",
     "RunDatasets",
     "build_datasets",
     "holdout_filter",
@@ -61,49 +61,80 @@ Answers = Literal["teacher", "reference"]
 
 
 @dataclass(frozen=True)
-class ParquetRows:
-    """The rows of a Parquet folder (or file), read with pyarrow in the calling process.
+class FileRows:
+    """The rows of a folder (or file) of Parquet or JSON-lines files, read with pyarrow in the
+    calling process, or the same rows as a lazy Ray Dataset (`dataset()`).
 
     Written here rather than left to Ray Data because a Ray Data execution starts read tasks
     (and, on a fresh node, their worker processes): seconds of start-up each time, whatever the
     size. The driver reads the run's ids once and each worker its rows once per epoch and once
     for validation, so a short run spent more time starting reads than training. A worker uses
-    this reader only while its rows fit in memory (`order.LOCAL_SORT_ROWS`); beyond that it
-    streams `dataset()` with Ray Data. Both give the same rows.
+    `tables()` only while its rows fit in memory (`order.LOCAL_SORT_ROWS`); beyond that it
+    streams `dataset()`. Both give the same rows.
 
     Args:
-        path: a folder of `.parquet` shards, a file, or an object-store URI.
-        columns: the columns to read.
-        filters: pyarrow-table functions applied in order (e.g. `holdout_filter`).
+        path: a folder, a file, or an object-store URI.
+        suffixes: the files read under a folder; `.parquet` files are read as Parquet, the others
+            as text, one table `{"text": [line, ...]}` per file (the first filter parses them).
+        read_columns: the Parquet columns read (None: all).
+        filters: pyarrow-table functions applied in order (parsing, `holdout_filter`).
+        keep: the columns kept after the filters (None: all).
     """
 
     path: str
-    columns: list[str]
+    suffixes: tuple[str, ...] = (".parquet",)
+    read_columns: list[str] | None = None
     filters: tuple[Callable[[Any], Any], ...] = field(default=())
+    keep: list[str] | None = None
 
-    def with_columns(self, columns: list[str]) -> ParquetRows:
-        return replace(self, columns=list(columns))
+    def with_columns(self, keep: list[str]) -> FileRows:
+        return replace(self, keep=list(keep))
 
-    def filtered(self, fn: Callable[[Any], Any]) -> ParquetRows:
+    def filtered(self, fn: Callable[[Any], Any]) -> FileRows:
         return replace(self, filters=(*self.filters, fn))
 
+    def files(self) -> list[str]:
+        files = list_files(self.path, self.suffixes)
+        if not files:
+            raise DataError(f"no {'/'.join(self.suffixes)} files under `{self.path}`")
+        return files
+
     def tables(self) -> Iterator[Any]:
-        """One table per shard, filtered, columns in `columns` order."""
+        """One table per file, filtered, reduced to `keep`."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, _ = filesystem_for(self.path)
-        for path in list_files(self.path, (".parquet",)):
+        for path in self.files():
             with fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=self.columns)
+                if path.endswith(".parquet"):
+                    table = pq.read_table(f, columns=self.read_columns)
+                else:
+                    # As Ray Data's read_text: split on "\n", empty lines dropped.
+                    lines = f.read().decode("utf-8", errors="replace").split("\n")
+                    table = pa.table({"text": pa.array([x for x in lines if x], pa.string())})
             for fn in self.filters:
                 table = fn(table)
-            yield table
+            yield table.select(self.keep) if self.keep is not None else table
 
     def dataset(self) -> Any:
         """The same rows as a lazy Ray Dataset."""
-        ds = _teacher_dataset(self.path, self.columns)
+        import ray.data
+
+        files = self.files()
+        fs, _ = filesystem_for(self.path)
+        texts = [f for f in files if not f.endswith(".parquet")]
+        parquets = [f for f in files if f.endswith(".parquet")]
+        parts = []
+        if texts:
+            parts.append(ray.data.read_text(texts, filesystem=fs))
+        if parquets:
+            parts.append(ray.data.read_parquet(parquets, filesystem=fs, columns=self.read_columns))
+        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
         for fn in self.filters:
             ds = ds.map_batches(fn, batch_format="pyarrow")
+        if self.keep is not None:
+            ds = ds.select_columns(self.keep)
         ds.context.enable_progress_bars = False
         return ds
 
@@ -124,8 +155,8 @@ class RunDatasets:
     validation_ids: Any = None
     duplicates: int = 0
     #: The same rows read with pyarrow (teacher data given as a path), else None.
-    train_files: ParquetRows | None = None
-    validation_files: ParquetRows | None = None
+    train_files: FileRows | None = None
+    validation_files: FileRows | None = None
 
     def collect_ids(self, seed: int) -> None:
         """Read the row ids (the id-only twins) into `train_ids` / `validation_ids`: sorted,
@@ -149,7 +180,7 @@ class RunDatasets:
 
     def for_workers(self) -> dict[str, Any]:
         """{"train", "validation"?}: what each worker reads its rows from, reduced to
-        TRAIN_COLUMNS: a `ParquetRows` where there is one, else the Ray Dataset."""
+        TRAIN_COLUMNS: a `FileRows` where there is one, else the Ray Dataset."""
         keep = [c for c in TRAIN_COLUMNS if c in self.columns]
         out: dict[str, Any] = {
             "train": self.train_files.with_columns(keep) if self.train_files else self.train.select_columns(keep)
@@ -240,12 +271,13 @@ def build_datasets(
     return d
 
 
-def _ids(ds: Any, files: ParquetRows | None) -> list[Any]:
+def _ids(ds: Any, files: FileRows | None) -> list[Any]:
     """The `id` column, as Arrow arrays read on the driver: with pyarrow from `files` when
     given, else from the Ray Dataset."""
     if files is not None:
-        ids = [c for c in (ID, INPUT_ID) if c in files.columns]  # the hold-out hashes input_id
-        return [t.column(ID) for t in files.with_columns(ids).tables()]
+        if files.read_columns is not None:  # Parquet: read the ids (and what the hold-out hashes)
+            files = replace(files, read_columns=[c for c in (ID, INPUT_ID) if c in files.read_columns])
+        return [t.column(ID) for t in files.with_columns([ID]).tables()]
     import ray
 
     return [ray.get(ref).column(ID) for ref in ds.select_columns([ID]).to_arrow_refs()]
@@ -292,9 +324,7 @@ def _parquet_columns(path: str) -> list[str]:
 
 
 def _teacher_dataset(path: str, columns: list[str]) -> Any:
-    import ray.data
-
-    return ray.data.read_parquet(path, columns=columns, file_extensions=["parquet"])
+    return FileRows(path, read_columns=columns).dataset()
 
 
 def _teacher_datasets(
@@ -306,7 +336,7 @@ def _teacher_datasets(
         columns = _parquet_columns(data)
         ids = [c for c in (ID, INPUT_ID) if c in columns]  # what the hold-out hashes
         d = RunDatasets(_teacher_dataset(data, columns), None, _teacher_dataset(data, ids), None, columns)
-        d.train_files = ParquetRows(data, columns)
+        d.train_files = FileRows(data, read_columns=columns)
     else:
         columns = list(data.columns())
         ids = [c for c in (ID, INPUT_ID) if c in columns]
@@ -327,7 +357,7 @@ def _teacher_datasets(
         val_columns = _parquet_columns(validation_data)
         d.validation = _teacher_dataset(validation_data, val_columns)
         d.count_validation = _teacher_dataset(validation_data, [ID])
-        d.validation_files = ParquetRows(validation_data, val_columns)
+        d.validation_files = FileRows(validation_data, read_columns=val_columns)
     else:
         d.validation = validation_data
         d.count_validation = validation_data.select_columns([ID])
@@ -416,36 +446,25 @@ def _to_sft_rows(system_prompt: str | None, prompt_template: str) -> Any:
     return fn
 
 
-def _reference_dataset(source: Any, cfg: DistrayConfig) -> Any:
-    """A Ray Dataset of {id, messages, response} from input rows that carry a `reference`."""
+def _reference_rows(source: Any, cfg: DistrayConfig) -> tuple[Any, FileRows | None]:
+    """{id, messages, response} from input rows that carry a `reference`: a Ray Dataset, and
+    the same rows as `FileRows` when `source` is a path."""
     import ray.data
 
+    to_sft = _to_sft_rows(cfg.task.system_prompt, cfg.task.prompt_template)
     if isinstance(source, ray.data.Dataset):
-        ds = source
-    else:
-        files = list_files(str(source), INPUT_SUFFIXES)
-        if not files:
-            raise DataError(f"no .jsonl/.json/.parquet files under `{source}`")
-        texts = [f for f in files if not f.endswith(".parquet")]
-        parquets = [f for f in files if f.endswith(".parquet")]
-        fs, _ = filesystem_for(str(source))
-        parts = []
-        if texts:
-            parts.append(ray.data.read_text(texts, filesystem=fs))
-        if parquets:
-            parts.append(ray.data.read_parquet(parquets, filesystem=fs))
-        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds.map_batches(
-        _to_sft_rows(cfg.task.system_prompt, cfg.task.prompt_template), batch_format="pyarrow"
-    )
+        return source.map_batches(to_sft, batch_format="pyarrow"), None
+    files = FileRows(str(source), suffixes=INPUT_SUFFIXES, filters=(to_sft,))
+    return files.dataset(), files
 
 
 def _reference_datasets(cfg: DistrayConfig, data: Any, validation_data: Any) -> RunDatasets:
     """Ground-truth SFT datasets: input rows with a `reference`, as {id, messages, response}."""
-    train = _reference_dataset(data, cfg)
-    d = RunDatasets(train, None, train, None, [ID, MESSAGES, RESPONSE])
+    train, train_files = _reference_rows(data, cfg)
+    d = RunDatasets(train, None, train, None, [ID, MESSAGES, RESPONSE], train_files=train_files)
     if validation_data is not None:
-        d.validation = d.count_validation = _reference_dataset(validation_data, cfg)
+        d.validation, d.validation_files = _reference_rows(validation_data, cfg)
+        d.count_validation = d.validation
     elif cfg.train.validation_fraction > 0:
         d = _with_holdout(d, cfg.train.validation_fraction, cfg.run.seed)
     return d

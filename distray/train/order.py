@@ -23,7 +23,7 @@ starts exactly after the last consumed row, and refuses data that changed undern
 
 Each worker reads the training columns of the whole data once per epoch and keeps 1/W of it;
 up to `LOCAL_SORT_ROWS` rows per worker it reads them with pyarrow in its own process (when the
-data is a Parquet folder, `ParquetRows`; else with Ray Data) and sorts them in memory, beyond that
+data is a Parquet folder, `FileRows`; else with Ray Data) and sorts them in memory, beyond that
 it streams them with Ray Data and sorts with Ray Data's sort, which spills to disk.
 """
 
@@ -166,7 +166,7 @@ def stream(ds: Any, wanted: pa.Array, start: int, micro: int) -> Iterator[pa.Tab
 
     Args:
         ds: the training (or validation) rows: a Ray Dataset, or a
-            `distray.train.datasets.ParquetRows` (read in this process while the worker's rows
+            `distray.train.datasets.FileRows` (read in this process while the worker's rows
             fit in memory, else as a Ray Dataset).
         wanted: the ids still to read, in order (`worker_ids(...)[start:]`).
         start: rows of the list already consumed.

@@ -405,7 +405,7 @@ def test_all_read_paths_give_a_worker_the_same_rows_in_the_same_order(ray_cluste
     import ray
 
     from distray.train import order
-    from distray.train.datasets import ParquetRows, holdout_filter
+    from distray.train.datasets import FileRows, holdout_filter
 
     ids = [f"row-{i:03d}" for i in range(60)]
     rng = random.Random(0)
@@ -423,9 +423,9 @@ def test_all_read_paths_give_a_worker_the_same_rows_in_the_same_order(ray_cluste
 
     for i, b in enumerate(blocks):
         pq.write_table(b, tmp_path / f"part-{i}.parquet")
-    files = ParquetRows(str(tmp_path), [F.ID, F.RESPONSE])
+    files = FileRows(str(tmp_path), read_columns=[F.ID, F.RESPONSE])
 
-    def read_files(start: int, rows: ParquetRows = files) -> list[list[str]]:
+    def read_files(start: int, rows: FileRows = files) -> list[list[str]]:
         return [t.column(F.ID).to_pylist() for t in order.stream(rows, mine[start:], start, 4)]
 
     local, local_files = read(5), read_files(5)
