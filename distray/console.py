@@ -96,6 +96,13 @@ class Capture:
         global _console
         if self.progress is not None:
             self.progress.stop()
+        # Ray forwards its workers' output to this process until it disconnects, and engine
+        # replicas still shutting down (Serve's, after bench) would print past the capture,
+        # onto the console: disconnect first, so their lines land in the log.
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved_fds[0], 1)
