@@ -284,7 +284,11 @@ def normalize_row(
     """
 
     def bad(reason: str, detail: str) -> tuple[None, Reject]:
-        return None, Reject("validate", reason, detail, row_text(raw), line, source)
+        # The row's own id, when it has a usable one, so the reject can be traced to it.
+        rid = raw.get(ID) if isinstance(raw, dict) else None
+        usable = isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip()
+        return None, Reject("validate", reason, detail, row_text(raw), line, source,
+                            input_id=str(rid) if usable else None)
 
     if not isinstance(raw, dict):
         return bad("not_an_object", f"row is a {type(raw).__name__}, expected a JSON object")

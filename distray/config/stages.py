@@ -432,6 +432,16 @@ class ServeConfig(Section):
     min_replicas: int = Field(default=1, ge=0, description="Serve autoscaling: fewest replicas.")
     max_replicas: int = Field(default=1, ge=1, description="Serve autoscaling: most replicas.")
     target_ongoing_requests: int = Field(default=16, ge=1, description="Serve autoscaling target.")
+    upscale_delay_s: float | None = Field(
+        default=None, ge=0,
+        description="Serve autoscaling: how long load must stay above the target before a "
+        "replica is added. None: Ray Serve's default (30 s).",
+    )
+    downscale_delay_s: float | None = Field(
+        default=None, ge=0,
+        description="Serve autoscaling: how long load must stay below the target before a "
+        "replica is removed. None: Ray Serve's default (600 s).",
+    )
     max_tokens_cap: int = Field(
         default=1024, ge=1, description="Requests asking for more are rejected."
     )
@@ -458,6 +468,19 @@ class ServeConfig(Section):
         description="One log line per request in every Serve replica (Ray Serve's access "
         "log, shipped through Ray's log pipeline); off by default.",
     )
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        """Ray Serve's `autoscaling_config` for each served model (both backends)."""
+        out: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+        if self.upscale_delay_s is not None:
+            out["upscale_delay_s"] = self.upscale_delay_s
+        if self.downscale_delay_s is not None:
+            out["downscale_delay_s"] = self.downscale_delay_s
+        return out
 
 
 class EndpointConfig(Section):

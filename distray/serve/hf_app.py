@@ -315,11 +315,7 @@ def build(cfg: DistrayConfig, models: dict[str, str], limits: Limits, digest: st
     """The hf backend's Serve application for `models` (model id → folder)."""
     s = cfg.serve
     options = {
-        "autoscaling_config": {
-            "min_replicas": max(1, s.min_replicas),
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        },
+        "autoscaling_config": {**s.autoscaling_config(), "min_replicas": max(1, s.min_replicas)},
         "max_ongoing_requests": max(64, 4 * s.target_ongoing_requests),
         "ray_actor_options": {"num_cpus": 1},
     }

@@ -64,11 +64,7 @@ def llm_config(cfg: DistrayConfig, name: str, path: str, on_gpu: bool) -> dict[s
         from distray.ray_utils import cpu_placement
 
         placement = placement or cpu_placement()
-    autoscaling = {
-        "min_replicas": s.min_replicas,
-        "max_replicas": s.max_replicas,
-        "target_ongoing_requests": s.target_ongoing_requests,
-    }
+    autoscaling = s.autoscaling_config()
     if s.min_replicas == 0:
         autoscaling["initial_replicas"] = 1  # be able to answer right after deploy
     out: dict[str, Any] = {

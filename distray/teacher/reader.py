@@ -59,6 +59,7 @@ PROMPT_SCHEMA = pa.schema(
         ("_reject_stage", pa.string()),
         ("_reject_reason", pa.string()),
         ("_reject_row", pa.string()),
+        ("_reject_input_id", pa.string()),
     ]
 )
 
@@ -117,6 +118,7 @@ def iter_prompt_blocks(
                     "_reject_stage": None,
                     "_reject_reason": None,
                     "_reject_row": None,
+                    "_reject_input_id": None,
                 }
             )
             n_valid += 1
@@ -133,6 +135,7 @@ def iter_prompt_blocks(
                     "_reject_stage": rej.stage,
                     "_reject_reason": f"{rej.reason}: {rej.detail}" if rej.detail else rej.reason,
                     "_reject_row": rej.row,
+                    "_reject_input_id": rej.input_id,
                 }
             )
         if len(buf) >= BLOCK_ROWS:
@@ -185,7 +188,7 @@ def rejects_table(batch: pa.Table) -> pa.Table:
     return pa.table(
         {
             F.ID: rej[F.ID],
-            F.INPUT_ID: pa.nulls(rej.num_rows, pa.string()),
+            F.INPUT_ID: rej["_reject_input_id"],
             "source": rej["_source"],
             "line": rej["_line"],
             "stage": rej["_reject_stage"],

@@ -433,8 +433,10 @@ def test_serve_autoscales_up_and_down_without_failed_requests(spread_run, cluste
     port = free_port()
     cfg = DistrayConfig.model_validate({
         "run": {"name": "spread", "output_dir": RUNS},
+        # Serve's defaults (upscale after 30 s, downscale after 600 s) would make this test
+        # 10 minutes long.
         "serve": {"backend": "hf", "port": port, "min_replicas": 1, "max_replicas": 2,
-                  "target_ongoing_requests": 1},
+                  "target_ongoing_requests": 1, "upscale_delay_s": 2, "downscale_delay_s": 8},
         "resources": {"ray_address": cluster.gcs},
     })
     init_ray(cfg)
@@ -445,12 +447,11 @@ def test_serve_autoscales_up_and_down_without_failed_requests(spread_run, cluste
     real = hf_app.hf_app
 
     def quick(models: Any, limits: Any, digest: Any, options: dict[str, Any], remote_code: Any) -> Any:
-        # distray has no setting for Serve's scaling delays (upscale 30 s, downscale 600 s by
-        # default), which would make this test 10 minutes long; 2 CPUs puts each replica on its
-        # own worker node.
+        # 2 CPUs puts each replica on its own worker node; Serve's load metrics are sampled
+        # faster than its defaults, for a short test (distray has no setting for these).
+        assert options["autoscaling_config"]["upscale_delay_s"] == 2  # from serve.upscale_delay_s
         options = {**options, "ray_actor_options": {"num_cpus": 2}}
-        options["autoscaling_config"] = {**options["autoscaling_config"], "upscale_delay_s": 2,
-                                         "downscale_delay_s": 8, "look_back_period_s": 2,
+        options["autoscaling_config"] = {**options["autoscaling_config"], "look_back_period_s": 2,
                                          "metrics_interval_s": 0.5}
         return real(models, limits, digest, options, remote_code)
 

@@ -370,3 +370,23 @@ def test_reader_accounts_for_mixed_lines(
     sep = b"\r\n" if crlf else b"\n"
     blob = sep.join(lines) + (sep if final_newline and lines else b"")
     _check_accounting(tmp_path, blob)
+
+
+def test_a_rejected_row_keeps_its_own_id_for_tracing(tmp_path: Path) -> None:
+    """A row rejected at validation names the input id it carried (null when it has none or an
+    unusable one), in the reject record and in the rejects table generate writes."""
+    from distray.teacher.reader import iter_prompt_blocks, rejects_table
+
+    rows = [
+        {"id": "bad-role", "messages": [{"role": "robot", "content": "x"}]},
+        {"id": 7, "prompt": ""},
+        {"id": True, "prompt": "fine but a boolean id"},
+        {"messages": [{"role": "robot", "content": "no id"}]},
+        {"id": "ok", "prompt": "a good row"},
+    ]
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = pa.concat_tables(iter_prompt_blocks(str(p), system_prompt=None, prompt_template="{prompt}"))
+    rej = rejects_table(table).to_pylist()
+    assert [(r["line"], r["input_id"]) for r in rej] == [(1, "bad-role"), (2, "7"), (3, None), (4, None)]
+    assert all(r["reason"] for r in rej)

@@ -425,3 +425,35 @@ def test_llm_config_trusts_remote_code_only_when_enabled(tmp_path) -> None:
     assert "trust_remote_code" not in kwargs(cfg(True, False), "teacher")
     assert kwargs(cfg(False, True), "teacher")["trust_remote_code"] is True
     assert "trust_remote_code" not in kwargs(cfg(False, True), "student")
+
+
+# ---- autoscaling settings reach Serve ------------------------------------------------------
+
+
+def test_scaling_delays_reach_both_backends_only_when_set(tmp_path, monkeypatch) -> None:
+    def cfg(**serve: Any) -> Any:
+        return config_from_dict({
+            "run": {"output_dir": str(tmp_path)}, "student": {"model": "/m/student"},
+            "serve": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2, **serve},
+        })
+
+    def vllm_scaling(c: Any) -> dict[str, Any]:
+        out: dict[str, Any] = llm_config(c, "student", "/m/student", on_gpu=True)["deployment_config"]["autoscaling_config"]
+        return out
+
+    plain = vllm_scaling(cfg())
+    assert plain == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2, "initial_replicas": 1}
+    tuned = cfg(upscale_delay_s=2, downscale_delay_s=45.5)
+    assert vllm_scaling(tuned) == {**plain, "upscale_delay_s": 2, "downscale_delay_s": 45.5}
+    # The hf backend keeps at least one replica, with the same delays.
+    from distray.serve import hf_app
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(hf_app, "hf_app", lambda models, limits, digest, options, remote_code: seen.append(options))
+    hf_app.build(tuned, {"student": "/m/student"}, None, None)  # type: ignore[arg-type]
+    assert seen[0]["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+        "upscale_delay_s": 2, "downscale_delay_s": 45.5,
+    }
+    with pytest.raises(Exception, match="downscale_delay_s"):
+        cfg(downscale_delay_s=-1)
