@@ -85,6 +85,13 @@ def test_round_learning_rate_follows_the_run_schedule(tmp_path) -> None:
     assert s["max_steps"] == 10 and s["min_lr_ratio"] == 1.0 and s["validation_fraction"] == 0.0
 
 
+def test_rounds_train_on_the_logit_loss_only(tmp_path) -> None:
+    """No cross-entropy on the student's own samples, whatever train.alpha says."""
+    cfg = _cfg(tmp_path, alpha=0.3, on_policy={"rounds": 2})
+    assert cfg.train.alpha == 0.3
+    assert all(round_train_settings(cfg, r)["alpha"] == 1.0 for r in range(2))
+
+
 # ---- prompts --------------------------------------------------------------------------------
 
 
