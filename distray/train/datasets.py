@@ -110,7 +110,8 @@ class FileRows:
                 if path.endswith(".parquet"):
                     table = pq.read_table(f, columns=self.read_columns)
                 else:
-                    # As Ray Data's read_text: split on "\n", empty lines dropped.
+                    # As Ray Data's read_text: split on "\n", empty lines dropped (bytes that are
+                    # not UTF-8 are replaced here, where read_text would fail the run).
                     lines = f.read().decode("utf-8", errors="replace").split("\n")
                     table = pa.table({"text": pa.array([x for x in lines if x], pa.string())})
             for fn in self.filters:
@@ -154,7 +155,7 @@ class RunDatasets:
     train_ids: Any = None
     validation_ids: Any = None
     duplicates: int = 0
-    #: The same rows read with pyarrow (teacher data given as a path), else None.
+    #: The same rows as `FileRows` (data given as a path), else None.
     train_files: FileRows | None = None
     validation_files: FileRows | None = None
 
