@@ -23,7 +23,7 @@ starts exactly after the last consumed row, and refuses data that changed undern
 
 Each worker reads the training columns of the whole data once per epoch and keeps 1/W of it;
 up to `LOCAL_SORT_ROWS` rows per worker it reads them with pyarrow in its own process (when the
-data is a Parquet folder, `FileRows`; else with Ray Data) and sorts them in memory, beyond that
+data is given as files, `FileRows`; else with Ray Data) and sorts them in memory, beyond that
 it streams them with Ray Data and sorts with Ray Data's sort, which spills to disk.
 """
 
@@ -174,12 +174,14 @@ def stream(ds: Any, wanted: pa.Array, start: int, micro: int) -> Iterator[pa.Tab
     """
     if len(wanted) == 0:
         return
+    from distray.train.datasets import FileRows
+
     local = len(wanted) <= LOCAL_SORT_ROWS
-    if hasattr(ds, "tables") and local:
-        tables = [t for t in (select_rows(t, wanted, start) for t in ds.tables()) if t.num_rows]
-        yield from _sorted_micro_tables(tables, micro)
-        return
-    if hasattr(ds, "dataset"):
+    if isinstance(ds, FileRows):
+        if local:
+            tables = [t for t in (select_rows(t, wanted, start) for t in ds.tables()) if t.num_rows]
+            yield from _sorted_micro_tables(tables, micro)
+            return
         ds = ds.dataset()
 
     def select(batch: pa.Table) -> pa.Table:
