@@ -24,6 +24,10 @@ Figures (field names carry their units):
   cheaper per token. The three requests of a prompt run back to back, so drift hits all alike.
 - `throughput_rows_per_s`, `output_tokens_per_s`: one batch over the test prompts, timed from
   submit to the last answer.
+
+With `with_answers=True` that batch's greedy answers come back too (`Efficiency.answers`, ids
+and text per prompt), and evaluate scores them instead of answering the test prompts again
+through generate's Ray Data path: one engine start per model instead of two.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Efficiency:
     throughput_rows: int = 0
     backend: str | None = None
     method: dict[str, str] = field(default_factory=dict)
+    #: The throughput batch's answers, `{"token_ids", "text"}` per prompt (`with_answers`).
+    answers: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +161,7 @@ def measure_local(
     use_chat_template: bool = True,
     trust_remote_code: bool = False,
     equal_length_tokens: int | None = None,
+    with_answers: bool = False,
 ) -> Efficiency:
     """Load a local model in this process and measure memory, latency and throughput.
 
@@ -175,6 +182,7 @@ def measure_local(
         trust_remote_code: allow model code from the folder.
         equal_length_tokens: output tokens of the equal-length requests (ignore_eos); None
             uses `max_tokens`, 0 skips them.
+        with_answers: keep the throughput batch's greedy answers (`Efficiency.answers`).
     """
     if not prompts:
         raise ValueError("measure_local needs at least one prompt")
@@ -203,8 +211,11 @@ def measure_local(
     _set_latency(eff, lat, equal)
 
     t = time.perf_counter()
-    out_tokens = batch(batch_prompts)
+    answers = batch(batch_prompts)
     wall = time.perf_counter() - t
+    out_tokens = sum(len(a["token_ids"]) for a in answers)
+    if with_answers:
+        eff.answers = answers
     eff.throughput_rows = len(batch_prompts)
     eff.throughput_rows_per_s = len(batch_prompts) / wall
     eff.output_tokens_per_s = out_tokens / wall
@@ -318,9 +329,9 @@ def _vllm_engine(
         out = llm.generate(_prompts([messages]), params, use_tqdm=False)
         return len(out[0].outputs[0].token_ids)
 
-    def batch(msgs: list[list[dict[str, str]]]) -> int:
+    def batch(msgs: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
         outs = llm.generate(_prompts(msgs), sp, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+        return [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text} for o in outs]
 
     return one, batch
 
@@ -336,18 +347,18 @@ def _hf_engine(
 
     engine = HFEngine(model_dir, trust_remote_code=trust_remote_code)
 
-    def _gen(msgs: list[list[dict[str, str]]], n: int = max_tokens) -> int:
+    def _gen(msgs: list[list[dict[str, str]]], n: int = max_tokens) -> list[dict[str, Any]]:
         ids = [_render_ids(engine.tok, m, use_chat_template) for m in msgs]
         # Greedy; each answer's ids end at its first eos (kept), so padding is not counted.
-        return sum(len(a.token_ids) for a in engine.generate(ids, max_tokens=n))
+        return [{"token_ids": a.token_ids, "text": a.text} for a in engine.generate(ids, max_tokens=n)]
 
     def one(messages: list[dict[str, str]], max_tokens: int = max_tokens, ignore_eos: bool = False) -> int:
         if ignore_eos:
             return _fixed_length(engine, _render_ids(engine.tok, messages, use_chat_template), max_tokens)
-        return _gen([messages], max_tokens)
+        return len(_gen([messages], max_tokens)[0]["token_ids"])
 
-    def batch(msgs: list[list[dict[str, str]]]) -> int:
-        return sum(_gen(msgs[i : i + batch_size]) for i in range(0, len(msgs), batch_size))
+    def batch(msgs: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
+        return [a for i in range(0, len(msgs), batch_size) for a in _gen(msgs[i : i + batch_size])]
 
     return one, batch
 

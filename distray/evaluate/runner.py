@@ -227,7 +227,7 @@ def _write_predictions(path: str, table_rows: list[dict[str, Any]]) -> None:
 
 def _efficiency(
     model: _Model, cfg: DistrayConfig, prompts: list[list[dict[str, str]]], predict_wall_s: float,
-    n_rows: int, out_tokens: int,
+    n_rows: int, out_tokens: int, *, with_answers: bool = False,
 ) -> Efficiency:
     ev = cfg.evaluate
     if model.path is None:
@@ -267,6 +267,7 @@ def _efficiency(
         use_chat_template=getattr(engine, "apply_chat_template", True),
         trust_remote_code=getattr(engine, "trust_remote_code", False),
         equal_length_tokens=ev.equal_length_tokens,
+        with_answers=with_answers,
     )
 
 
@@ -395,6 +396,71 @@ def _test_rows(path: str, cfg: DistrayConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _answers_while_measuring(m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]]) -> bool:
+    """Whether the efficiency run's throughput batch gives this model's answers.
+
+    It answers every test prompt greedily with `evaluate.max_tokens`, which is what the
+    predictions are, so a local model whose test set fits one batch is loaded once instead of
+    twice (the Ray Data prediction run starts its own engine: ~20 s for a tiny model on CPU,
+    the weights' load time for a big one). Larger test sets, API models and runs without
+    efficiency figures go through generate's batch path, which spreads rows over replicas.
+    """
+    return (
+        cfg.evaluate.measure_efficiency
+        and m.path is not None
+        and os.path.isdir(m.path)
+        and 0 < len(rows) <= THROUGHPUT_ROWS_MAX
+    )
+
+
+def _measure_and_answer(
+    m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], float, Efficiency]:
+    """Answers (input id → output row), their wall seconds and the efficiency figures, from one
+    engine: the rows go through generate's own prompt checks (`prepare_rows`: chat template,
+    `generate.max_prompt_tokens`, room in the context), the accepted ones into the measured
+    batch; a refused row gets the same error row generate gives it."""
+    from distray import prompts as P
+    from distray.teacher.engines import common
+    from distray.teacher.engines.vllm import context_length
+    from distray.teacher.rows import ERROR
+
+    engine = m.engine
+    path = m.path
+    assert path is not None
+    trust = bool(getattr(engine, "trust_remote_code", False))
+    ctx = context_length(engine) if isinstance(engine, VLLMTeacher) else None
+    prepared = common.prepare_rows(
+        [{F.ID: str(r[F.ID]), F.MESSAGES: r[F.MESSAGES]} for r in rows],
+        model=path, trust_remote_code=trust,
+        apply_chat_template=getattr(engine, "apply_chat_template", True),
+        max_prompt_tokens=cfg.generate.max_prompt_tokens, max_model_len=ctx,
+    )
+    ok = [r for r in prepared if not r.get(ERROR)]
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in prepared:
+        if r.get(ERROR):
+            by_id[r[F.ID]] = common.empty_result({F.ID: r[F.ID], F.PROMPT_TOKENS: r[F.PROMPT_TOKENS]}, r[ERROR])
+    if not ok:
+        return by_id, 0.0, Efficiency()
+    eff = _efficiency(m, cfg, [r[F.MESSAGES] for r in ok], 0.0, len(ok), 0, with_answers=True)
+    eos = P.eos_ids(path, trust)
+    for r, a in zip(ok, eff.answers or [], strict=True):
+        ids = [int(t) for t in a["token_ids"]]
+        by_id[r[F.ID]] = {
+            F.ID: r[F.ID], F.RESPONSE: a["text"], F.RESPONSE_TOKEN_IDS: ids,
+            F.PROMPT_TOKENS: r[F.PROMPT_TOKENS], F.COMPLETION_TOKENS: len(ids),
+            F.FINISH_REASON: common.finish_reason(
+                ids, max_tokens=cfg.evaluate.max_tokens, eos=eos,
+                prompt_tokens=int(r[F.PROMPT_TOKENS]), max_model_len=ctx,
+            ),
+            ERROR: None,
+        }
+    eff.answers = None
+    rate = eff.throughput_rows_per_s
+    return by_id, (eff.throughput_rows / rate if rate else 0.0), eff
+
+
 def _answer(m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]], test_path: str,
             prompts: list[Any]) -> tuple[list[dict[str, Any] | None], dict[str, Any]]:
     """One model's answers to every test row, and its efficiency figures.
@@ -403,7 +469,13 @@ def _answer(m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]], test_path
         StageError: the model answered none of the rows.
     """
     n = len(rows)
-    by_id, wall = _predict(m, cfg, test_path, n)
+    eff: Efficiency | None = None
+    if _answers_while_measuring(m, cfg, rows):
+        by_id, wall, eff = _measure_and_answer(m, cfg, rows)
+        how = "in the measured batch"
+    else:
+        by_id, wall = _predict(m, cfg, test_path, n)
+        how = "through generate's batch path"
     outs = [by_id.get(str(r[F.ID])) for r in rows]
     answered = sum(1 for o in outs if o is not None and o.get(F.RESPONSE) is not None)
     if answered == 0:
@@ -413,12 +485,13 @@ def _answer(m: _Model, cfg: DistrayConfig, rows: list[dict[str, Any]], test_path
             f"prompts; errors: {sorted(errors)[:3] or 'none reported'}"
         )
     out_tokens = sum(int(o.get(F.COMPLETION_TOKENS) or 0) for o in outs if o)
-    logger.info("evaluate: %s answered %d/%d rows in %.1f s", m.role, answered, n, wall)
-    eff = _efficiency(m, cfg, prompts, wall, n, out_tokens) if cfg.evaluate.measure_efficiency else Efficiency()
+    logger.info("evaluate: %s answered %d/%d rows in %.2f s, %s", m.role, answered, n, wall, how)
+    if eff is None:
+        eff = _efficiency(m, cfg, prompts, wall, n, out_tokens) if cfg.evaluate.measure_efficiency else Efficiency()
     figures = {
         "model": m.path or m.engine.model,
         "backend": "openai" if m.path is None else cfg.evaluate.backend,
-        **{k: v for k, v in eff.to_dict().items() if k not in ("method", "backend")},
+        **{k: v for k, v in eff.to_dict().items() if k not in ("method", "backend", "answers")},
         "predict_wall_s": wall,
         "answered_rows": answered,
         "output_tokens": out_tokens,

@@ -153,3 +153,36 @@ def test_evaluate_with_vllm_backend(tmp_path: Path, tiny_model: str, ray_cluster
     metrics = json.loads(Path(result.metrics_path).read_text())
     assert metrics["models"]["student"]["answered_rows"] == N_TEST
     assert metrics["student_vs_baseline"]["accuracy_gain_pts"]["exact_match"] == 0.0
+
+
+def test_answers_from_the_measured_batch_equal_the_prediction_run(
+    tmp_path: Path, tiny_teacher_model: str, ray_cluster
+) -> None:
+    """Evaluate takes a local model's answers from its efficiency run (one engine start, not
+    two): they must be the answers generate's batch path gives, and a prompt that generate
+    refuses is refused the same way."""
+    from distray.evaluate import runner
+    from distray.formats import FINISH_REASON, ID, MESSAGES, RESPONSE, RESPONSE_TOKEN_IDS
+    from distray.teacher.rows import ERROR
+
+    cfg = _cfg(tmp_path, tiny_teacher_model, tiny_teacher_model, "hf", models=["teacher"])
+    test_path = runner.test_data_path(cfg)
+    rows = runner._test_rows(test_path, cfg)
+    longest = max(rows, key=lambda r: len(r[MESSAGES][-1]["content"]))
+    from distray.prompts import load_tokenizer, render_prompt
+
+    n_long = len(render_prompt(load_tokenizer(tiny_teacher_model), longest[MESSAGES], True)[1])
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"max_prompt_tokens": n_long - 1})})
+    (model,) = runner.resolve_models(cfg)
+    assert runner._answers_while_measuring(model, cfg, rows)
+    measured, wall, eff = runner._measure_and_answer(model, cfg, rows)
+    predicted, _ = runner._predict(model, cfg, test_path, len(rows))
+    assert set(measured) == set(predicted) == {str(r[ID]) for r in rows}
+    refused = [i for i, o in predicted.items() if o.get(ERROR)]
+    assert refused and all(o[ERROR].startswith("prompt_too_long") for o in (predicted[i] for i in refused))
+    for i, p in predicted.items():
+        m = measured[i]
+        assert (m[RESPONSE], m.get(ERROR) or None) == (p[RESPONSE], p.get(ERROR) or None), i
+        if not p.get(ERROR):
+            assert list(m[RESPONSE_TOKEN_IDS]) == list(p[RESPONSE_TOKEN_IDS]) and m[FINISH_REASON] == p[FINISH_REASON], i
+    assert eff.throughput_rows == len(rows) - len(refused) and eff.latency_ms and wall > 0

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate", "engine_kwargs_for", "processor_config"]
+__all__ = ["generate", "context_length", "engine_kwargs_for", "processor_config"]
 
 # Internal columns of the processor that must not reach the output.
 _KEEP_PREFIX = "_"
@@ -95,7 +95,9 @@ def processor_config(teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool) -
     )
 
 
-def _max_model_len(teacher: VLLMTeacher) -> int | None:
+def context_length(teacher: VLLMTeacher) -> int | None:
+    """The engine's context length: `engine_kwargs.max_model_len`, else the model config's
+    `max_position_embeddings` (None when neither says)."""
     if teacher.engine_kwargs.get("max_model_len"):
         return int(teacher.engine_kwargs["max_model_len"])
     try:
@@ -132,7 +134,7 @@ def generate(
     on_gpu = cluster_has_gpu()
     model = teacher.model
     trust = teacher.trust_remote_code
-    max_model_len = _max_model_len(teacher)
+    max_model_len = context_length(teacher)
     max_prompt_tokens = cfg.generate.max_prompt_tokens
     apply_template = teacher.apply_chat_template
     eos = prompts.eos_ids(model, trust)  # loads the tokenizer here: a bad path fails fast
