@@ -81,6 +81,8 @@ def test_fetch_prune_generate_distil_export_load_score(ray_cluster: Any, teacher
         "student": {"model": init},
         "train": {"loss": "kd", "lr": 5e-4, "max_steps": STEPS, "epochs": 10, "micro_batch_size": 2,
                   "global_batch_size": 4, "num_workers": 1, "cpus_per_worker": 2, "zero_stage": 0,
+                  # DeepSpeed's bf16 mode on CPU, as the real example trains (fp32 master weights)
+                  "precision": "bf16",
                   "validation_fraction": 0.0, "max_seq_len": 256, "log_every_steps": 1},
         "resources": {"num_cpus": 4},
     })
