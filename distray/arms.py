@@ -338,7 +338,8 @@ def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png
         + f". Teacher data: {stats.get('total_data_rows', '?')} rows "
         f"({stats.get('total_reject_rows', 0)} rejected), greedy, top-{cfg.generate.logprobs} logprobs.",
         f"Every trained arm: same initial weights, same rows, same order, {tc.epochs} epoch(s), "
-        f"global batch {tc.global_batch_size or tc.micro_batch_size * tc.num_workers}, lr {tc.lr:g}; "
+        f"global batch {tc.global_batch_size or tc.micro_batch_size * tc.num_workers}, lr {tc.lr:g}, "
+        f"{tc.precision}; "
         f"logit arms mix alpha {tc.alpha:g} × logit loss + {1 - tc.alpha:g} × cross-entropy, "
         f"temperature {tc.temperature:g}.",
         f"Scored on {cfg.data.test} (held out), greedy, max {cfg.evaluate.max_tokens} tokens.",
@@ -353,11 +354,16 @@ def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png
             f"| {name} | " + " | ".join(_fmt(f.get(k), spec) for k, _, spec in COLUMNS)
             + f" | {_fmt(t.get('steps'), '{}')} | {_fmt(t.get('tokens_per_s'), '{:.0f}')} |"
         )
-    verdict = {True: "met", False: "NOT met", None: "not measured"}[res.ordering_met]
+    word = {True: "met", False: "NOT met", None: "not measured"}
     lines += [
         "",
-        f"Goal pruned < sft < logit arms on teacher_nll and token_agreement: **{verdict}**.",
+        f"Goal pruned < sft < logit arms on teacher_nll and token_agreement: **{word[res.ordering_met]}**.",
     ]
+    logit = [a for a in res.figures if a not in ("teacher", PRUNED, "sft")]
+    if len(logit) > 1:
+        # One verdict per logit arm: which loss beat SFT, not only whether all of them did.
+        lines.append("Per arm: " + "; ".join(
+            f"pruned < sft < {a}: {word[ordering(res.figures, [PRUNED, 'sft', a])]}" for a in logit) + ".")
     if res.teacher_answers_identical_pct is not None:
         lines.append(
             f"The teacher's greedy answers were identical in every evaluate run on "

@@ -80,3 +80,28 @@ def test_the_ordering_verdict_needs_both_figures_in_order() -> None:
     worse_agreement = {**good, "kd": {"teacher_nll": 1.8, "token_agreement": 49.0}}
     assert ordering(worse_agreement, ["pruned", "sft", "kd"]) is False
     assert ordering(good, ["pruned", "sft"]) is None
+
+
+def test_the_report_gives_a_verdict_per_logit_arm(tmp_path) -> None:
+    from distray.arms import ArmsResult, render_report
+    from distray.config import config_from_dict
+
+    cfg = config_from_dict({
+        "run": {"name": "arms", "output_dir": str(tmp_path)},
+        "data": {"train": "t.jsonl", "test": "test.jsonl"},
+        "teacher": {"kind": "vllm", "model": "teacher-folder"},
+        "student": {"model": "student-folder"},
+        "train": {"precision": "bf16"},
+    })
+    figs = {"teacher": {"teacher_nll": 0.5, "token_agreement": 98.0},
+            "pruned": {"teacher_nll": 7.9, "token_agreement": 4.1},
+            "sft": {"teacher_nll": 3.39, "token_agreement": 32.5},
+            "kd": {"teacher_nll": 3.28, "token_agreement": 33.4},
+            "reverse_kl": {"teacher_nll": 3.42, "token_agreement": 32.7}}
+    arms = ["pruned", "sft", "kd", "reverse_kl"]
+    res = ArmsResult(run_dir=str(tmp_path), report_path=str(tmp_path / "report.md"), figures=figs,
+                     ordering_met=ordering(figs, arms))
+    md = render_report(cfg, arms, res, None)
+    assert "on teacher_nll and token_agreement: **NOT met**." in md
+    assert "Per arm: pruned < sft < kd: met; pruned < sft < reverse_kl: NOT met." in md
+    assert ", bf16;" in md
