@@ -457,3 +457,21 @@ def test_scaling_delays_reach_both_backends_only_when_set(tmp_path, monkeypatch)
     }
     with pytest.raises(Exception, match="downscale_delay_s"):
         cfg(downscale_delay_s=-1)
+
+
+def test_seeded_sampling_on_cpu_prefills_whole_prompts(tmp_path) -> None:
+    """vLLM 0.32's CPU engine dies on a seeded request prefilled in chunks; distray turns chunked
+    prefill off where seeded requests can reach a CPU engine, and leaves it alone elsewhere."""
+    from distray.config import VLLMTeacher
+    from distray.teacher.engines.vllm import engine_kwargs_for
+
+    t = VLLMTeacher(model="/m/teacher", engine_kwargs={"max_model_len": 256})
+    assert engine_kwargs_for(t, None, False, seeded=True)["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in engine_kwargs_for(t, None, False, seeded=False)
+    assert "enable_chunked_prefill" not in engine_kwargs_for(t, None, True, seeded=True)
+    mine = VLLMTeacher(model="/m/teacher", engine_kwargs={"enable_chunked_prefill": True})
+    assert engine_kwargs_for(mine, None, False, seeded=True)["enable_chunked_prefill"] is True
+    # Serve: any client may send a seed.
+    c = config_from_dict({"run": {"output_dir": str(tmp_path)}, "student": {"model": "/m/student"}})
+    assert llm_config(c, "student", "/m/student", on_gpu=False)["engine_kwargs"]["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in llm_config(c, "student", "/m/student", on_gpu=True)["engine_kwargs"]

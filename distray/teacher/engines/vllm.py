@@ -39,15 +39,24 @@ __all__ = ["generate", "context_length", "engine_kwargs_for", "processor_config"
 _KEEP_PREFIX = "_"
 
 
-def engine_kwargs_for(teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool) -> dict[str, Any]:
+def engine_kwargs_for(
+    teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool, *, seeded: bool = False
+) -> dict[str, Any]:
     """The teacher's engine_kwargs with distray's defaults under them.
 
     On CPU vLLM needs eager mode; `max_logprobs` must cover k; ray.data.llm's vLLM stage owns
-    `task_type`.
+    `task_type`. `seeded`: the requests sample (temperature > 0) with a seed.
     """
     kw = dict(teacher.engine_kwargs)
     if not on_gpu:
         kw.setdefault("enforce_eager", True)
+        if seeded:
+            # vLLM 0.32 on CPU: when a seeded request is prefilled in chunks, the model runner
+            # rewinds the request's torch.Generator with set_offset, which CPU generators
+            # refuse ("CPU Generator does not use offset"), and the engine core dies, again
+            # on every restart. Seen with 64 on-policy rollouts of SmolLM2 at once. Whole
+            # prefills (vLLM then sizes max_num_batched_tokens to max_model_len) avoid it.
+            kw.setdefault("enable_chunked_prefill", False)
     if logprobs is not None:
         kw["max_logprobs"] = max(int(kw.get("max_logprobs") or 0), logprobs, 20)
     if teacher.trust_remote_code:
@@ -71,11 +80,11 @@ def _placement(teacher: VLLMTeacher, on_gpu: bool, engine_kwargs: dict[str, Any]
     return None  # ray.data.llm's default: one GPU bundle per TP×PP worker
 
 
-def processor_config(teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool) -> Any:
-    """The `vLLMEngineProcessorConfig` for this teacher."""
+def processor_config(teacher: VLLMTeacher, logprobs: int | None, on_gpu: bool, *, seeded: bool = False) -> Any:
+    """The `vLLMEngineProcessorConfig` for this teacher (`seeded`: see `engine_kwargs_for`)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    kw = engine_kwargs_for(teacher, logprobs, on_gpu)
+    kw = engine_kwargs_for(teacher, logprobs, on_gpu, seeded=seeded)
     c = teacher.concurrency
     # A plain int means a fixed pool here; ray.data.llm would read it as 1..n.
     concurrency: tuple[int, int] = (c, c) if isinstance(c, int) else (int(c[0]), int(c[1]))
@@ -207,7 +216,7 @@ def generate(
         return out
 
     processor = build_processor(
-        processor_config(teacher, logprobs, on_gpu),
+        processor_config(teacher, logprobs, on_gpu, seeded=sampling.seed is not None and sampling.temperature > 0),
         preprocess=preprocess,
         postprocess=postprocess,
     )
