@@ -165,7 +165,9 @@ def main() -> None:
            "--served-model-name", "student", "--host", "127.0.0.1", "--port", str(vport),
            "--max-model-len", str(args.max_model_len)]
     if not on_gpu:
-        cmd.append("--enforce-eager")
+        # distray's CPU replicas prefill whole prompts (a seeded request prefilled in chunks
+        # kills vLLM 0.32's CPU engine); the same engine settings on both sides.
+        cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
     vlog = open(os.path.join(tmp, "vllm.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=vlog, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
