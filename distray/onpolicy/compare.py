@@ -8,7 +8,8 @@
    data copied in, for the off-policy share of the mix);
 3. off-policy KD, the same number of steps, on all of generate's data (equal steps);
 4. off-policy KD, the same steps, on only as many teacher rows as hold the teacher tokens the
-   on-policy run used, scored and mixed (equal teacher tokens);
+   on-policy run used, scored and mixed (equal teacher tokens); with `--off-policy-alpha A`,
+   also off-policy KD at equal steps with `train.alpha` A (the rounds train with α 1);
 5. the three students (and the initial one) on the same eval prompts: reverse KL on their own
    samples, teacher NLL and exact match of their greedy answers.
 
@@ -37,6 +38,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-per-round", type=int, default=640)
     parser.add_argument("--lmbda", type=float, default=0.5)
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument(
+        "--off-policy-alpha", type=float, default=None,
+        help="also train off-policy KD at equal steps with this train.alpha (1: the logit loss "
+        "alone, as the rounds train)",
+    )
 
 
 def _with(cfg: DistrayConfig, over: dict[str, Any]) -> DistrayConfig:
@@ -88,8 +94,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     off_cfg = _with(base, {"train": {"max_steps": steps}})
     n_rows = _tokens_rows(train_dir, teacher_tokens)
     students = {"initial": on.student.model if on.student else "", "on_policy": on_result.student_dir}
-    for name, rows in (("off_policy_equal_steps", None), ("off_policy_equal_tokens", n_rows)):
-        res = train_model(off_cfg, train_dir, f"{on.run_dir}/compare/{name}", validation_data=validation,
+    arms: list[tuple[str, DistrayConfig, int | None]] = [
+        ("off_policy_equal_steps", off_cfg, None), ("off_policy_equal_tokens", off_cfg, n_rows)]
+    if args.off_policy_alpha is not None:
+        a = args.off_policy_alpha
+        arms.append((f"off_policy_equal_steps_alpha{a:g}", _with(off_cfg, {"train": {"alpha": a}}), None))
+    for name, arm_cfg, rows in arms:
+        res = train_model(arm_cfg, train_dir, f"{on.run_dir}/compare/{name}", validation_data=validation,
                           max_rows=rows)
         students[name] = res.student_dir
     judge = OnPolicyRun(on)
