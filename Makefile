@@ -15,6 +15,11 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
+# `make test` runs on this many pytest-xdist workers (0: one process). Each takes a whole test
+# file at a time (module fixtures stay shared) in the order tests/conftest.py sets, slowest
+# first; each worker has its own local Ray. Much of an integration test is process start-up
+# that leaves a core idle, so two workers on 2 cores finish sooner than one.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test test-unit quickstart lint typecheck bench clean
 
@@ -30,7 +35,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -37,7 +37,19 @@ def _has_gpu() -> bool:
 TIMEOUT_S = {"unit": 60, "integration": 900, "gpu": 600}
 
 
+#: The slowest files, slowest first (minutes each, mostly engine and worker start-up). `make
+#: test` runs the suite on two pytest-xdist workers, a file per worker at a time (`--dist
+#: loadfile`, files in this order): the long files start first, the short ones fill the gaps.
+SLOW_FILES = (
+    "test_cluster.py", "test_pipeline.py", "test_train.py", "test_onpolicy_rounds.py",
+    "test_benchmarks.py", "test_generate.py", "test_real_model.py", "test_serve.py",
+    "test_evaluate.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
     for item in items:
         folder = item.path.parent.name
         if folder in TIMEOUT_S and item.get_closest_marker("timeout") is None:

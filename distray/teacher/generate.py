@@ -492,8 +492,16 @@ class _Stage:
             processed += part["rows"]
             self.add(part, split=splits, teacher=teacher.label, pass_="cache")
         # Pass B: the rest goes to the teacher.
-        t0 = time.perf_counter()
         todo = self.todo_all(teacher, gen.cache_dir is not None)
+        if processed and todo.limit(1).count() == 0:
+            # The cache answered every row left: starting the teacher's engines (loading its
+            # weights: minutes for a big model) would be for nothing. The check re-reads the
+            # prompts, which costs a second or two.
+            logger.info("teacher %s: every row left was answered from the cache; its engines "
+                        "were not started", teacher.label)
+            self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
+            return
+        t0 = time.perf_counter()
         answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs)
         part = _sum_stats(
             answered.map_batches(

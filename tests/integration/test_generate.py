@@ -313,6 +313,8 @@ def test_cache_and_multi_teacher_and_rerun(ray_cluster, tmp_path, fake_openai) -
     second = cfg_for("two")
     res = run(second)
     assert res.cache_hits == 24 and res.teacher_requests == 0 and server.calls == 24
+    # With every answer cached, no teacher pass ran (its engines were never started).
+    assert [p["pass_"] for p in res.parts if p.get("teacher")] == ["cache", "cache"], res.parts
     data2, _ = assert_exactly_once(second)
     assert sorted(r["response"] for r in data2) == sorted(r["response"] for r in data)
 

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster_fixtures import free_port  # noqa: E402
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = {"max_model_len": 128, "enforce_eager": True, "dtype": "float32"}
-
-
-def _free_port() -> int:
-    # On every interface: Ray binds some ports on the machine's address, not only 127.0.0.1.
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_pipeline_config(tmp: Path, name: str) -> dict:
@@ -67,7 +60,7 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
             "latency_samples": 3,
             "engine_kwargs": ENGINE,
         },
-        "serve": {"port": _free_port(), "serve_teacher": True, "engine_kwargs": ENGINE},
+        "serve": {"port": free_port(), "serve_teacher": True, "engine_kwargs": ENGINE},
         "bench": {"concurrency": [2], "num_prompts": 6, "max_tokens": 8},
         "resources": {"num_cpus": 4},
         "demo": {
@@ -85,61 +78,19 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """A `ray start --head --block` on 127.0.0.1 with its own ports; stopped by signalling it
-    (a global `ray stop` would also kill the session's other Ray). The session's local Ray is
-    shut down first: one Ray at a time holds the cores."""
+    """A `ray start --head --block` on 127.0.0.1 with its own ports (cluster_fixtures.LocalCluster),
+    stopped by signalling it (a global `ray stop` would also kill the session's other Ray). The
+    session's local Ray is shut down first: one Ray at a time holds the cores."""
+    from cluster_fixtures import LocalCluster
     from conftest import release_local_ray
 
     release_local_ray()
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
-    # The head inherits the session's Ray auth mode (conftest), so head and clients agree.
-    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
-            # Every port of its own: the session's other local Ray holds the defaults (the
-            # job agent's 52365 among them), and a clash leaves "No available agent".
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            "--disable-usage-stats",
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    import httpx
-
-    def stop() -> None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code < 500:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            stop()
-            raise RuntimeError(f"ray start exited {proc.returncode}; see {log.name}")
-        time.sleep(1)
-    else:
-        stop()
-        raise RuntimeError(f"Ray dashboard did not come up at {address}; see {log.name}")
-    yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env}
-    stop()
+    head = LocalCluster(tmp_path_factory.mktemp("ray-head"), dict(os.environ))
+    try:
+        head.start_head(4, {})
+        yield head
+    finally:
+        head.stop()
 
 
 def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
@@ -152,7 +103,7 @@ def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
 
     # 1. The Python API, through Ray's job submission client.
     job = DistillationJob.from_config(cfg_path)
-    job.submit(ray_head["address"])
+    job.submit(ray_head.address)
     assert job.status() in ("PENDING", "RUNNING", "SUCCEEDED")
     assert job.wait(timeout_s=1500) == "SUCCEEDED"
 
@@ -188,10 +139,10 @@ def test_distillation_job_submit_then_ray_job_submit_skips(ray_head, tmp_path):
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "ray"), "job", "submit",
-            f"--address={ray_head['address']}", "--working-dir", str(ROOT), "--",
+            f"--address={ray_head.address}", "--working-dir", str(ROOT), "--",
             "python", "jobs/pipeline.py", "--config", str(cfg_path), "evaluate.latency_samples=3",
         ],
-        env=ray_head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+        env=ray_head.env, capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
