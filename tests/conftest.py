@@ -114,7 +114,8 @@ def ray_cluster(_ray_session):
 
     Started on first use, and again after a module that needs the cores for a cluster of its
     own (the `ray job submit` pipeline test, the multi-node tests) shut it down with
-    `release_local_ray`: one Ray at a time holds this machine's cores.
+    `release_local_ray`: one Ray per test process at a time (`make test` runs two
+    pytest-xdist workers, so at most two Rays share the machine).
     """
     yield start_local_ray()
 

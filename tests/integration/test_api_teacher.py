@@ -128,7 +128,11 @@ def test_revoked_key_stops_the_run_and_a_rerun_finishes(ray_cluster, tmp_path, k
     paths = RunPaths(cfg.run_dir)
     assert rows_of(paths.generate_rejects) == []  # no row was rejected for the revoked key
     first = rows_of(paths.generate_data)
-    assert 0 < len(first) <= 8 and server.refused <= 4 + 4  # stopped within a few requests
+    # Stopped within a few requests. Rows answered before the stop are written when their
+    # batch reached the sink first, which depends on scheduling (none on a busy machine):
+    # what is written was answered, and the rerun sends the rest.
+    assert len(first) <= 8 and server.refused <= 4 + 4
+    assert {r["prompt"] for r in first} <= set(server.answered[:8])
     server.revoke_after = None  # a new key
     res = run(cfg)
     answered = rows_of(paths.generate_data)

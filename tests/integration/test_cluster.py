@@ -61,7 +61,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Any:
     """Head (1 CPU, dashboard + job server) and node_a, node_b (WORKER_CPUS each)."""
     from conftest import release_local_ray
 
-    release_local_ray()  # one Ray at a time holds this machine's 2 cores
+    release_local_ray()  # one Ray per test process at a time
     c = LocalCluster(tmp_path_factory.mktemp("ray-nodes"), dict(os.environ))
     try:
         c.start_head(1, {"head": 1})
@@ -552,7 +552,7 @@ def test_fake_multinode_autoscaler_launches_and_removes_workers(cluster, tmp_pat
     """Ray's fake multi-node provider on this machine: an engine-shaped demand (2 replicas of
     {"CPU": 2} on a head with none) launches worker nodes; idle, they are removed.
 
-    Runs last: it stops the module's cluster first (one cluster at a time holds the cores).
+    Runs last: it stops the module's cluster first (one cluster per test process at a time).
     """
     import ray
 

@@ -80,7 +80,7 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A `ray start --head --block` on 127.0.0.1 with its own ports (cluster_fixtures.LocalCluster),
     stopped by signalling it (a global `ray stop` would also kill the session's other Ray). The
-    session's local Ray is shut down first: one Ray at a time holds the cores."""
+    worker's local Ray is shut down first: one Ray per test process at a time."""
     from cluster_fixtures import LocalCluster
     from conftest import release_local_ray
 
