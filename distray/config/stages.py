@@ -98,7 +98,7 @@ class GenerateConfig(Section):
     cache_dir: str | None = Field(
         default=None,
         description="Content-addressed answer cache shared between runs (same prompt, teacher "
-        "and sampling reuse the answer).",
+        "and sampling reuse the answer; a run the cache answers in full starts no teacher engine).",
     )
     rows_per_shard: int = Field(
         default=1024, ge=1, description="Rows per written Parquet shard (at most)."

@@ -402,7 +402,13 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     assert proc.poll() is None, f"generate ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(2)  # let Ray reap the dead driver's workers
+    # Ray reaps the dead driver's actor and tasks; until then they may still ask and write
+    # (longer on a busy machine). Wait until the teacher has heard nothing for 3 s.
+    quiet_since, seen, deadline = time.time(), len(server.answered), time.time() + 60
+    while time.time() - quiet_since < 3 and time.time() < deadline:
+        time.sleep(0.2)
+        if len(server.answered) != seen:
+            quiet_since, seen = time.time(), len(server.answered)
 
     written, _ = outputs(cfg.run_dir)
     assert 0 < len(written) < n, "kill left no partial run to resume"
@@ -421,8 +427,8 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     assert sorted(r["line"] for r in rejects) == sorted(bad_lines) and len(bad_lines) == len(BAD_LINES)
     asked_after = server.answered[asked_before:]
     assert not written_prompts & set(asked_after), "a finished row was sent to the teacher again"
-    # Only rows in flight at the kill were asked twice.
-    assert len(server.answered) - n <= 16
+    # Only rows answered but not written before the kill were asked twice.
+    assert len(server.answered) - n <= asked_before - len(written), (asked_before, len(written))
     assert "generate |" in done.stderr and "already done" in done.stderr
 
 
