@@ -25,7 +25,8 @@ Every input row (× teachers × samples) ends in data or rejects exactly once: i
 hashes, shards are written atomically (writer.py), and a rerun skips every id already in either
 folder, so a job killed at any moment and run again finishes the rest without asking the teacher
 twice. With `generate.cache_dir`, a first pass writes rows whose answer is cached; only the rest
-reach the teacher, whose engines do not start when the cache answered every row. Rejected answers are final: delete their rejects shard to retry them.
+reach the teacher, whose engines do not start when the cache answered every row. Rejected
+answers are final: delete their rejects shard to retry them.
 
 Transient teacher failures are the exception: a `request_failed` row (429/5xx/timeout after
 `teacher.max_retries`; a plain 4xx such as an over-long prompt's 400 is final) or an
