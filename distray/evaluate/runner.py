@@ -421,8 +421,8 @@ def _measure_and_answer(
     `generate.max_prompt_tokens`, room in the context), the accepted ones into the measured
     batch; a refused row gets the same error row generate gives it."""
     from distray import prompts as P
-    from distray.teacher.engines import common
-    from distray.teacher.engines.vllm import context_length
+    from distray.engines import common
+    from distray.engines.vllm import context_length
     from distray.teacher.rows import ERROR
 
     engine = m.engine

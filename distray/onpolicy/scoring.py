@@ -115,7 +115,7 @@ def _vllm_scores(ds: Any, scorer: VLLMTeacher, cfg: DistrayConfig, k: int) -> An
     from ray.data.llm import build_processor
 
     from distray.ray_utils import cluster_has_gpu
-    from distray.teacher.engines.vllm import processor_config
+    from distray.engines.vllm import processor_config
 
     kw = scorer.engine_kwargs.get("max_model_len")
     prepared = ds.map_batches(_prepare(scorer, int(kw) if kw else None), batch_format="pyarrow", batch_size=None)

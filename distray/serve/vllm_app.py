@@ -62,7 +62,7 @@ def llm_config(cfg: DistrayConfig, name: str, path: str, on_gpu: bool) -> dict[s
         # vLLM's CPU backend has no CUDA graphs.
         engine_kwargs.setdefault("enforce_eager", True)
         # Any client may send the OpenAI `seed` field: a seeded request prefilled in chunks
-        # kills vLLM 0.32's CPU engine core (see teacher.engines.vllm.engine_kwargs_for).
+        # kills vLLM 0.32's CPU engine core (see engines.vllm.engine_kwargs_for).
         engine_kwargs.setdefault("enable_chunked_prefill", False)
         from distray.ray_utils import cpu_placement
 

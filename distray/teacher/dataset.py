@@ -61,7 +61,7 @@ def answer(
     logprobs: int | None,
 ) -> ray.data.Dataset:
     """Send expanded teacher rows to the teacher's engine; keeps internal `_` columns."""
-    from distray.teacher import engines
+    from distray import engines
 
     return engines.generate(ds, teacher, cfg, sampling, logprobs)
 

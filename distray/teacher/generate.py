@@ -66,7 +66,7 @@ from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.cache import AnswerCache
 from distray.teacher.dataset import answer
-from distray.teacher.engines.common import is_prepare_error
+from distray.engines.common import is_prepare_error
 from distray.teacher.filters import DuplicateTracker, check_response, response_digest
 from distray.teacher.rows import ERROR, Teacher, expand_rows, model_fingerprint, reject_row
 

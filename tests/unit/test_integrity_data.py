@@ -23,7 +23,7 @@ from distray.config import FilterConfig, HFTeacher, OpenAITeacher, SamplingConfi
 from distray.errors import DataError
 from distray.teacher import rows as R
 from distray.teacher import writer as W
-from distray.teacher.engines import common
+from distray.engines import common
 from distray.teacher.filters import check_response
 from distray.teacher.reader import iter_prompt_blocks
 from distray.teacher.rows import cache_key, expand_rows, model_fingerprint, sampling_key

@@ -24,7 +24,7 @@ from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig
 from distray.errors import StageError
 from distray.http_retry import backoff_s, fatal_status, retry_after_s
-from distray.teacher.engines.openai import MalformedResponse, OpenAIClient, parse_response
+from distray.engines.openai import MalformedResponse, OpenAIClient, parse_response
 
 KEY_ENV = "DISTRAY_TEST_TEACHER_KEY"
 KEY = "sk-test-4b1d"
@@ -243,7 +243,7 @@ def test_key_is_read_from_the_env_in_the_actor(scripted, monkeypatch) -> None:
 
 
 def test_generate_passes_the_key_as_env_only(monkeypatch) -> None:
-    from distray.teacher.engines import openai as engine
+    from distray.engines import openai as engine
 
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.setattr(engine, "preflight", lambda teacher, key: None)

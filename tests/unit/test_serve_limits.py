@@ -463,7 +463,7 @@ def test_seeded_sampling_on_cpu_prefills_whole_prompts(tmp_path) -> None:
     """vLLM 0.32's CPU engine dies on a seeded request prefilled in chunks; distray turns chunked
     prefill off where seeded requests can reach a CPU engine, and leaves it alone elsewhere."""
     from distray.config import VLLMTeacher
-    from distray.teacher.engines.vllm import engine_kwargs_for
+    from distray.engines.vllm import engine_kwargs_for
 
     t = VLLMTeacher(model="/m/teacher", engine_kwargs={"max_model_len": 256})
     assert engine_kwargs_for(t, None, False, seeded=True)["enable_chunked_prefill"] is False

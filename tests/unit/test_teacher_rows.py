@@ -14,8 +14,8 @@ from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig, VLLMTeacher
 from distray.http_retry import backoff_s, retry_after_s, retryable_status
 from distray.teacher import writer as W
-from distray.teacher.engines import common
-from distray.teacher.engines.openai import parse_logprobs
+from distray.engines import common
+from distray.engines.openai import parse_logprobs
 from distray.teacher.reader import iter_prompt_blocks
 from distray.teacher.rows import cache_key, expand_rows, sampling_key
 

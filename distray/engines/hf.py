@@ -24,7 +24,7 @@ from distray import formats as F
 from distray import prompts
 from distray.config import DistrayConfig, HFTeacher, SamplingConfig
 from distray.hf_engine import HFEngine
-from distray.teacher.engines import common
+from distray.engines import common
 from distray.teacher.rows import ERROR
 
 if TYPE_CHECKING:

@@ -52,7 +52,7 @@ from distray import formats as F
 from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
 from distray.errors import ConfigError, StageError
 from distray.http_retry import backoff_s, fatal_status, retry_after_s, retryable_status
-from distray.teacher.engines import common
+from distray.engines import common
 from distray.teacher.rows import ERROR, sample_seed
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from distray import formats as F
 from distray import prompts
 from distray.config import DistrayConfig, SamplingConfig, VLLMTeacher
-from distray.teacher.engines import common
+from distray.engines import common
 from distray.teacher.rows import ERROR, sample_seed
 
 if TYPE_CHECKING:

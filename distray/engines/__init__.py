@@ -1,5 +1,5 @@
-"""Teacher engines, one module per `teacher.kind`: vllm (ray.data.llm), openai (HTTP), hf
-(transformers generate). Each exposes `generate(ds, teacher, cfg, sampling, logprobs) -> ds`
+"""The engine layer every stage shares, one module per `teacher.kind`: vllm (ray.data.llm),
+openai (HTTP), hf (transformers generate). Each exposes `generate(ds, teacher, cfg, sampling, logprobs) -> ds`
 that fills `engines.common.RESULT_COLUMNS` on teacher rows and keeps the row's own columns.
 """
 
@@ -24,15 +24,15 @@ def generate(
 ) -> ray.data.Dataset:
     """Dispatch to the engine of `teacher.kind`."""
     if isinstance(teacher, VLLMTeacher):
-        from distray.teacher.engines.vllm import generate as vllm_generate
+        from distray.engines.vllm import generate as vllm_generate
 
         return vllm_generate(ds, teacher, cfg, sampling, logprobs)
     if isinstance(teacher, OpenAITeacher):
-        from distray.teacher.engines.openai import generate as openai_generate
+        from distray.engines.openai import generate as openai_generate
 
         return openai_generate(ds, teacher, cfg, sampling, logprobs)
     if isinstance(teacher, HFTeacher):
-        from distray.teacher.engines.hf import generate as hf_generate
+        from distray.engines.hf import generate as hf_generate
 
         return hf_generate(ds, teacher, cfg, sampling, logprobs)
     raise TypeError(f"unknown teacher type {type(teacher).__name__}")
