@@ -10,8 +10,9 @@ import math
 from typing import Any
 
 from distray import formats as F
+from distray.config import SamplingConfig
+from distray.engines.results import ERROR
 from distray.prompts import load_tokenizer
-from distray.teacher.rows import ERROR
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -22,6 +23,7 @@ __all__ = [
     "topk_from_vllm",
     "empty_result",
     "engine_span",
+    "sample_seed",
 ]
 
 #: Columns an engine stage fills (beside the row's own); `error` is null when it went well.
@@ -159,3 +161,9 @@ def empty_result(row: dict[str, Any], error: str) -> dict[str, Any]:
     row[F.COMPLETION_TOKENS] = None
     row[ERROR] = error
     return row
+
+
+def sample_seed(sampling: SamplingConfig, sample_index: int) -> int | None:
+    """The engine seed of one sample: `seed + sample_index`, so n samples differ but reruns
+    repeat; None when sampling is unseeded."""
+    return None if sampling.seed is None else sampling.seed + sample_index

@@ -23,9 +23,9 @@ import pyarrow as pa
 from distray import formats as F
 from distray import prompts
 from distray.config import DistrayConfig, HFTeacher, SamplingConfig
-from distray.hf_engine import HFEngine
 from distray.engines import common
-from distray.teacher.rows import ERROR
+from distray.engines.results import ERROR
+from distray.hf_engine import HFEngine
 
 if TYPE_CHECKING:
     import ray.data

@@ -50,10 +50,11 @@ import pyarrow as pa
 
 from distray import formats as F
 from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
+from distray.engines import common
+from distray.engines.common import sample_seed
+from distray.engines.results import ERROR
 from distray.errors import ConfigError, StageError
 from distray.http_retry import backoff_s, fatal_status, retry_after_s, retryable_status
-from distray.engines import common
-from distray.teacher.rows import ERROR, sample_seed
 
 if TYPE_CHECKING:
     import ray.data

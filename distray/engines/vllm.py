@@ -26,7 +26,8 @@ from distray import formats as F
 from distray import prompts
 from distray.config import DistrayConfig, SamplingConfig, VLLMTeacher
 from distray.engines import common
-from distray.teacher.rows import ERROR, sample_seed
+from distray.engines.common import sample_seed
+from distray.engines.results import ERROR
 
 if TYPE_CHECKING:
     import ray.data

@@ -422,8 +422,8 @@ def _measure_and_answer(
     batch; a refused row gets the same error row generate gives it."""
     from distray import prompts as P
     from distray.engines import common
+    from distray.engines.results import ERROR
     from distray.engines.vllm import context_length
-    from distray.teacher.rows import ERROR
 
     engine = m.engine
     path = m.path

@@ -76,7 +76,7 @@ class RolloutSink:
         self.label = label
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from distray.teacher.rows import reject_row
+        from distray.engines.results import reject_row
 
         good: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []

@@ -114,8 +114,8 @@ def _prepare(scorer: VLLMTeacher | HFTeacher, max_model_len: int | None) -> Any:
 def _vllm_scores(ds: Any, scorer: VLLMTeacher, cfg: DistrayConfig, k: int) -> Any:
     from ray.data.llm import build_processor
 
-    from distray.ray_utils import cluster_has_gpu
     from distray.engines.vllm import processor_config
+    from distray.ray_utils import cluster_has_gpu
 
     kw = scorer.engine_kwargs.get("max_model_len")
     prepared = ds.map_batches(_prepare(scorer, int(kw) if kw else None), batch_format="pyarrow", batch_size=None)
@@ -229,7 +229,7 @@ class ScoreSink:
         self.kind = kind
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from distray.teacher.rows import reject_row
+        from distray.engines.results import reject_row
 
         good: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []

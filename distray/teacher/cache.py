@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from distray import formats as F
 from distray import storage
 from distray.engines.common import RESULT_COLUMNS
-from distray.teacher.rows import ERROR
+from distray.engines.results import ERROR
 
 __all__ = ["CACHED_COLUMNS", "AnswerCache"]
 

@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from distray import formats as F
 from distray.config import DistrayConfig, SamplingConfig
-from distray.teacher.rows import ERROR, Teacher, expand_rows
+from distray.engines.results import ERROR
+from distray.teacher.rows import Teacher, expand_rows
 
 if TYPE_CHECKING:
     import ray.data

@@ -61,14 +61,15 @@ from distray.config import (
     OpenAITeacher,
     VLLMTeacher,
 )
+from distray.engines.common import is_prepare_error
+from distray.engines.results import ERROR, reject_row
 from distray.errors import ConfigError, DataError, StageError
 from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.cache import AnswerCache
 from distray.teacher.dataset import answer
-from distray.engines.common import is_prepare_error
 from distray.teacher.filters import DuplicateTracker, check_response, response_digest
-from distray.teacher.rows import ERROR, Teacher, expand_rows, model_fingerprint, reject_row
+from distray.teacher.rows import Teacher, expand_rows, model_fingerprint
 
 logger = logging.getLogger(__name__)
 

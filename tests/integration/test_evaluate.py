@@ -161,9 +161,9 @@ def test_answers_from_the_measured_batch_equal_the_prediction_run(
     """Evaluate takes a local model's answers from its efficiency run (one engine start, not
     two): they must be the answers generate's batch path gives, and a prompt that generate
     refuses is refused the same way."""
+    from distray.engines.results import ERROR
     from distray.evaluate import runner
     from distray.formats import FINISH_REASON, ID, MESSAGES, RESPONSE, RESPONSE_TOKEN_IDS
-    from distray.teacher.rows import ERROR
 
     cfg = _cfg(tmp_path, tiny_teacher_model, tiny_teacher_model, "hf", models=["teacher"])
     test_path = runner.test_data_path(cfg)

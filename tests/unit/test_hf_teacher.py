@@ -7,8 +7,8 @@ from typing import Any
 import pyarrow as pa
 
 from distray import formats as F
-from distray.hf_engine import topk_per_step
 from distray.engines.hf import HFGenerator
+from distray.hf_engine import topk_per_step
 
 PROMPTS = ["hello there", "what is 2+2?", "x"]
 

@@ -22,9 +22,9 @@ import pytest
 
 from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig
+from distray.engines.openai import MalformedResponse, OpenAIClient, parse_response
 from distray.errors import StageError
 from distray.http_retry import backoff_s, fatal_status, retry_after_s
-from distray.engines.openai import MalformedResponse, OpenAIClient, parse_response
 
 KEY_ENV = "DISTRAY_TEST_TEACHER_KEY"
 KEY = "sk-test-4b1d"
