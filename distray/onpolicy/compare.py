@@ -7,7 +7,7 @@
 2. on-policy: `rounds × steps_per_round` steps in a sibling run `<name>-onpolicy` (generate's
    data copied in, for the off-policy share of the mix);
 3. off-policy KD, the same number of steps, on all of generate's data (equal steps);
-4. off-policy KD, the same steps, on only as many teacher rows as hold the teacher tokens the
+4. off-policy KD, the same steps, on only as many teacher-data rows as hold the teacher tokens the
    on-policy run used, scored and mixed (equal teacher tokens); with `--off-policy-alpha A`,
    also off-policy KD at equal steps with `train.alpha` A (the rounds train with α 1);
 5. the three students (and the initial one) on the same eval prompts: reverse KL on their own

@@ -13,7 +13,7 @@
     scored/part-*.parquet     the teacher's top-k over those exact tokens (SCORED_SCHEMA)
     self/part-*.parquet       the student's own logprobs of its eval samples (SELF_SCHEMA)
     rejects/                  rows that got no answer or no score (REJECT_SCHEMA), final
-    mix/part-*.parquet        the training mix: λ on-policy, 1 − λ off-policy teacher rows
+    mix/part-*.parquet        the training mix: λ on-policy, 1 − λ off-policy teacher-data rows
     train/                    Ray Train checkpoints, metrics.jsonl, student/ (the export)
     <phase>.done.json         written when a phase has finished, with its figures
 ```

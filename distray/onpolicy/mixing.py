@@ -1,4 +1,4 @@
-"""Phase (c, data): a round's training mix, λ on-policy rows and 1 − λ off-policy teacher rows.
+"""Phase (c, data): a round's training mix, λ on-policy rows and 1 − λ off-policy teacher-data rows.
 
     .venv/bin/python -m pytest tests/unit/test_onpolicy.py -q -k mix
 
@@ -80,14 +80,14 @@ def write_mix(rp: RoundPaths, teacher_data: str | None, lmbda: float, seed: int)
     if n_off:
         if teacher_data is None or not storage.exists(teacher_data):
             raise DataError(
-                f"`train.on_policy.lmbda` ({lmbda}) mixes in off-policy teacher rows, but there "
+                f"`train.on_policy.lmbda` ({lmbda}) mixes in off-policy teacher-data rows, but there "
                 f"is no teacher data at {teacher_data}; run `distray generate` first, or set "
                 "train.on_policy.lmbda: 1"
             )
         ids = _read(teacher_data, [F.ID]).column(F.ID).to_pylist() if W.iter_shard_files(teacher_data) else []
         chosen = draw_ids(ids, n_off, seed, rp.index)
         if not chosen:
-            raise DataError(f"no teacher rows in {teacher_data} to mix in; run `distray generate` first")
+            raise DataError(f"no teacher-data rows in {teacher_data} to mix in; run `distray generate` first")
         table = _read(teacher_data)
         table = table.filter(pc.is_in(table.column(F.ID), value_set=pa.array(chosen, pa.string())))
         off = table.select(F.TEACHER_DATA_SCHEMA.names).cast(F.TEACHER_DATA_SCHEMA)

@@ -8,7 +8,7 @@
    prompts, and the eval prompts (sampled and greedy), with engine replicas (rollouts.py);
 2. scoring: the teacher scores those exact tokens with prompt logprobs, top-k per answer
    position; the student scores its own eval samples (scoring.py);
-3. mix + train: λ of the mix is the scored rollouts, 1 − λ off-policy teacher rows of
+3. mix + train: λ of the mix is the scored rollouts, 1 − λ off-policy teacher-data rows of
    generate (mixing.py); Ray Train × DeepSpeed trains student r on it with `train.loss`
    (kd / reverse_kl / jsd over the teacher's top-k) and exports student r + 1.
 
@@ -16,7 +16,7 @@ After the last round, the last student answers the eval prompts once more for th
 and is published to `<run>/train/student` (the folder evaluate and serve read), with
 `<run>/train/metrics.jsonl` and `loss.png` over all rounds. Folders: `distray.onpolicy.layout`.
 
-Student and teacher engines run one after the other (`schedule: turns`) on a machine that
+Student and the teacher's engines run one after the other (`schedule: turns`) on a machine that
 cannot hold both; with `schedule: overlap` (auto on GPU clusters with room for both pools) one
 Ray Data pipeline streams rollouts into the teacher's engines while the student still writes.
 """
@@ -102,7 +102,7 @@ def round_train_settings(cfg: DistrayConfig, index: int) -> dict[str, Any]:
 
 def _settings(cfg: DistrayConfig, teacher: VLLMTeacher | HFTeacher) -> dict[str, Any]:
     from distray import lineage
-    from distray.teacher.rows import teacher_ident
+    from distray.teacher import teacher_ident
 
     s = {k: v for k, v in lineage.settings(cfg, "train").items() if not k.startswith(SPEED_ONLY)}
     s["teacher"] = json.dumps(teacher_ident(teacher), sort_keys=True, default=str)

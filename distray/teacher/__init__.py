@@ -8,6 +8,7 @@ Public API:
 - `generate_dataset(ds, teacher, cfg, *, sampling=None, logprobs=None) -> Dataset`: the
   generation path alone, as a lazy Ray Data transform (used by `evaluate`).
 - `read_prompts(path, cfg) -> (valid, rejects)`: read + validate prompt files into Ray Data.
+- `teacher_ident(teacher) -> dict`: what about a teacher decides its answers (row ids, cache).
 
 Importing this package is cheap; Ray and the engines load on first use.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["run", "GenerateResult", "generate_dataset", "read_prompts", "OUTPUT_SCHEMA"]
+__all__ = [
+    "run", "GenerateResult", "generate_dataset", "read_prompts", "OUTPUT_SCHEMA", "teacher_ident",
+]
 
 _LAZY = {
     "run": "distray.teacher.generate",
@@ -25,12 +28,14 @@ _LAZY = {
     "generate_dataset": "distray.teacher.dataset",
     "OUTPUT_SCHEMA": "distray.teacher.dataset",
     "read_prompts": "distray.teacher.reader",
+    "teacher_ident": "distray.teacher.rows",
 }
 
 if TYPE_CHECKING:
     from distray.teacher.dataset import OUTPUT_SCHEMA, generate_dataset
     from distray.teacher.generate import GenerateResult, run
     from distray.teacher.reader import read_prompts
+    from distray.teacher.rows import teacher_ident
 
 
 def __getattr__(name: str) -> Any:
