@@ -454,6 +454,12 @@ class ServeConfig(Section):
         description="Largest accepted request body in bytes (8 MiB); larger ones get HTTP 413 "
         "before they are parsed. None: no limit.",
     )
+    body_read_timeout_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Longest time a client may take to send a request body; a slower one "
+        "gets HTTP 408 and its request slot back. None: no limit.",
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM settings.")
     detached: bool = Field(default=False, description="Return once deployed instead of blocking.")
     stream_batching_interval_ms: float | None = Field(

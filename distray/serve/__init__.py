@@ -4,7 +4,9 @@
     distray serve --config run.yaml serve.detached=true   # deploy and return (ray job submit)
 
 Routes: `POST /v1/chat/completions` (plain and SSE streaming), `POST /v1/completions`,
-`GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (200 when every model's engine answers).
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (with the API key, or when none is
+configured: 200 when every model's engine answers; without the key: the ingress process's
+liveness only, so an open probe costs the engines nothing).
 
 Two backends (`serve.backend`) share one hardened front (`front.py`, `guards.py`):
 `vllm` (`vllm_app.py`: Ray Serve LLM, one autoscaled vLLM deployment per model) and `hf`
@@ -16,7 +18,8 @@ Python: `deploy(cfg, models) -> [EndpointConfig]` and `shutdown()` for the pipel
 Safety (both backends): binds `serve.host` (127.0.0.1 by default; another address without
 `serve.api_key_env` logs a warning); with `serve.api_key_env` set, every route but `/health`
 needs `Authorization: Bearer <key>` (401 otherwise); `/health` answers its status only; a body
-above `serve.max_request_bytes` gets 413; `max_tokens` × `n` × prompts above
+above `serve.max_request_bytes` gets 413, one not received within `serve.body_read_timeout_s`
+408; more than 4 `stop` sequences get 400; `max_tokens` × `n` × prompts above
 `serve.max_tokens_cap` and prompts above `serve.max_prompt_tokens` (in all, tools included) get
 400; malformed requests (bad JSON, NaN, lone surrogates, a seed out of range, wrong types,
 unknown model, unknown route) get a 4xx with an OpenAI-style `{"error": {...}}` body, never a
@@ -101,7 +104,7 @@ _deployed = _Deployments()
 def _build(cfg: DistrayConfig, models: dict[str, str]) -> Any:
     """The Serve application of the configured backend."""
     s = cfg.serve
-    limits = Limits(s.max_tokens_cap, s.max_prompt_tokens, s.max_request_bytes)
+    limits = Limits(s.max_tokens_cap, s.max_prompt_tokens, s.max_request_bytes, s.body_read_timeout_s)
     digest = api_key_digest(cfg)
     if cfg.serve.backend == "hf":
         from distray.serve import hf_app
@@ -172,7 +175,8 @@ def deploy(
             f"Serve app `{app_name}` failed to deploy {sorted(models)}: {e}; check the model "
             "folders and serve.engine_kwargs (the replica logs are in /tmp/ray/session_latest/logs/serve)"
         ) from e
-    _wait_healthy(endpoint_url(cfg) + route_prefix.rstrip("/"), ready_timeout_s)
+    key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
+    _wait_healthy(endpoint_url(cfg) + route_prefix.rstrip("/"), ready_timeout_s, key)
     return served_endpoints(cfg, models, route_prefix=route_prefix)
 
 
@@ -225,14 +229,17 @@ def _check_proxy_address(cfg: DistrayConfig) -> None:
         )
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(url: str, timeout_s: float, key: str | None = None) -> None:
+    """Wait until `/health` answers 200. With the key, `/health` asks every engine; without
+    one (or with no key configured) it answers for the ingress process alone."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(url + "/health", timeout=15)
+            r = httpx.get(url + "/health", timeout=15, headers=headers)
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}: {r.text[:300]}"

@@ -14,10 +14,76 @@ from typing import Any
 
 from distray.serve.guards import RequestRejected, body_problem, check_bearer, openai_error
 
-__all__ = ["COUNTS", "OPEN_PATHS", "BearerAuth", "BodyGuard", "RequestMetrics", "harden"]
+__all__ = [
+    "AUTHENTICATED",
+    "COUNTS",
+    "OPEN_PATHS",
+    "REASON_LABELS",
+    "ROUTE_LABELS",
+    "STATUS_LABELS",
+    "BearerAuth",
+    "BodyGuard",
+    "RequestMetrics",
+    "harden",
+    "metric_labels",
+]
 
 #: Paths reachable without the API key: load balancers and `distray serve` itself probe them.
 OPEN_PATHS = frozenset({"/health"})
+
+#: The ASGI scope key `BearerAuth` sets to True for a request that carried the right key (or
+#: when no key is configured): `/health` checks the engines only for such a request.
+AUTHENTICATED = "distray.authenticated"
+
+# Metric labels come from fixed sets, never from what a client sends: a label taken from the
+# path (or a model name, or an error text) gives every distinct request its own series, and
+# anyone who can reach the port could grow the metrics export without bound.
+#: Route labels: the served routes, and `other` for every other path.
+ROUTE_LABELS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}",
+                "/health", "other")
+#: Status labels: the statuses the front and the engines answer with, and `other`.
+STATUS_LABELS = ("200", "400", "401", "403", "404", "405", "408", "413", "415", "422", "429",
+                 "500", "502", "503", "504", "other")
+#: Reason labels of refusals: the error body's `code`, else its `type`, when listed; else `other`.
+REASON_LABELS = (
+    "invalid_api_key", "request_too_large", "request_timeout", "json_invalid", "invalid_value",
+    "model_not_found", "context_length_exceeded", "max_tokens_cap", "too_many_stop_sequences",
+    "invalid_request_error", "not_found_error", "authentication_error", "server_error", "other",
+)
+_STATUSES = frozenset(STATUS_LABELS)
+_REASONS = frozenset(REASON_LABELS)
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The request path under the app's route prefix (`/hf/health` → `/health`)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path
+
+
+def metric_labels(path: str, status: int, error: dict[str, Any] | None = None) -> dict[str, str]:
+    """`route`, `status` and `reason` labels of one answer, each from its fixed set.
+
+    Args:
+        path: the request path under the app's route prefix.
+        status: the HTTP status answered.
+        error: the OpenAI error body's `error` object, for a 4xx/5xx.
+    """
+    if path in ROUTE_LABELS and path != "other":
+        route = path
+    elif path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+        route = "/v1/models/{model}"
+    else:
+        route = "other"
+    code = str(status) if str(status) in _STATUSES else "other"
+    out = {"route": route, "status": code}
+    if status >= 400:
+        err = error or {}
+        reason = next((str(v) for v in (err.get("code"), err.get("type")) if str(v) in _REASONS), "other")
+        out["reason"] = reason
+    return out
 
 
 def _safe_param(value: Any) -> str | None:
@@ -38,11 +104,7 @@ class BearerAuth:
         self.digest = digest
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):  # under a route prefix (`/hf/health`)
-            path = path[len(root):]
-        if scope["type"] != "http" or self.digest is None or path in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = None
@@ -51,7 +113,8 @@ class BearerAuth:
                 header = v.decode("latin-1")
                 break
         reason = check_bearer(header, self.digest)
-        if reason is None:
+        scope[AUTHENTICATED] = reason is None
+        if reason is None or _route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         from starlette.responses import JSONResponse
@@ -69,12 +132,15 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, b
 
 class BodyGuard:
     """ASGI middleware: a request body over `max_bytes` gets 413 (checked on Content-Length,
-    then on the bytes received), and a body `guards.body_problem` refuses gets 400, before any
-    handler parses it. The body is then replayed to the app unchanged."""
+    then on the bytes received), a body not received in full within `read_timeout_s` gets 408
+    (a client trickling bytes would otherwise hold a request slot for as long as it likes),
+    and a body `guards.body_problem` refuses gets 400, before any handler parses it. The body
+    is then replayed to the app unchanged."""
 
-    def __init__(self, app: Any, max_bytes: int | None) -> None:
+    def __init__(self, app: Any, max_bytes: int | None, read_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     def _too_large(self, size: int | str) -> dict[str, Any]:
         return openai_error(
@@ -91,10 +157,25 @@ class BodyGuard:
             if k.lower() == b"content-length" and limit is not None and v.isdigit() and int(v) > limit:
                 await _refuse(scope, receive, send, 413, self._too_large(int(v)))
                 return
+        import asyncio
+
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = None if self.read_timeout_s is None else loop.time() + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                if deadline is None:
+                    message = await receive()
+                else:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                body = openai_error(
+                    f"the request body was not received within {self.read_timeout_s:g} s "
+                    f"({size} bytes arrived; serve.body_read_timeout_s)", code="request_timeout",
+                )
+                await _refuse(scope, receive, send, 408, body)
+                return
             if message["type"] != "http.request":  # the client left
                 return
             chunk = message.get("body", b"")
@@ -122,7 +203,9 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
-#: Requests this process answered, by ("requests", route, status) and ("rejected", status, reason).
+#: Requests this process answered, by ("requests", route, status) and ("rejected", status,
+#: reason), every label from its fixed set: at most |routes| × |statuses| + |statuses| × |reasons|
+#: keys, whatever clients send.
 COUNTS: dict[tuple[str, ...], int] = {}
 
 #: Buckets for the TTFT and end-to-end histograms, in seconds.
@@ -141,6 +224,9 @@ class RequestMetrics:
       (`invalid_api_key`, `request_too_large`, `max_tokens_cap`, ...);
     - `ray_distray_serve_ttft_seconds{route}`: request start to the first body bytes;
     - `ray_distray_serve_e2e_seconds{route}`: request start to the last body bytes.
+
+    Every label comes from a fixed set (`ROUTE_LABELS`, `STATUS_LABELS`, `REASON_LABELS`; see
+    `metric_labels`), so the number of series is bounded whatever paths clients try.
 
     `COUNTS` keeps the same counters in the replica process, for tests without a metrics agent.
     """
@@ -183,10 +269,8 @@ class RequestMetrics:
         import time
 
         t0 = time.perf_counter()
-        route = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and route.startswith(root):
-            route = route[len(root):]
+        path = _route_path(scope)
+        route = metric_labels(path, 200)["route"]
         state: dict[str, Any] = {"status": 0, "first": None, "error": b""}
 
         async def watch(message: dict[str, Any]) -> None:
@@ -207,18 +291,22 @@ class RequestMetrics:
             await self.app(scope, receive, watch)
         finally:
             status = state["status"] or 500
-            self._count("requests", {"route": route, "status": str(status)})
+            err: dict[str, Any] = {}
             if status >= 400:
-                reason = "unknown"
                 try:
                     err = json.loads(state["error"] or b"{}").get("error") or {}
-                    reason = str(err.get("code") or err.get("type") or "unknown")
                 except (ValueError, AttributeError):
-                    pass
-                self._count("rejected", {"status": str(status), "reason": reason[:64]})
+                    err = {}
+            labels = metric_labels(path, status, err if isinstance(err, dict) else {})
+            self._count("requests", {"route": labels["route"], "status": labels["status"]})
+            if status >= 400:
+                self._count("rejected", {"status": labels["status"], "reason": labels["reason"]})
 
 
-def harden(app: Any, digest: str | None, max_request_bytes: int | None = None) -> Any:
+def harden(
+    app: Any, digest: str | None, max_request_bytes: int | None = None,
+    body_read_timeout_s: float | None = None,
+) -> Any:
     """Add the OpenAI-style error handlers, the body guard and the API-key middleware to a
     FastAPI app."""
     from fastapi.exceptions import RequestValidationError
@@ -258,7 +346,7 @@ def harden(app: Any, digest: str | None, max_request_bytes: int | None = None) -
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     # Starlette middleware is LIFO: the key check, added last, runs first (401 beats 413/400).
-    app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes, read_timeout_s=body_read_timeout_s)
     app.add_middleware(BearerAuth, digest=digest)
     app.add_middleware(RequestMetrics)  # outermost: sees every answer, 401s included
     return app

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,10 @@ __all__ = [
     "RequestRejected",
     "body_problem",
     "check_bearer",
+    "MAX_STOP_SEQUENCES",
     "check_prompt_tokens",
     "check_seed",
+    "check_stop",
     "completion_prompt_count",
     "key_digest",
     "model_context",
@@ -45,6 +48,10 @@ logger = logging.getLogger(__name__)
 #: vLLM (and OpenAI) take a signed 64-bit seed; a bigger one fails inside the engine.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
+#: OpenAI's limit on `stop`. Every stop string is searched for after every token, so a long
+#: list costs the server on each step of the answer.
+MAX_STOP_SEQUENCES = 4
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -53,6 +60,7 @@ class Limits:
     max_tokens_cap: int
     max_prompt_tokens: int | None = None
     max_request_bytes: int | None = None
+    body_read_timeout_s: float | None = None
 
 
 class RequestRejected(Exception):
@@ -151,7 +159,7 @@ def output_budget(
         raise RequestRejected(
             f"`{param}` ({max_tokens}) × {times} is above the server's cap of {cap} output "
             f"tokens per request; ask for at most {cap // sequences}",
-            param=param,
+            param=param, code="max_tokens_cap",
         )
     return max_tokens
 
@@ -169,6 +177,15 @@ def check_seed(seed: Any) -> None:
     if seed is not None and not SEED_MIN <= int(seed) <= SEED_MAX:
         raise RequestRejected(
             f"`seed` must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX})", param="seed"
+        )
+
+
+def check_stop(stop: Any) -> None:
+    """Raise RequestRejected for more than `MAX_STOP_SEQUENCES` stop strings (OpenAI's cap)."""
+    if isinstance(stop, (list, tuple)) and len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestRejected(
+            f"`stop` holds {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+            param="stop", code="too_many_stop_sequences",
         )
 
 
@@ -322,6 +339,7 @@ class PromptCounter:
         limit: the prompt-token cap (all prompts of a request together), or None.
         remote_code: the models whose tokenizers may run code from their folders.
         contexts: model id → context length (`max_model_len`), for the default `max_tokens`.
+        tokenizers: model id → a tokenizer already loaded (the hf backend's engines' own).
     """
 
     def __init__(
@@ -330,12 +348,62 @@ class PromptCounter:
         limit: int | None,
         remote_code: frozenset[str] = frozenset(),
         contexts: dict[str, int | None] | None = None,
+        tokenizers: dict[str, Any] | None = None,
     ) -> None:
         self.limit = limit
         self.paths = dict(model_paths)
         self.remote_code = remote_code
         self.contexts = dict(contexts or {})
-        self._tok: dict[str, Any] = {}
+        self._tok: dict[str, Any] = dict(tokenizers or {})
+        self._token_chars: dict[str, int] = {}
+        # The serve ingress counts in worker threads: one at a time, as a fast tokenizer
+        # shared between threads can fail ("Already borrowed") and a first load must not race.
+        self._lock = threading.Lock()
+
+    def token_chars(self, model: str) -> int | None:
+        """The most characters one token of the model's vocabulary stands for; None when the
+        tokenizer is not loaded here.
+
+        A text of C characters is at least C / token_chars tokens (a byte-level token covers
+        as many bytes as its vocabulary entry has characters, and a character is at least a
+        byte), which bounds a prompt's tokens without tokenizing it.
+        """
+        if model not in self._token_chars:
+            tok = self.tokenizer(model) if model in self.paths else None
+            if tok is None:
+                return None
+            self._token_chars[model] = max((len(k) for k in tok.get_vocab()), default=1) or 1
+        return self._token_chars[model]
+
+    def precheck(self, model: str, chars: int, *, longest: int | None = None, messages: int = 0) -> None:
+        """Refuse a prompt that cannot fit before any tokenizer or chat template sees it.
+
+        A text of more than N × `token_chars` characters has more than N tokens, and a chat
+        of more than N turns too (each turn adds at least its role marker). N is the prompt
+        cap for all prompts together, and the model's context for the longest one.
+
+        Args:
+            model: the model id.
+            chars: characters of all prompts of the request together.
+            longest: characters of its longest prompt (default `chars`).
+            messages: chat turns (0: not a chat, or no chat template).
+
+        Raises:
+            RequestRejected: the prompt is above a bound.
+        """
+        per_token = self.token_chars(model)
+        if per_token is None:
+            return
+        longest = chars if longest is None else longest
+        context = self.contexts.get(model)
+        for bound, size, where in ((self.limit, chars, "serve.max_prompt_tokens"),
+                                   (context, longest, "the model's context")):
+            if bound is not None and (size > bound * per_token or messages > bound):
+                what = f"{messages} messages" if messages > bound else f"{size} characters"
+                raise RequestRejected(
+                    f"the prompt ({what}) is longer than the {bound} tokens of {where}; shorten it",
+                    param="messages" if messages else "prompt", code="context_length_exceeded",
+                )
 
     def tokenizer(self, model: str) -> Any:
         """The model's tokenizer, or None when it cannot be loaded here."""
@@ -348,26 +416,38 @@ class PromptCounter:
         return self._tok[model]
 
     def chat_tokens(self, model: str, messages: Any, tools: Any = None, documents: Any = None) -> int | None:
-        """Tokens of a chat request's whole prompt; None when the model is not counted."""
+        """Tokens of a chat request's whole prompt; None when the model is not counted.
+
+        Raises:
+            RequestRejected: `precheck` refuses it untokenized.
+        """
         tok = self.tokenizer(model) if model in self.paths else None
         if tok is None:
             return None
         plain = plain_messages(messages)
+        extras = chat_extras(messages, tools, documents)
+        turns = len(plain) if getattr(tok, "chat_template", None) else 0
+        self.precheck(model, sum(len(m["content"]) for m in plain) + len(extras), messages=turns)
         try:
             ids = prompts.render_prompt(tok, plain, apply_chat_template=True)[1]
         except Exception:  # a template that refuses these turns: count the raw text
             ids = prompts.render_prompt(tok, plain, apply_chat_template=False)[1]
-        extras = chat_extras(messages, tools, documents)
         return len(ids) + (len(tok(extras, add_special_tokens=False)["input_ids"]) if extras else 0)
 
     def completion_tokens(self, model: str, prompt: Any) -> list[int] | None:
-        """Tokens of each prompt of a /v1/completions `prompt`; None when not counted."""
+        """Tokens of each prompt of a /v1/completions `prompt`; None when not counted.
+
+        Raises:
+            RequestRejected: `precheck` refuses it untokenized.
+        """
         tok = self.tokenizer(model) if model in self.paths else None
         if tok is None:
             return None
         batch = prompt if isinstance(prompt, list) else [prompt]
         if batch and isinstance(batch[0], int):
             batch = [batch]
+        sizes = [len(p) if isinstance(p, str) else 0 for p in batch]
+        self.precheck(model, sum(sizes), longest=max(sizes, default=0))
         return [len(p) if isinstance(p, list) else len(tok(str(p))["input_ids"]) for p in batch]
 
     def room(self, model: str, longest_prompt: int | None) -> int | None:
@@ -386,7 +466,8 @@ class PromptCounter:
         """
         if self.limit is None and not need_count:
             return None
-        count = self.chat_tokens(model, messages, tools, documents)
+        with self._lock:
+            count = self.chat_tokens(model, messages, tools, documents)
         if count is not None:
             check_prompt_tokens(count, self.limit)
         return count
@@ -400,7 +481,8 @@ class PromptCounter:
         """
         if self.limit is None and not need_count:
             return None
-        counts = self.completion_tokens(model, prompt)
+        with self._lock:
+            counts = self.completion_tokens(model, prompt)
         if counts is not None:
             check_prompt_tokens(sum(counts), self.limit, prompts=len(counts))
         return counts

@@ -30,10 +30,12 @@ from distray.serve.endpoints import trusts_remote_code
 from distray.serve.front import harden
 from distray.serve.guards import (
     Limits,
+    PromptCounter,
     RequestRejected,
     chat_extras,
     check_prompt_tokens,
     check_seed,
+    check_stop,
     openai_error,
     output_budget,
     plain_messages,
@@ -103,10 +105,36 @@ def _completion_prompt_ids(engine: HFEngine, prompt: Any) -> list[int]:
             raise RequestRejected("the hf backend takes one prompt per request", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, list):
-        if any(not 0 <= t < len(engine.tok) for t in prompt):
+        vocab = len(engine.tok)  # once: len() of a tokenizer walks its added tokens
+        if any(not 0 <= t < vocab for t in prompt):
             raise RequestRejected("a prompt token id is out of vocabulary", param="prompt")
         return list(prompt)
     return list(engine.tok(prompt)["input_ids"])
+
+
+def _chat_prompt(counter: PromptCounter, name: str, engine: HFEngine, body: "_ChatRequest") -> tuple[list[int], int]:
+    """(prompt ids, tokens of tools/tool calls/documents) of a chat request; run in a worker
+    thread, after `PromptCounter.precheck` refused what cannot fit without tokenizing it."""
+    messages = [m.model_dump() for m in body.messages]
+    extras = chat_extras(messages, body.tools, body.documents)
+    chars = sum(len(m["content"]) for m in plain_messages(messages)) + len(extras)
+    counter.precheck(name, chars, messages=len(messages))
+    prompt_ids = _chat_prompt_ids(engine, body.messages)
+    extra_tokens = len(engine.tok(extras, add_special_tokens=False)["input_ids"]) if extras else 0
+    return prompt_ids, extra_tokens
+
+
+def _completion_prompt(counter: PromptCounter, name: str, engine: HFEngine, prompt: Any) -> list[int]:
+    """A completion prompt's ids; run in a worker thread, after `PromptCounter.precheck`."""
+    if isinstance(prompt, str):
+        counter.precheck(name, len(prompt))
+    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        counter.precheck(name, len(prompt[0]))
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        bound = min(b for b in (counter.limit, counter.contexts.get(name)) if b is not None)
+        if len(prompt) > bound:
+            check_prompt_tokens(len(prompt), bound)
+    return _completion_prompt_ids(engine, prompt)
 
 
 class _Answer:
@@ -131,6 +159,7 @@ class _Answer:
         if body.n != 1:
             raise RequestRejected("the hf backend supports n=1 only", param="n")
         check_seed(body.seed)
+        check_stop(body.stop)
         if not prompt_ids:
             raise RequestRejected("the prompt is empty", param="prompt")
         check_prompt_tokens(len(prompt_ids) + extra_tokens, limits.max_prompt_tokens)
@@ -243,7 +272,7 @@ def hf_app(
     from fastapi import FastAPI
     from ray import serve
 
-    app = harden(FastAPI(), digest, limits.max_request_bytes)
+    app = harden(FastAPI(), digest, limits.max_request_bytes, limits.body_read_timeout_s)
 
     @serve.deployment(**deployment_options)
     @serve.ingress(app)
@@ -254,6 +283,11 @@ def hf_app(
             }
             self.limits = limits
             self.created = int(time.time())
+            self.counter = PromptCounter(
+                models, limits.max_prompt_tokens, remote_code,
+                contexts={n: e.max_model_len or DEFAULT_MAX_MODEL_LEN for n, e in self.models.items()},
+                tokenizers={n: e.tok for n, e in self.models.items()},
+            )
 
         def _model(self, name: str | None) -> tuple[str, HFEngine]:
             if name is None and len(self.models) == 1:
@@ -286,9 +320,9 @@ def hf_app(
         @app.post("/v1/chat/completions")
         async def chat(self, body: _ChatRequest) -> Any:
             name, engine = self._model(body.model)
-            prompt_ids = _chat_prompt_ids(engine, body.messages)
-            extras = chat_extras([m.model_dump() for m in body.messages], body.tools, body.documents)
-            extra_tokens = len(engine.tok(extras, add_special_tokens=False)["input_ids"]) if extras else 0
+            check_stop(body.stop)  # before the prompt work: the cheapest refusal first
+            # Off the event loop: it serves every request of this replica.
+            prompt_ids, extra_tokens = await asyncio.to_thread(_chat_prompt, self.counter, name, engine, body)
             max_tokens: int | None
             if body.max_completion_tokens is not None:
                 max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
@@ -302,7 +336,8 @@ def hf_app(
         @app.post("/v1/completions")
         async def completions(self, body: _CompletionRequest) -> Any:
             name, engine = self._model(body.model)
-            prompt_ids = _completion_prompt_ids(engine, body.prompt)
+            check_stop(body.stop)
+            prompt_ids = await asyncio.to_thread(_completion_prompt, self.counter, name, engine, body.prompt)
             return await _respond(
                 _Answer(name, engine, body, prompt_ids, body.max_tokens, self.limits, chat=False)
             )

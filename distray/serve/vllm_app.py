@@ -26,11 +26,12 @@ from typing import Any
 from distray.config import DistrayConfig, VLLMTeacher
 from distray.errors import ConfigError
 from distray.serve.endpoints import trusts_remote_code
-from distray.serve.front import harden
+from distray.serve.front import AUTHENTICATED, harden
 from distray.serve.guards import (
     Limits,
     PromptCounter,
     check_seed,
+    check_stop,
     completion_prompt_count,
     model_context,
     output_budget,
@@ -127,7 +128,10 @@ def _ingress_cls() -> Any:
     """`DistrayIngress`: Ray's OpenAI ingress plus the request guards and a real health route.
 
     Every check runs before `super()` forwards the request, so a streamed request is refused
-    with a 400 instead of a 200 and a stream cut short.
+    with a 400 instead of a 200 and a stream cut short. Prompts are counted in a worker thread
+    (the ingress event loop serves every request of this replica; a chat template and a
+    tokenizer over a long prompt would stall them all), after `PromptCounter.precheck` has
+    refused, untokenized, any prompt longer than the cap could allow.
     """
     from fastapi import Request
     from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -156,10 +160,12 @@ def _ingress_cls() -> Any:
         async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
             model = await self._get_model_id(body.model)
             check_seed(body.seed)
+            check_stop(body.stop)
             cap = self._limits.max_tokens_cap
             omitted = body.max_completion_tokens is None and body.max_tokens is None
-            count = self._counter.check_chat(
-                model, body.messages, body.tools, getattr(body, "documents", None), need_count=omitted,
+            count = await asyncio.to_thread(
+                self._counter.check_chat, model, body.messages, body.tools,
+                getattr(body, "documents", None), need_count=omitted,
             )
             if body.max_completion_tokens is not None:
                 body.max_completion_tokens = output_budget(
@@ -174,8 +180,11 @@ def _ingress_cls() -> Any:
         async def completions(self, body: CompletionRequest, request: Request) -> Response:
             model = await self._get_model_id(body.model)
             check_seed(body.seed)
+            check_stop(body.stop)
             omitted = body.max_tokens is None
-            counts = self._counter.check_completion(model, body.prompt, need_count=omitted)
+            counts = await asyncio.to_thread(
+                self._counter.check_completion, model, body.prompt, need_count=omitted,
+            )
             room = self._counter.room(model, max(counts)) if counts else None
             body.max_tokens = output_budget(
                 body.max_tokens, body.n, self._limits.max_tokens_cap,
@@ -183,9 +192,12 @@ def _ingress_cls() -> Any:
             )
             return await super().completions(body, request)
 
-        async def health(self) -> Response:
+        async def health(self, request: Request) -> Response:
             # Status only: engine errors and model names are for the logs, not for anyone
-            # who can reach this open route.
+            # who can reach this open route. Without the key, this process's liveness only:
+            # an open route must not let anyone send RPCs to every engine.
+            if not request.scope.get(AUTHENTICATED, False):
+                return JSONResponse({"status": "ok"})
             failed = False
             for name, handle in self._default_serve_handles.items():
                 try:
@@ -232,7 +244,7 @@ def openai_app(
     )
     endpoint_map = {k: DEFAULT_ENDPOINTS[k] for k in ("models", "model_data", "completions", "chat")}
     endpoint_map["health"] = lambda app: app.get("/health")
-    app = harden(init(), digest, limits.max_request_bytes)
+    app = harden(init(), digest, limits.max_request_bytes, limits.body_read_timeout_s)
     ingress_cls = make_fastapi_ingress(_ingress_cls(), endpoint_map=endpoint_map, app=app)
     options = OpenAiIngress.get_deployment_options(llm_configs)  # type: ignore[arg-type]
     options.update(ingress_options)

@@ -21,6 +21,7 @@ from distray.serve.guards import (
     check_bearer,
     check_prompt_tokens,
     check_seed,
+    check_stop,
     completion_prompt_count,
     key_digest,
     model_context,
@@ -311,6 +312,157 @@ def test_every_answer_is_counted_with_its_status_and_reason(front) -> None:
     assert added(("requests", "/v1/completions", "413")) == 1
     assert added(("rejected", "413", "request_too_large")) == 1
     assert added(("rejected", "401", "invalid_api_key")) == 1
+
+
+def test_unknown_paths_without_a_key_add_no_new_counters(front) -> None:
+    """300 distinct unknown paths, no key: every answer is counted, under one route label."""
+    from distray.serve.front import COUNTS
+
+    front.get("/probe-warm", headers={"Authorization": ""})
+    before = dict(COUNTS)
+    for i in range(300):
+        assert front.get(f"/probe-{i}", headers={"Authorization": ""}).status_code == 401
+    added = {k: v - before.get(k, 0) for k, v in COUNTS.items() if v != before.get(k, 0)}
+    assert added == {("requests", "other", "401"): 300, ("rejected", "401", "invalid_api_key"): 300}
+    assert len(COUNTS) == len(before)
+
+
+def test_metric_labels_come_from_fixed_sets() -> None:
+    from distray.serve.front import REASON_LABELS, ROUTE_LABELS, STATUS_LABELS, metric_labels
+
+    assert metric_labels("/v1/chat/completions", 200) == {"route": "/v1/chat/completions", "status": "200"}
+    assert metric_labels("/v1/models/anything/at/all", 404)["route"] == "/v1/models/{model}"
+    odd = metric_labels("/x" * 500, 418, {"code": "c" * 300, "type": "made_up"})
+    assert odd == {"route": "other", "status": "other", "reason": "other"}
+    assert metric_labels("/v1/completions", 400, {"code": "int_parsing", "type": "invalid_request_error"})[
+        "reason"] == "invalid_request_error"
+    assert metric_labels("/health", 401, {"code": "invalid_api_key"})["reason"] == "invalid_api_key"
+    assert "other" in ROUTE_LABELS and "other" in STATUS_LABELS and "other" in REASON_LABELS
+
+
+def test_health_sees_whether_the_key_was_sent() -> None:
+    """`/health` is open; the front tells it whether the caller holds the key, so it checks
+    the engines only for those who do."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.responses import JSONResponse
+
+    from distray.serve.front import AUTHENTICATED, harden
+
+    app = harden(FastAPI(), key_digest("k"))
+
+    async def health(request: Any) -> Any:
+        return JSONResponse({"authenticated": request.scope.get(AUTHENTICATED)})
+
+    app.add_route("/health", health)
+
+    c = TestClient(app)
+    assert c.get("/health").json() == {"authenticated": False}
+    assert c.get("/health", headers={"Authorization": "Bearer wrong"}).json() == {"authenticated": False}
+    assert c.get("/health", headers={"Authorization": "Bearer k"}).json() == {"authenticated": True}
+
+
+def test_a_body_sent_too_slowly_is_408() -> None:
+    """A client trickling its body gets 408 when `body_read_timeout_s` runs out, and the
+    handler never runs."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from distray.serve.front import harden
+
+    app = harden(FastAPI(), None, max_request_bytes=1000, body_read_timeout_s=0.3)
+    ran = []
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, Any]) -> Any:
+        ran.append(body)
+        return {}
+
+    async def call(pace_s: float) -> tuple[int, dict[str, Any]]:
+        parts = [b'{"prompt":', b' "hi"', b"}"]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if not parts:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(pace_s)
+            chunk = parts.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")], "query_string": b"",
+                 "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1)}
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        import json
+
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, json.loads(body)
+
+    status, body = asyncio.run(call(0.2))  # 0.6 s for the whole body: over the 0.3 s
+    assert status == 408 and body["error"]["code"] == "request_timeout" and not ran
+    status, _ = asyncio.run(call(0.01))
+    assert status == 200 and ran == [{"prompt": "hi"}]
+
+
+def test_at_most_four_stop_sequences() -> None:
+    check_stop(None)
+    check_stop("one")
+    check_stop(["a", "b", "c", "d"])
+    for bad in (["x"] * 5, ["\u0001"] * 100_000):
+        with pytest.raises(RequestRejected, match="at most 4") as e:
+            check_stop(bad)
+        assert e.value.status_code == 400 and e.value.param == "stop"
+
+
+class _NoTokenizing:
+    """A tokenizer whose vocabulary is known but which must never be called."""
+
+    chat_template = "{{ messages }}"
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0, "abcd": 1}  # at most 4 characters per token
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tokenized a prompt the cheap bound refuses")
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("rendered a prompt the cheap bound refuses")
+
+
+def test_prompts_that_cannot_fit_are_refused_before_tokenizing() -> None:
+    """A prompt over cap × (longest token) characters, or a chat with more turns than the cap,
+    is refused by its length alone: the tokenizer and the chat template never see it."""
+    counter = PromptCounter({"m": "unused"}, limit=100, tokenizers={"m": _NoTokenizing()})
+    assert counter.token_chars("m") == 4
+    big = "x" * (8 << 20)
+    with pytest.raises(RequestRejected, match="longer than the 100 tokens") as e:
+        counter.check_chat("m", [{"role": "user", "content": big}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(RequestRejected, match="101 messages"):
+        counter.check_chat("m", [{"role": "user", "content": ""}] * 101)
+    with pytest.raises(RequestRejected):
+        counter.check_completion("m", ["x" * 300, "x" * 300])  # 600 > 400 characters in all
+    # No cap, but the default max_tokens needs a count: the model's context bounds it.
+    open_counter = PromptCounter({"m": "unused"}, limit=None, contexts={"m": 512},
+                                 tokenizers={"m": _NoTokenizing()})
+    with pytest.raises(RequestRejected, match="512 tokens of the model's context"):
+        open_counter.check_chat("m", [{"role": "user", "content": big}], need_count=True)
+    # Each prompt of a batch fits the context: the context bound looks at the longest one.
+    with pytest.raises(AssertionError, match="tokenized"):
+        open_counter.check_completion("m", ["x" * 2000] * 4, need_count=True)
+
+
+def test_the_cheap_bound_never_refuses_what_fits(tok_dir) -> None:
+    """On the real tokenizer, prompts at the cap pass the bound and get their real count."""
+    counter = PromptCounter({"m": tok_dir}, limit=200, contexts={"m": 512})
+    for text in ("hello " * 20, "日本語 " * 10, "🙂" * 20, "x" * 150):
+        n = counter.check_chat("m", [{"role": "user", "content": text}], need_count=True)
+        assert n is not None and n <= 200
 
 
 # ---- hf backend: incremental detokenization and stop strings ------------------------------
