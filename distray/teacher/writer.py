@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from distray import formats as F
 from distray import storage
 from distray.errors import DataError
+from distray.lease import Fence
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def _shard_rows(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
 
 
 def settle_retry_shards(
-    rejects_dir: str, tmp_dir: str, done_folders: list[str], current_prefix: str
+    rejects_dir: str, tmp_dir: str, done_folders: list[str], current_prefix: str,
+    fence: Fence | None = None,
 ) -> int:
     """Drop the rows a run settled from the retry shards older runs left.
 
@@ -203,6 +205,7 @@ def settle_retry_shards(
         tmp_dir: where shards are written before their rename.
         done_folders: data folders and the rejects folder.
         current_prefix: this run's retry-shard prefix, `retry-<run>`.
+        fence: the run folder lease's fence, checked before each shard is written.
 
     Returns:
         The number of older retry shards removed.
@@ -223,7 +226,7 @@ def settle_retry_shards(
         # (both not done, so retried and settled by the next run), never nowhere.
         write_shard(
             [r for r in rows if r.get(F.ID) in keep], rejects_dir, tmp_dir,
-            schema=F.REJECT_SCHEMA, fmt=fmt, prefix=current_prefix,
+            schema=F.REJECT_SCHEMA, fmt=fmt, prefix=current_prefix, fence=fence,
         )
         fs.delete_file(path)
     return len(older)
@@ -283,13 +286,19 @@ def write_shard(
     schema: pa.Schema,
     fmt: str = "parquet",
     prefix: str = "part",
+    fence: Fence | None = None,
 ) -> str | None:
     """Write rows as one shard, atomically (temp file in `tmp_dir`, then rename).
 
     The shard's name is a hash of its ids, so rewriting the same rows replaces the same file.
+    With `fence` (the run folder lease's, `distray.lease`), the lease is checked just before the
+    rename: a writer of a run that lost the folder publishes nothing.
 
     Returns:
         The shard path, or None when `rows` is empty.
+
+    Raises:
+        StageError: `fence` is no longer the lease's (another run took the folder over).
     """
     if not rows:
         return None
@@ -309,6 +318,8 @@ def write_shard(
             data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
             with fs.open_output_stream(tmp) as f:
                 f.write(data.encode("utf-8", "backslashreplace"))
+        if fence is not None:
+            fence.check(f"shard {final}")
         # fsync before the rename: a power cut must not leave a zero-byte shard in data/.
         storage.publish(fs, tmp, final)
     except BaseException:
