@@ -19,24 +19,21 @@ other setting is in: an unknown one costs a recomputation, never a stale answer.
 The split is in the id: a prompt in both train and validation is two rows. The cache key leaves
 out the split, the input id and the teacher's label, so another run (or split, or input file)
 asking the same teacher the same question reuses the answer. A local model folder is keyed by
-its content (`model_fingerprint`), not its path or mtimes: retrained weights under the same
-path get new ids, a copy of the folder elsewhere keeps them.
+its content (`distray.fingerprint.model_fingerprint`, re-exported here), not its path or
+mtimes: retrained weights under the same path get new ids, a copy of the folder elsewhere
+keeps them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from functools import lru_cache
 from typing import Any
 
 from distray import formats as F
 from distray.config import HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
+from distray.fingerprint import model_fingerprint
 
 __all__ = [
     "Teacher",
-    "ERROR",
     "ANSWER_NEUTRAL_FIELDS",
     "ANSWER_NEUTRAL_ENGINE_KWARGS",
     "sampling_key",
@@ -44,16 +41,10 @@ __all__ = [
     "row_id",
     "cache_key",
     "model_fingerprint",
-    "sample_seed",
     "expand_rows",
-    "reject_row",
 ]
 
 Teacher = VLLMTeacher | OpenAITeacher | HFTeacher
-
-#: Extra column beside TEACHER_DATA_SCHEMA while rows are in flight: why the row failed
-#: (`code: detail`), or null. Rows with an error end in rejects/.
-ERROR = "error"
 
 #: Teacher settings, per kind, that change how an answer is obtained but not what it says.
 #: (`name` is the label: in the row id on its own, out of the cache key.)
@@ -96,84 +87,6 @@ def sampling_key(sampling: SamplingConfig, logprobs: int | None) -> dict[str, An
     key.pop("n", None)
     key["logprobs"] = logprobs
     return key
-
-
-def sample_seed(sampling: SamplingConfig, sample_index: int) -> int | None:
-    """The engine seed of one sample: `seed + sample_index`, so n samples differ but reruns
-    repeat; None when sampling is unseeded."""
-    return None if sampling.seed is None else sampling.seed + sample_index
-
-
-# Files whose whole content decides answers: config, generation config, tokenizer, template.
-_CONTENT_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".yaml")
-_CONTENT_MAX_BYTES = 64 << 20
-_SAMPLE_BYTES = 64
-_MAX_TENSOR_SAMPLES = 1024
-
-
-def _safetensors_parts(f: Any, size: int) -> list[Any]:
-    """The header of a safetensors file and the first bytes of (up to 1024) of its tensors.
-
-    Fine-tuning changes every element of a tensor it touches, so the start of each tensor
-    tells retrained weights apart without reading them all; the header gives names, dtypes
-    and shapes.
-    """
-    n = int.from_bytes(f.read(8), "little")
-    if not 0 < n <= min(size - 8, 100 << 20):
-        return []
-    header = f.read(n)
-    try:
-        entries = json.loads(header)
-    except ValueError:
-        return [hashlib.sha256(header).hexdigest()]
-    offsets = sorted(
-        int(v["data_offsets"][0])
-        for k, v in entries.items()
-        if k != "__metadata__" and isinstance(v, dict) and v.get("data_offsets")
-    )
-    step = max(1, len(offsets) // _MAX_TENSOR_SAMPLES)
-    h = hashlib.sha256(header)
-    for off in offsets[::step]:
-        f.seek(8 + n + off)
-        h.update(f.read(_SAMPLE_BYTES))
-    return [h.hexdigest()]
-
-
-def _sampled_parts(f: Any, size: int) -> list[Any]:
-    """64 evenly spaced 4 KiB reads of a weights file of another format."""
-    h = hashlib.sha256()
-    for i in range(64):
-        f.seek(size * i // 64)
-        h.update(f.read(4096))
-    return [h.hexdigest()]
-
-
-@lru_cache(maxsize=64)
-def model_fingerprint(model: str) -> str:
-    """A cheap content fingerprint of a local model folder, or the name itself for hub ids and
-    API model names.
-
-    Config, tokenizer and template files are hashed whole; weights by size, safetensors header
-    and the first bytes of each tensor. File mtimes are left out: a copied folder keeps its
-    fingerprint (and its cache entries and row ids).
-    """
-    if not os.path.isdir(model):
-        return model
-    parts: list[Any] = []
-    for name in sorted(os.listdir(model)):
-        path = os.path.join(model, name)
-        if not os.path.isfile(path) or name.startswith("."):
-            continue
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if name.endswith(_CONTENT_SUFFIXES) and size <= _CONTENT_MAX_BYTES:
-                digest = [hashlib.sha256(f.read()).hexdigest()]
-            elif name.endswith(".safetensors"):
-                digest = _safetensors_parts(f, size)
-            else:
-                digest = _sampled_parts(f, size)
-        parts.append([name, size, *digest])
-    return F.content_hash("model", parts)
 
 
 def teacher_ident(teacher: Teacher, fingerprint: str | None = None) -> dict[str, Any]:
@@ -275,27 +188,3 @@ def expand_rows(
                 row["_cache_key"] = cache_key(messages, teacher, skey, k, ident=ident)
             out.append(row)
     return out
-
-
-def _json_text(row: dict[str, Any]) -> str:
-    """The row as JSON text any UTF-8 writer takes (escaped when it holds a lone surrogate)."""
-    text = json.dumps(row, ensure_ascii=False, default=str)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(row, ensure_ascii=True, default=str)
-    return text
-
-
-def reject_row(row: dict[str, Any], stage: str, reason: str, detail: str) -> dict[str, Any]:
-    """A rejects-file record (REJECT_SCHEMA) for a teacher row that failed `stage`."""
-    keep = {k: v for k, v in row.items() if not k.startswith("_") and k != ERROR}
-    return {
-        F.ID: row.get(F.ID),
-        F.INPUT_ID: row.get(F.INPUT_ID),
-        "source": row.get("_source"),
-        "line": row.get("_line"),
-        "stage": stage,
-        "reason": f"{reason}: {detail}" if detail else reason,
-        "row": _json_text(keep)[:10_000],
-    }

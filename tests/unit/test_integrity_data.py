@@ -20,10 +20,11 @@ from distray import formats as F
 from distray import inputs, storage
 from distray.answers import numbers_equal
 from distray.config import FilterConfig, HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
+from distray.engines import common
+from distray.engines.results import reject_row
 from distray.errors import DataError
 from distray.teacher import rows as R
 from distray.teacher import writer as W
-from distray.engines import common
 from distray.teacher.filters import check_response
 from distray.teacher.reader import iter_prompt_blocks
 from distray.teacher.rows import cache_key, expand_rows, model_fingerprint, sampling_key
@@ -274,22 +275,18 @@ def _model_dir(root: Path, weights: bytes) -> Path:
 
 def test_model_fingerprint_follows_content_not_mtimes(tmp_path: Path) -> None:
     d = _model_dir(tmp_path / "m", b"\1" * 4096)
-    model_fingerprint.cache_clear()
     fp = model_fingerprint(str(d))
     copy = tmp_path / "copy"
     shutil.copytree(d, copy)
     for f in copy.iterdir():
         os.utime(f, (1, 1))
-    model_fingerprint.cache_clear()
     assert model_fingerprint(str(d)) == fp  # same folder, rerun: same ids (resume works)
     t_a, t_b = VLLMTeacher(model=str(d), name="t"), VLLMTeacher(model=str(copy), name="t")
     assert cache_key(MSGS, t_a, {}, 0) == cache_key(MSGS, t_b, {}, 0)  # copied elsewhere
     # Retrained in place: same size, same header, other values.
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes().replace(b"\1", b"\2"))
-    model_fingerprint.cache_clear()
     assert model_fingerprint(str(d)) != fp
     (copy / "config.json").write_text('{"hidden_size": 9}')
-    model_fingerprint.cache_clear()
     assert model_fingerprint(str(copy)) != fp
 
 
@@ -325,7 +322,7 @@ def test_an_answer_with_a_lone_surrogate_is_a_reject_that_writes(tmp_path: Path)
     row = {F.ID: "a" * 32, "response": "ok \ud800", "finish_reason": "stop", "reference": None}
     rej = check_response(row, FilterConfig())
     assert rej is not None and rej.reason == "invalid_utf8"
-    record = R.reject_row(row, "filter", rej.reason, rej.detail)
+    record = reject_row(row, "filter", rej.reason, rej.detail)
     path = W.write_shard([record], str(tmp_path / "rej"), str(tmp_path / ".tmp"),
                          schema=F.REJECT_SCHEMA, fmt="parquet", prefix="rejects")
     assert path is not None and "\\ud800" in pq.read_table(path).column("row")[0].as_py()

@@ -12,10 +12,10 @@ import pytest
 
 from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig, VLLMTeacher
-from distray.http_retry import backoff_s, retry_after_s, retryable_status
-from distray.teacher import writer as W
 from distray.engines import common
 from distray.engines.openai import parse_logprobs
+from distray.http_retry import backoff_s, retry_after_s, retryable_status
+from distray.teacher import writer as W
 from distray.teacher.reader import iter_prompt_blocks
 from distray.teacher.rows import cache_key, expand_rows, sampling_key
 
@@ -59,12 +59,9 @@ def test_cache_key_follows_local_weights(tmp_path) -> None:
     d.mkdir()
     (d / "config.json").write_text('{"a": 1}')
     (d / "model.safetensors").write_bytes(b"x" * 10)
-    from distray.teacher.rows import model_fingerprint
-
     sk = sampling_key(SamplingConfig(), None)
     k1 = cache_key(MSGS, teacher(model=str(d)), sk, 0)
     (d / "model.safetensors").write_bytes(b"y" * 11)
-    model_fingerprint.cache_clear()
     assert cache_key(MSGS, teacher(model=str(d)), sk, 0) != k1
 
 
