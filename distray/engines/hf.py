@@ -22,15 +22,16 @@ import pyarrow as pa
 
 from distray import formats as F
 from distray import prompts
-from distray.config import DistrayConfig, HFTeacher, SamplingConfig
+from distray.config import HFTeacher, SamplingConfig
 from distray.engines import common
+from distray.engines.base import Engine
 from distray.engines.results import ERROR
 from distray.hf_engine import HFEngine
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["HFGenerator", "generate"]
+__all__ = ["ENGINE", "HFEngineKind", "HFGenerator", "generate"]
 
 
 class HFGenerator:
@@ -115,9 +116,10 @@ class HFGenerator:
 def generate(
     ds: ray.data.Dataset,
     teacher: HFTeacher,
-    cfg: DistrayConfig,
     sampling: SamplingConfig,
     logprobs: int | None,
+    *,
+    max_prompt_tokens: int | None = None,
 ) -> ray.data.Dataset:
     """Answer every teacher row of `ds` with `teacher.concurrency` HF generator actors."""
     import ray.data
@@ -134,10 +136,29 @@ def generate(
             "trust_remote_code": teacher.trust_remote_code,
             "sampling": sampling.model_dump(),
             "logprobs": logprobs,
-            "max_prompt_tokens": cfg.generate.max_prompt_tokens,
+            "max_prompt_tokens": max_prompt_tokens,
         },
         batch_format="pyarrow",
         batch_size=teacher.batch_size,
         compute=ray.data.ActorPoolStrategy(size=teacher.concurrency),
         **resources,
     )
+
+
+class HFEngineKind(Engine):
+    """`teacher.kind: hf`: transformers generate in Ray Data actors."""
+
+    kind = "hf"
+    config: HFTeacher
+
+    def generate(
+        self, ds: ray.data.Dataset, sampling: SamplingConfig, logprobs: int | None, *,
+        max_prompt_tokens: int | None = None,
+    ) -> ray.data.Dataset:
+        return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
+
+    def gpus(self, on_gpu: bool) -> float:
+        return float(self.config.concurrency * self.config.num_gpus_per_replica) if on_gpu else 0.0
+
+
+ENGINE = HFEngineKind

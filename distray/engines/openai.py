@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from distray import formats as F
-from distray.config import DistrayConfig, OpenAITeacher, SamplingConfig
+from distray.config import OpenAITeacher, SamplingConfig
 from distray.engines import common
+from distray.engines.base import Endpoint, Engine
 from distray.engines.common import sample_seed
 from distray.engines.results import ERROR
 from distray.errors import ConfigError, StageError
@@ -62,7 +63,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MIN_REQUESTS_FOR_RATIO", "MalformedResponse", "OpenAIClient", "api_key", "generate",
+    "ENGINE", "MIN_REQUESTS_FOR_RATIO", "MalformedResponse", "OpenAIClient", "OpenAIEngine", "api_key",
+    "generate",
     "parse_logprobs", "parse_response", "preflight",
 ]
 
@@ -422,7 +424,6 @@ class OpenAIClient:
 def generate(
     ds: ray.data.Dataset,
     teacher: OpenAITeacher,
-    cfg: DistrayConfig,
     sampling: SamplingConfig,
     logprobs: int | None,
 ) -> ray.data.Dataset:
@@ -449,3 +450,49 @@ def generate(
         num_cpus=0.5,
         runtime_env={"env_vars": env} if env else None,
     )
+
+
+class OpenAIEngine(Engine):
+    """`teacher.kind: openai`: an OpenAI-compatible endpoint (prompt limits are the server's)."""
+
+    kind = "openai"
+    local = False
+    config: OpenAITeacher
+
+    def generate(
+        self, ds: ray.data.Dataset, sampling: SamplingConfig, logprobs: int | None, *,
+        max_prompt_tokens: int | None = None,
+    ) -> ray.data.Dataset:
+        return generate(ds, self.config, sampling, logprobs)
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        t = self.config
+        return (prompt_tokens * t.usd_per_1m_input_tokens + completion_tokens * t.usd_per_1m_output_tokens) / 1e6
+
+    def check_answered(self, part: dict[str, Any]) -> None:
+        """The end-of-run success-ratio check (the actor stops early once enough requests
+        finished); `part` holds `teacher_requests` and the reject `reasons` of a pass.
+
+        Raises:
+            StageError: fewer than `min_success_ratio` of the requests succeeded.
+        """
+        t = self.config
+        n = part["teacher_requests"]
+        failed = part["reasons"].get("request_failed", 0)
+        if n and (n - failed) / n < t.min_success_ratio:
+            raise StageError(
+                f"the teacher endpoint {t.base_url} is failing: {n - failed} of {n} requests "
+                f"succeeded ({(n - failed) / n:.0%}) < teacher.min_success_ratio "
+                f"({t.min_success_ratio:.0%}); see the request_failed rows in "
+                "rejects/retry-*, which a rerun sends again once the endpoint is healthy"
+            )
+
+    def endpoint(self) -> Endpoint:
+        t = self.config
+        return Endpoint(
+            base_url=t.base_url, model=t.model, api_key_env=t.api_key_env, timeout_s=t.timeout_s,
+            max_retries=t.max_retries, backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
+        )
+
+
+ENGINE = OpenAIEngine

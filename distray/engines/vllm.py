@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from distray import formats as F
 from distray import prompts
-from distray.config import DistrayConfig, SamplingConfig, VLLMTeacher
+from distray.config import SamplingConfig, VLLMTeacher
 from distray.engines import common
+from distray.engines.base import Engine
 from distray.engines.common import sample_seed
 from distray.engines.results import ERROR
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate", "context_length", "engine_kwargs_for", "processor_config"]
+__all__ = ["ENGINE", "VLLMEngine", "generate", "context_length", "engine_kwargs_for", "processor_config"]
 
 # Internal columns of the processor that must not reach the output.
 _KEEP_PREFIX = "_"
@@ -123,9 +124,10 @@ def context_length(teacher: VLLMTeacher) -> int | None:
 def generate(
     ds: ray.data.Dataset,
     teacher: VLLMTeacher,
-    cfg: DistrayConfig,
     sampling: SamplingConfig,
     logprobs: int | None,
+    *,
+    max_prompt_tokens: int | None = None,
 ) -> ray.data.Dataset:
     """Answer every row of `ds` (teacher rows from `rows.expand_rows`) with vLLM replicas.
 
@@ -145,7 +147,6 @@ def generate(
     model = teacher.model
     trust = teacher.trust_remote_code
     max_model_len = context_length(teacher)
-    max_prompt_tokens = cfg.generate.max_prompt_tokens
     apply_template = teacher.apply_chat_template
     eos = prompts.eos_ids(model, trust)  # loads the tokenizer here: a bad path fails fast
     max_tokens = sampling.max_tokens
@@ -258,3 +259,44 @@ def _finalize(batch: Any) -> Any:
                 row.setdefault(c, r.get(c))
         out.append(row)
     return pa.Table.from_pylist(out)
+
+
+class VLLMEngine(Engine):
+    """`teacher.kind: vllm`: ray.data.llm replicas of a local or hub model."""
+
+    kind = "vllm"
+    config: VLLMTeacher
+
+    def generate(
+        self, ds: ray.data.Dataset, sampling: SamplingConfig, logprobs: int | None, *,
+        max_prompt_tokens: int | None = None,
+    ) -> ray.data.Dataset:
+        return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
+
+    def gpus(self, on_gpu: bool) -> float:
+        if not on_gpu:
+            return 0.0
+        from distray.ray_utils import engine_gpus
+
+        c = self.config.concurrency
+        replicas = c[1] if isinstance(c, tuple) else c
+        per = self.config.num_gpus_per_replica
+        return float(replicas * (engine_gpus(self.config.engine_kwargs) if per is None else per))
+
+    def context_length(self) -> int | None:
+        return context_length(self.config)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return dict(self.config.engine_kwargs)
+
+    def placement(self) -> dict[str, Any]:
+        t = self.config
+        return {
+            "engine_kwargs": dict(t.engine_kwargs), "concurrency": t.concurrency,
+            "batch_size": t.batch_size, "num_gpus_per_replica": t.num_gpus_per_replica,
+            "accelerator_type": t.accelerator_type, "placement_group_config": t.placement_group_config,
+            "apply_chat_template": t.apply_chat_template,
+        }
+
+
+ENGINE = VLLMEngine

@@ -45,6 +45,7 @@ from distray.config import (
     SamplingConfig,
     VLLMTeacher,
 )
+from distray.engines import engine_for
 from distray.errors import ConfigError, DataError, StageError
 from distray.evaluate import fidelity
 from distray.evaluate.efficiency import Efficiency, measure_api, measure_local_remote
@@ -107,29 +108,23 @@ def _is_model_dir(path: str) -> bool:
     return storage.exists(f"{path.rstrip('/')}/config.json")
 
 
-def _local_engine(cfg: DistrayConfig, role: str, path: str, base: Any = None) -> VLLMTeacher | HFTeacher:
+def _local_engine(
+    cfg: DistrayConfig, role: str, path: str, base: Any = None, placement: dict[str, Any] | None = None
+) -> VLLMTeacher | HFTeacher:
     """The engine config that runs a local model in evaluate: `evaluate.backend` for every
-    local model, so they are all measured the same way."""
+    local model, so they are all measured the same way.
+
+    Args:
+        placement: the teacher's own vLLM sizing (`VLLMEngine.placement`): a big model keeps
+            its TP/PP; evaluate's engine_kwargs apply on top.
+    """
     ev = cfg.evaluate
     trust = bool(getattr(base, "trust_remote_code", False))
     if ev.backend == "hf":
         batch = getattr(base, "batch_size", None) or 16
         return HFTeacher(model=path, name=role, batch_size=min(batch, 64), trust_remote_code=trust)
-    kwargs: dict[str, Any] = {}
-    if isinstance(base, VLLMTeacher):
-        # The teacher keeps its own parallelism (a big model needs its TP/PP); evaluate's
-        # engine_kwargs apply on top.
-        kwargs.update(base.engine_kwargs)
-        extra: dict[str, Any] = {
-            "concurrency": base.concurrency,
-            "batch_size": base.batch_size,
-            "num_gpus_per_replica": base.num_gpus_per_replica,
-            "accelerator_type": base.accelerator_type,
-            "placement_group_config": base.placement_group_config,
-            "apply_chat_template": base.apply_chat_template,
-        }
-    else:
-        extra = {}
+    extra = dict(placement or {})
+    kwargs: dict[str, Any] = dict(extra.pop("engine_kwargs", {}))
     kwargs.update(ev.engine_kwargs)
     return VLLMTeacher(model=path, name=role, engine_kwargs=kwargs, trust_remote_code=trust, **extra)
 
@@ -151,10 +146,12 @@ def resolve_models(cfg: DistrayConfig) -> list[_Model]:
             t = teachers[0]
             if len(teachers) > 1:
                 logger.info("evaluate: %d teachers; the first (%s) is the one compared", len(teachers), t.label)
-            if isinstance(t, OpenAITeacher):
+            engine = engine_for(t)
+            if not engine.local:
                 out.append(_Model("teacher", t, None))
             else:
-                out.append(_Model("teacher", _local_engine(cfg, "teacher", t.model, t), t.model))
+                own = _local_engine(cfg, "teacher", t.model, t, engine.placement())
+                out.append(_Model("teacher", own, t.model))
     if "student" in want:
         student = RunPaths(cfg.run_dir).student
         if not _is_model_dir(student):
@@ -230,14 +227,14 @@ def _efficiency(
     n_rows: int, out_tokens: int, *, with_answers: bool = False,
 ) -> Efficiency:
     ev = cfg.evaluate
-    if model.path is None:
-        t = model.engine
-        assert isinstance(t, OpenAITeacher)
-        key = os.environ.get(t.api_key_env) if t.api_key_env else None
+    engine = engine_for(model.engine)
+    ep = engine.endpoint()
+    if ep is not None:
+        key = os.environ.get(ep.api_key_env) if ep.api_key_env else None
         eff = measure_api(
-            t.base_url, t.model, prompts, api_key=key, max_tokens=ev.max_tokens,
-            latency_samples=ev.latency_samples, timeout_s=t.timeout_s,
-            max_retries=t.max_retries, backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
+            ep.base_url, ep.model, prompts, api_key=key, max_tokens=ev.max_tokens,
+            latency_samples=ev.latency_samples, timeout_s=ep.timeout_s,
+            max_retries=ep.max_retries, backoff_base_s=ep.backoff_base_s, backoff_max_s=ep.backoff_max_s,
         )
         # An API model's throughput is what the prediction run got (max_in_flight requests).
         eff.throughput_rows = n_rows
@@ -247,12 +244,8 @@ def _efficiency(
         return eff
     from distray.ray_utils import cluster_has_gpu, engine_gpus, worker_env
 
-    engine = model.engine
-    num_gpus = 0.0
-    if cluster_has_gpu():
-        kw = engine.engine_kwargs if isinstance(engine, VLLMTeacher) else {}
-        num_gpus = float(engine_gpus(kw))
-    engine_kwargs = dict(engine.engine_kwargs) if isinstance(engine, VLLMTeacher) else {}
+    engine_kwargs = engine.engine_kwargs()
+    num_gpus = float(engine_gpus(engine_kwargs)) if cluster_has_gpu() else 0.0
     return measure_local_remote(
         model.path,  # type: ignore[arg-type]
         prompts,
@@ -263,9 +256,9 @@ def _efficiency(
         latency_samples=ev.latency_samples,
         throughput_rows=min(len(prompts), THROUGHPUT_ROWS_MAX),
         engine_kwargs=engine_kwargs,
-        batch_size=getattr(engine, "batch_size", 16),
-        use_chat_template=getattr(engine, "apply_chat_template", True),
-        trust_remote_code=getattr(engine, "trust_remote_code", False),
+        batch_size=getattr(model.engine, "batch_size", 16),
+        use_chat_template=getattr(model.engine, "apply_chat_template", True),
+        trust_remote_code=getattr(model.engine, "trust_remote_code", False),
         equal_length_tokens=ev.equal_length_tokens,
         with_answers=with_answers,
     )
@@ -423,13 +416,12 @@ def _measure_and_answer(
     from distray import prompts as P
     from distray.engines import common
     from distray.engines.results import ERROR
-    from distray.engines.vllm import context_length
 
     engine = m.engine
     path = m.path
     assert path is not None
     trust = bool(getattr(engine, "trust_remote_code", False))
-    ctx = context_length(engine) if isinstance(engine, VLLMTeacher) else None
+    ctx = engine_for(engine).context_length()
     prepared = common.prepare_rows(
         [{F.ID: str(r[F.ID]), F.MESSAGES: r[F.MESSAGES]} for r in rows],
         model=path, trust_remote_code=trust,

@@ -62,9 +62,11 @@ def answer(
     logprobs: int | None,
 ) -> ray.data.Dataset:
     """Send expanded teacher rows to the teacher's engine; keeps internal `_` columns."""
-    from distray import engines
+    from distray.engines import engine_for
 
-    return engines.generate(ds, teacher, cfg, sampling, logprobs)
+    return engine_for(teacher).generate(
+        ds, sampling, logprobs, max_prompt_tokens=cfg.generate.max_prompt_tokens
+    )
 
 
 def to_output(batch: pa.Table) -> pa.Table:

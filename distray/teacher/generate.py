@@ -57,10 +57,8 @@ from distray import storage
 from distray.config import (
     DistrayConfig,
     FilterConfig,
-    HFTeacher,
-    OpenAITeacher,
-    VLLMTeacher,
 )
+from distray.engines import engine_for
 from distray.engines.common import is_prepare_error
 from distray.engines.results import ERROR, reject_row
 from distray.errors import ConfigError, DataError, StageError
@@ -353,24 +351,6 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
-def _gpus_per_teacher(teacher: Teacher, on_gpu: bool) -> float:
-    from distray.ray_utils import engine_gpus
-
-    if not on_gpu:
-        return 0.0
-    if isinstance(teacher, VLLMTeacher):
-        c = teacher.concurrency
-        replicas = c[1] if isinstance(c, tuple) else c
-        kw = teacher.engine_kwargs
-        per = teacher.num_gpus_per_replica
-        if per is None:
-            per = engine_gpus(kw)
-        return float(replicas * per)
-    if isinstance(teacher, HFTeacher):
-        return float(teacher.concurrency * teacher.num_gpus_per_replica)
-    return 0.0
-
-
 # ---- the stage -----------------------------------------------------------------------------
 
 
@@ -519,13 +499,10 @@ class _Stage:
         self.result.generate_wall_s += wall
         self.result.engine_busy_s += part["engine_busy_s"]
         self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
-        self.gpu_s += wall * _gpus_per_teacher(teacher, self.on_gpu)
-        if isinstance(teacher, OpenAITeacher):
-            self.api_cost_usd += (
-                part["prompt_tokens"] * teacher.usd_per_1m_input_tokens
-                + part["completion_tokens"] * teacher.usd_per_1m_output_tokens
-            ) / 1e6
-            _check_success_ratio(teacher, part)
+        engine = engine_for(teacher)
+        self.gpu_s += wall * engine.gpus(self.on_gpu)
+        self.api_cost_usd += engine.cost_usd(part["prompt_tokens"], part["completion_tokens"])
+        engine.check_answered(part)
 
     def settle_retries(self) -> None:
         """Drop the older retry-shard rows this run settled (see the module docstring)."""
@@ -631,19 +608,6 @@ def _engine_nodes() -> dict[str, int] | None:
     nodes = Counter(a.node_id for a in actors
                     if a.node_id and any(c in (a.class_name or "") for c in _ENGINE_CLASSES))
     return dict(nodes)
-
-
-def _check_success_ratio(teacher: OpenAITeacher, part: dict[str, Any]) -> None:
-    """The end-of-run check (the engine stops early once enough requests finished)."""
-    n = part["teacher_requests"]
-    failed = part["reasons"].get("request_failed", 0)
-    if n and (n - failed) / n < teacher.min_success_ratio:
-        raise StageError(
-            f"the teacher endpoint {teacher.base_url} is failing: {n - failed} of {n} requests "
-            f"succeeded ({(n - failed) / n:.0%}) < teacher.min_success_ratio "
-            f"({teacher.min_success_ratio:.0%}); see the request_failed rows in "
-            "rejects/retry-*, which a rerun sends again once the endpoint is healthy"
-        )
 
 
 def _expand(batch: pa.Table, **kwargs: Any) -> pa.Table:

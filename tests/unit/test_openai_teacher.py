@@ -255,7 +255,7 @@ def test_generate_passes_the_key_as_env_only(monkeypatch) -> None:
             return self
 
     teacher = OpenAITeacher(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
-    engine.generate(DS(), teacher, None, SamplingConfig(), None)  # type: ignore[arg-type]
+    engine.generate(DS(), teacher, SamplingConfig(), None)  # type: ignore[arg-type]
     assert KEY not in repr(seen["fn_constructor_kwargs"])
     assert seen["runtime_env"] == {"env_vars": {KEY_ENV: KEY}}
 

@@ -165,6 +165,6 @@ def test_public_api_is_pinned() -> None:
     import distray.teacher as T
 
     assert sorted(T.__all__) == sorted(
-        ["run", "GenerateResult", "generate_dataset", "read_prompts", "OUTPUT_SCHEMA"]
+        ["run", "GenerateResult", "generate_dataset", "read_prompts", "OUTPUT_SCHEMA", "teacher_ident"]
     )
     assert [f.name for f in T.OUTPUT_SCHEMA] == F.TEACHER_DATA_SCHEMA.names + ["error"]
