@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +77,134 @@ def test_the_same_process_may_reenter(tmp_path: Path) -> None:
     with lease.hold(str(tmp_path)), lease.hold(str(tmp_path)):
         pass
     assert not (tmp_path / ".lease.json").exists()
+
+
+# ---- the fenced lease: generations, renewal, unreadable leases, races, orphan writers -------
+
+
+def _hold_and_report(run_dir: str, out: Any, done: Any) -> None:
+    with lease.hold(run_dir) as fence:
+        out.put((fence.holder, fence.generation))
+        done.wait(30)
+
+
+def _race(run_dir: str, start: Any, out: Any, done: Any) -> None:
+    start.wait(10)
+    try:
+        with lease.hold(run_dir) as fence:
+            out.put(("held", fence.generation))
+            done.wait(10)  # keep it while the others try
+    except StageError as e:
+        out.put(("refused", str(e)))
+
+
+def _dead_pid() -> int:
+    dead = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    assert dead.pid is not None
+    return dead.pid
+
+
+def _write_lease(run: Path, **fields: Any) -> None:
+    record = {"holder": "other", "generation": 1, "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.time(), "renewed": time.time(), **fields}
+    (run / ".lease.json").write_text(json.dumps(record))
+
+
+def test_a_renewal_that_finds_another_holder_stops_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    run = tmp_path / "run"
+    with lease.hold(str(run)) as fence:
+        assert fence.generation == 1
+        fence.check()
+        # Another run takes the folder over (this one looked dead to it: a long pause, a lost node).
+        _write_lease(run, holder="other", generation=2)
+        deadline = time.time() + 5
+        while time.time() < deadline and not any(r.levelname == "ERROR" for r in caplog.records):
+            time.sleep(0.02)
+        # The renewal did not write over the other holder's lease, and said so as an error.
+        assert json.loads((run / ".lease.json").read_text())["holder"] == "other"
+        assert any("lost its lease" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        with pytest.raises(StageError, match="generation 2"):
+            fence.check("evaluate outputs")
+        with pytest.raises(StageError, match="nothing published"):
+            lease.check_fence(str(run))
+    # Leaving does not delete the other run's lease.
+    assert json.loads((run / ".lease.json").read_text())["holder"] == "other"
+
+
+def test_an_empty_lease_counts_as_held_until_it_expires(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lease.json").write_text("")  # created, not yet written (or damaged)
+    with pytest.raises(StageError, match="empty or unreadable"):
+        with lease.hold(str(run)):
+            pass
+    assert (run / ".lease.json").exists()
+    old = time.time() - lease.EXPIRE_S - 1
+    os.utime(run / ".lease.json", (old, old))
+    with lease.hold(str(run)) as fence:
+        assert json.loads((run / ".lease.json").read_text())["holder"] == fence.holder
+
+
+def test_a_takeover_raises_the_generation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_lease(run, holder="dead", generation=4, pid=_dead_pid())
+    with lease.hold(str(run)) as fence:
+        assert fence.generation == 5
+        assert json.loads((run / ".lease.json").read_text())["generation"] == 5
+        assert lease.current(str(run)) == fence
+
+
+def test_two_takeovers_racing_leave_one_holder(tmp_path: Path) -> None:
+    # Six runs start at once on a folder whose holder died; a few rounds, since a race that
+    # goes wrong does so in most rounds, not all.
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        run = tmp_path / f"run{round_}"
+        run.mkdir()
+        _write_lease(run, holder="dead", generation=1, pid=_dead_pid())
+        start, done, out = ctx.Event(), ctx.Event(), ctx.Queue()
+        racers = [ctx.Process(target=_race, args=(str(run), start, out, done)) for _ in range(6)]
+        for p in racers:
+            p.start()
+        start.set()
+        try:
+            results = [out.get(timeout=20) for _ in racers]
+        finally:
+            done.set()
+            for p in racers:
+                p.join(20)
+        held = [r for r in results if r[0] == "held"]
+        assert len(held) == 1, results
+        assert held[0][1] == 2
+        assert all("in use by pid" in r[1] for r in results if r[0] == "refused")
+
+
+def test_an_orphan_writer_with_an_old_generation_cannot_publish(tmp_path: Path) -> None:
+    from distray import formats as F
+    from distray.teacher import writer
+
+    run = tmp_path / "run"
+    ctx = multiprocessing.get_context("spawn")
+    out, done = ctx.Queue(), ctx.Event()
+    driver = ctx.Process(target=_hold_and_report, args=(str(run), out, done))
+    driver.start()
+    holder, generation = out.get(timeout=30)
+    os.kill(driver.pid, signal.SIGKILL)  # the driver dies; its Ray workers would live on
+    driver.join(10)
+    orphan = lease.Fence(str(run), holder, generation)  # what its workers were handed
+    rows = [{F.ID: "a" * 32, F.RESPONSE: "hello"}]
+    data, tmp = run / "generate" / "data" / "train", run / "generate" / ".tmp"
+    with lease.hold(str(run)) as fence:  # the rerun, at once: no waiting for the orphans
+        assert fence.generation == generation + 1
+        with pytest.raises(StageError, match=f"holds lease generation {generation}"):
+            writer.write_shard(rows, str(data), str(tmp), schema=F.TEACHER_DATA_SCHEMA, fence=orphan)
+        assert list(data.iterdir()) == [] and list(tmp.iterdir()) == []
+        # The rerun's own writers publish.
+        path = writer.write_shard(rows, str(data), str(tmp), schema=F.TEACHER_DATA_SCHEMA, fence=fence)
+        assert path is not None and [p.name for p in data.iterdir()] == [os.path.basename(path)]
