@@ -62,6 +62,7 @@ from distray.engines import engine_for
 from distray.engines.common import is_prepare_error
 from distray.engines.results import ERROR, reject_row
 from distray.errors import ConfigError, DataError, StageError
+from distray.lease import Fence, current
 from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.cache import AnswerCache
@@ -189,7 +190,9 @@ class _Sink:
         cache_dir: str | None,
         store_cache: bool,
         tracker: Any,
+        fence: Fence | None = None,
     ) -> None:
+        self.fence = fence  # the run folder lease's: checked before each shard is published
         self.out_dirs = out_dirs
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
@@ -250,15 +253,16 @@ class _Sink:
                 reasons["bad_answer"] += 1
             kept_ids = {d[F.ID] for d in data_rows}
             stored += [r for r in mine if r[F.ID] in kept_ids]
-            W.write_shard(data_rows, out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA)
+            W.write_shard(data_rows, out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA, fence=self.fence)
         accepted = stored
         W.write_shard(
             rejects, self.rejects_dir, self.tmp_dir,
-            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects",
+            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects", fence=self.fence,
         )
         W.write_shard(
             retries, self.rejects_dir, self.tmp_dir,
             schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix=self.retry_prefix,
+            fence=self.fence,
         )
         # Rows stopped before the engine (too long for it, refused by its template) cost no request.
         asked = [r for r in answered if not is_prepare_error(r.get(ERROR))]
@@ -280,7 +284,9 @@ class _Sink:
         return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
 
 
-def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarray) -> Any:
+def _input_rejects_sink(
+    rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarray, fence: Fence | None = None
+) -> Any:
     """Write the read/validate rejects of one raw read batch; count the valid rows."""
 
     def fn(batch: pa.Table) -> pa.Table:
@@ -291,7 +297,7 @@ def _input_rejects_sink(rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarr
         valid = int(pc.sum(pc.is_null(batch["_reject_reason"])).as_py() or 0)
         rej = W.keep_not_done(rejects_table(batch), done)
         rows = rej.to_pylist()
-        W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects")
+        W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects", fence=fence)
         reasons = Counter(_reason_code(r["reason"]) for r in rows)
         stats: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names}
         stats["engine_t0"] = stats["engine_t1"] = None
@@ -368,6 +374,8 @@ class _Stage:
         self.retry_prefix = f"{W.RETRY_PREFIX}-{uuid.uuid4().hex[:8]}"
         self.out_dirs = {split: f"{self.paths.generate_data}/{split}" for split in inputs}
         self.tracker: Any = None
+        # The lease this run holds on its folder: its writers (Ray tasks) publish only under it.
+        self.fence = current(cfg.run_dir)
         self.reasons: Counter[str] = Counter()
         self.gpu_s = 0.0
         self.api_cost_usd = 0.0
@@ -406,7 +414,7 @@ class _Stage:
 
         raw = read_raw(src, self.cfg, max_rows=self.max_rows(split))
         sink = _input_rejects_sink(
-            self.rejects_dir, self.tmp_dir, self.cfg.data.rejects_format, self.done_ids()
+            self.rejects_dir, self.tmp_dir, self.cfg.data.rejects_format, self.done_ids(), self.fence
         )
         part = _sum_stats(raw.map_batches(sink, batch_format="pyarrow", batch_size=None))
         n_valid = int(part["valid_inputs"])
@@ -443,7 +451,7 @@ class _Stage:
             rejects_format=self.cfg.data.rejects_format, retry_prefix=self.retry_prefix,
             filters=gen.filters,
             labels=self.cfg.task.labels, cache_dir=gen.cache_dir, store_cache=store_cache,
-            tracker=self.tracker,
+            tracker=self.tracker, fence=self.fence,
         )
 
     def todo_all(self, teacher: Teacher, with_cache_key: bool) -> Any:
@@ -507,7 +515,7 @@ class _Stage:
     def settle_retries(self) -> None:
         """Drop the older retry-shard rows this run settled (see the module docstring)."""
         done = [self.paths.generate_data, self.rejects_dir]
-        n = W.settle_retry_shards(self.rejects_dir, self.tmp_dir, done, self.retry_prefix)
+        n = W.settle_retry_shards(self.rejects_dir, self.tmp_dir, done, self.retry_prefix, self.fence)
         if n:
             logger.info("settled %d retry shard(s) of earlier runs in %s", n, self.rejects_dir)
 
