@@ -12,7 +12,8 @@
     rollouts/part-*.parquet   the student's answers (ROLLOUT_SCHEMA), one shard per batch
     scored/part-*.parquet     the teacher's top-k over those exact tokens (SCORED_SCHEMA)
     self/part-*.parquet       the student's own logprobs of its eval samples (SELF_SCHEMA)
-    rejects/                  rows that got no answer or no score (REJECT_SCHEMA), final
+    rejects/                  rows that got no answer or no score (REJECT_SCHEMA): rejects-* are
+                              final, retry-* failed transiently and are sent again (settle.py)
     mix/part-*.parquet        the training mix: λ on-policy, 1 − λ off-policy teacher-data rows
     train/                    Ray Train checkpoints, metrics.jsonl, student/ (the export)
     <phase>.done.json         written when a phase has finished, with its figures
@@ -20,7 +21,8 @@
 Rows are written as atomic shards named by a hash of their ids (`distray.teacher.writer`), and
 each phase skips the ids already in its output (or its rejects), so a run killed at any moment
 and started again finishes the rest without asking an engine twice. A phase whose marker exists
-is skipped whole; training resumes from its latest Ray Train checkpoint.
+is skipped whole; training resumes from its latest Ray Train checkpoint. A phase with rows
+still unsettled (in retry-* shards) writes no marker, so a rerun retries them.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ rollouts get generate's chat template, token accounting and error rows. Training
 the eval prompts' samples share one sampling; the eval prompts' greedy answers a second one.
 
 Each row's id is a hash of (round, purpose, input id): a rerun computes the same ids and sends
-only the prompts whose rollout is in neither rollouts/ nor rejects/ to the engine. Shards are
-written per batch (`generate.rows_per_shard` rows) by `distray.teacher.writer.write_shard`.
+only the prompts whose rollout is in neither rollouts/ nor rejects/ to the engine; a rollout
+that failed transiently sits in a `retry-rollout-*` shard of rejects/, which is not done
+(`distray.onpolicy.settle`). Shards are written per batch (`generate.rows_per_shard` rows) by
+`distray.teacher.writer.write_shard`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = ["rollout_id", "student_engine", "RolloutSink", "rollout_stream"]
 
 logger = logging.getLogger(__name__)
 
-#: Engine failures a rerun retries (left unwritten, so not done).
+#: Engine failures a rerun retries (written to a retry shard, so not done).
 _TRANSIENT = ("engine_error", "request_failed")
 
 
@@ -68,18 +70,26 @@ class RolloutSink:
         rp: the round's folders.
         meta: {rollout id: (purpose, input id)} of the rows sent to the engine.
         label: the `teacher` column of the rows (the student's round label).
+        retry_prefix: names the shard of this batch's transient failures (engine errors),
+            which a rerun retries (`distray.onpolicy.settle`); None: a pass of its own.
     """
 
-    def __init__(self, rp: RoundPaths, meta: dict[str, tuple[str, str]], label: str) -> None:
+    def __init__(
+        self, rp: RoundPaths, meta: dict[str, tuple[str, str]], label: str, retry_prefix: str | None = None
+    ) -> None:
+        from distray.onpolicy import settle
+
         self.rp = rp
         self.meta = meta
         self.label = label
+        self.retry_prefix = retry_prefix or settle.retry_prefix(settle.ROLLOUT, "sink")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distray.engines.results import reject_row
 
         good: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
+        retries: list[dict[str, Any]] = []
         for r in batch.to_pylist():
             # generate_dataset put our rollout id in `input_id` (it was the prompt row's id).
             rid = r[F.INPUT_ID]
@@ -89,17 +99,18 @@ class RolloutSink:
             if not error and not r.get(F.RESPONSE_TOKEN_IDS):
                 error = "empty_answer: the student answered with no token"
             if error:
-                if str(error).split(":", 1)[0] in _TRANSIENT:
-                    logger.warning("rollout %s failed (%s); a rerun retries it", rid, str(error)[:200])
-                    continue
                 reason, _, detail = str(error).partition(":")
-                rejects.append(reject_row(row, "rollout", reason.strip(), detail.strip()))
+                transient = reason.strip() in _TRANSIENT
+                if transient:
+                    logger.warning("rollout %s failed (%s); a rerun retries it", rid, str(error)[:200])
+                (retries if transient else rejects).append(
+                    reject_row(row, "rollout", reason.strip(), detail.strip())
+                )
                 continue
             good.append({f.name: row.get(f.name) for f in ROLLOUT_SCHEMA})
         W.write_shard(good, self.rp.rollouts, self.rp.tmp, schema=ROLLOUT_SCHEMA)
-        W.write_shard(
-            rejects, self.rp.rejects, self.rp.tmp, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix="rejects"
-        )
+        for rows, prefix in ((rejects, "rejects"), (retries, self.retry_prefix)):
+            W.write_shard(rows, self.rp.rejects, self.rp.tmp, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix=prefix)
         return pa.Table.from_pylist(good, schema=ROLLOUT_SCHEMA)
 
 
@@ -126,6 +137,8 @@ def rollout_stream(
     student: VLLMTeacher | HFTeacher,
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]],
+    *,
+    retry_prefix: str | None = None,
 ) -> tuple[Any | None, int]:
     """The lazy rollout pipeline of a round: rows not done yet → student engine → shards.
 
@@ -135,6 +148,7 @@ def rollout_stream(
         student: the student as an engine config (`student_engine`).
         train_rows: the round's training prompts (normalized prompt rows).
         eval_rows: the eval prompts (answered twice: sampled and greedy).
+        retry_prefix: names this pass's shards of transient failures (`RolloutSink`).
 
     Returns:
         `(dataset of the rollouts written, in ROLLOUT_SCHEMA, or None when all are done;
@@ -163,7 +177,7 @@ def rollout_stream(
     if not parts:
         return None, 0
     answered = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    sink = RolloutSink(rp, meta, student.label)
+    sink = RolloutSink(rp, meta, student.label, retry_prefix)
     written = answered.map_batches(
         sink, batch_format="pyarrow", batch_size=cfg.generate.rows_per_shard
     )

@@ -29,14 +29,15 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from distray import formats as F
 from distray import storage
 from distray.config import DistrayConfig, HFTeacher, VLLMTeacher, deep_merge
-from distray.errors import ConfigError, DataError
-from distray.onpolicy import selection
+from distray.errors import ConfigError, DataError, StageError
+from distray.onpolicy import selection, settle
 from distray.onpolicy.layout import EVAL_SAMPLE, PURPOSE, OnPolicyPaths, RoundPaths
 from distray.onpolicy.metrics import eval_figures, plot_rounds
 from distray.onpolicy.mixing import write_mix
@@ -128,6 +129,8 @@ class OnPolicyRun:
         self.teacher = scorer_of(cfg)
         self.k = int(cfg.generate.logprobs or 0)
         self.overlap = False
+        #: The running phase pass: names its retry shards (`distray.onpolicy.settle`).
+        self.pass_id = uuid.uuid4().hex[:8]
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -171,9 +174,10 @@ class OnPolicyRun:
         student = self._student_dir(0)
         tok_dir = (self.cfg.student.tokenizer if self.cfg.student else None) or student
         trust = self.teacher.trust_remote_code
+        own = bool(self.cfg.student.trust_remote_code) if self.cfg.student else False
         problem = check_vocab(
-            AutoTokenizer.from_pretrained(tok_dir),
-            int(AutoConfig.from_pretrained(student).vocab_size),
+            AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=own),
+            int(AutoConfig.from_pretrained(student, trust_remote_code=own).vocab_size),
             [],
             {self.teacher.model: AutoTokenizer.from_pretrained(self.teacher.model, trust_remote_code=trust)},
             student_name=student,
@@ -226,15 +230,46 @@ class OnPolicyRun:
             return os.path.abspath(self.cfg.student.model) if "://" not in self.cfg.student.model else self.cfg.student.model
         return self.paths.round(index - 1).student
 
-    def phase(self, rp: RoundPaths, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run a phase unless its marker says it finished; its figures (with `<name>_s`)."""
+    def phase(
+        self,
+        rp: RoundPaths,
+        name: str,
+        fn: Callable[[], dict[str, Any]],
+        *,
+        stages: tuple[str, ...] = (),
+        unsettled: Callable[[], int] | None = None,
+    ) -> dict[str, Any]:
+        """Run a phase unless its marker says it finished; its figures (with `<name>_s`).
+
+        Args:
+            rp: the round.
+            name: the phase (its marker is `<name>.done.json`).
+            fn: runs one pass over the phase's rows not done yet; returns its figures.
+            stages: the `settle` stages whose retry shards this phase's pass writes.
+            unsettled: counts the phase's rows still unsettled after the pass.
+
+        Raises:
+            StageError: rows failed transiently (recorded in rejects/retry-*); no marker is
+                written, so a rerun sends those rows again and the round keeps its prompts.
+        """
         marker = rp.done(name)
         if storage.exists(marker):
             figures: dict[str, Any] = json.loads(storage.read_text(marker))
             logger.info("round %d: %s done already (%s)", rp.index, name, marker)
             return figures
+        self.pass_id = uuid.uuid4().hex[:8]
         t0 = time.perf_counter()
         figures = fn()
+        settle.drop_older_retries(rp, stages, self.pass_id)
+        left = unsettled() if unsettled is not None else 0
+        if left:
+            raise StageError(
+                f"round {rp.index}: {left} row(s) of the {name} phase failed with engine or "
+                f"request errors (each with its reason in {rp.rejects}/retry-*.jsonl). The phase "
+                "is left unfinished so that every round keeps all of its prompts: rerun the "
+                "same command to send only those rows again; if they fail each time, the "
+                "engine's log under <run>/logs/ says why"
+            )
         figures[f"{name}_s"] = round(time.perf_counter() - t0, 2)
         storage.write_text(marker, json.dumps(figures, indent=1, default=str) + "\n")
         logger.info("round %d: %s %s", rp.index, name, _brief(figures))
@@ -258,7 +293,7 @@ class OnPolicyRun:
                     src, self.cfg, lambda ids: selection.round_slice(ids, seed, index, per)
                 ),
             )
-        figures: dict[str, Any] = {"round": index, **self._answer_and_score(rp, student, train_rows, eval_rows)}
+        figures: dict[str, Any] = {"round": index, **self.answer_and_score(rp, student, train_rows, eval_rows)}
         if train:
             teacher_data = _teacher_train_data(self.run_paths)
             figures.update(
@@ -267,17 +302,38 @@ class OnPolicyRun:
             figures.update(self.phase(rp, "train", lambda: self._train(rp, index, student_dir)))
         return figures
 
-    def _answer_and_score(
+    def answer_and_score(
         self, rp: RoundPaths, student: Any, train_rows: list[Any], eval_rows: list[Any]
     ) -> dict[str, Any]:
-        """Phases (a) and (b) of a round, and its eval figures."""
+        """Phases (a) and (b) of a round (rollouts, then scores), and its eval figures.
+
+        Raises:
+            StageError: rows of a phase failed transiently; that phase writes no marker.
+        """
         figures: dict[str, Any] = {}
+
+        def rollouts_left() -> int:
+            return settle.unsettled_rollouts(rp, train_rows, eval_rows)
+
         if self.overlap and not storage.exists(rp.done("rollouts")):
-            figures.update(self.phase(rp, "rollouts", lambda: self._rollouts_and_scores(rp, student, train_rows, eval_rows)))
-            figures.update(self.phase(rp, "scoring", lambda: self._self_scores(rp, student)))
+            figures.update(self.phase(
+                rp, "rollouts", lambda: self._rollouts_and_scores(rp, student, train_rows, eval_rows),
+                stages=(settle.ROLLOUT, settle.TEACHER_SCORE),
+                unsettled=lambda: rollouts_left() + settle.unsettled_scores(rp, own=False),
+            ))
+            figures.update(self.phase(
+                rp, "scoring", lambda: self._self_scores(rp, student),
+                stages=(settle.SELF_SCORE,), unsettled=lambda: settle.unsettled_scores(rp, teacher=False),
+            ))
         else:
-            figures.update(self.phase(rp, "rollouts", lambda: self._rollouts(rp, student, train_rows, eval_rows)))
-            figures.update(self.phase(rp, "scoring", lambda: self._scores(rp, student, None)))
+            figures.update(self.phase(
+                rp, "rollouts", lambda: self._rollouts(rp, student, train_rows, eval_rows),
+                stages=(settle.ROLLOUT,), unsettled=rollouts_left,
+            ))
+            figures.update(self.phase(
+                rp, "scoring", lambda: self._scores(rp, student, None),
+                stages=(settle.TEACHER_SCORE, settle.SELF_SCORE), unsettled=lambda: settle.unsettled_scores(rp),
+            ))
         figures.update(eval_figures(rp))
         return figures
 
@@ -286,10 +342,13 @@ class OnPolicyRun:
         run's eval prompts, with its rollouts and scores kept in `folder` (resumable too)."""
         eval_rows = self.setup()
         student = student_engine(self.cfg, student_dir, "student-eval")
-        return self._answer_and_score(RoundPaths(folder.rstrip("/"), 0), student, [], eval_rows)
+        return self.answer_and_score(RoundPaths(folder.rstrip("/"), 0), student, [], eval_rows)
 
     def _rollouts(self, rp: RoundPaths, student: Any, train_rows: list[Any], eval_rows: list[Any]) -> dict[str, Any]:
-        stream, sent = rollout_stream(self.cfg, rp, student, train_rows, eval_rows)
+        stream, sent = rollout_stream(
+            self.cfg, rp, student, train_rows, eval_rows,
+            retry_prefix=settle.retry_prefix(settle.ROLLOUT, self.pass_id),
+        )
         rows = tokens = 0
         if stream is not None:
             for batch in stream.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -299,7 +358,10 @@ class OnPolicyRun:
 
     def _rollouts_and_scores(self, rp: RoundPaths, student: Any, train_rows: list[Any], eval_rows: list[Any]) -> dict[str, Any]:
         """Overlap: rollouts stream into the teacher's engines within one Ray Data pipeline."""
-        stream, sent = rollout_stream(self.cfg, rp, student, train_rows, eval_rows)
+        stream, sent = rollout_stream(
+            self.cfg, rp, student, train_rows, eval_rows,
+            retry_prefix=settle.retry_prefix(settle.ROLLOUT, self.pass_id),
+        )
         out = self._scores(rp, student, stream, with_self=False)
         return {"rollout_requests": sent, "overlapped": True, **out}
 
@@ -322,7 +384,8 @@ class OnPolicyRun:
         return ds
 
     def _sunk(self, ds: Any, scorer: Any, out_dir: str, rp: RoundPaths, kind: str) -> Any:
-        sink = ScoreSink(out_dir, rp.rejects, rp.tmp, kind)
+        stage = settle.TEACHER_SCORE if kind == "teacher" else settle.SELF_SCORE
+        sink = ScoreSink(out_dir, rp.rejects, rp.tmp, kind, retry_prefix=settle.retry_prefix(stage, self.pass_id))
         return score_dataset(ds, scorer, self.cfg, self.k).map_batches(
             sink, batch_format="pyarrow", batch_size=self.cfg.generate.rows_per_shard
         )

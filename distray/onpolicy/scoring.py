@@ -220,29 +220,39 @@ class ScoreSink:
         out_dir: scored/ (teacher) or self/ (student).
         rejects_dir, tmp_dir: the round's rejects/ and .tmp/.
         kind: `teacher` or `self`.
+        retry_prefix: names the shard of this batch's engine errors, which a rerun retries
+            (`distray.onpolicy.settle`); None: a pass of its own.
     """
 
-    def __init__(self, out_dir: str, rejects_dir: str, tmp_dir: str, kind: str) -> None:
+    def __init__(
+        self, out_dir: str, rejects_dir: str, tmp_dir: str, kind: str, retry_prefix: str | None = None
+    ) -> None:
+        from distray.onpolicy import settle
+
         self.out_dir = out_dir
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
         self.kind = kind
+        stage = settle.TEACHER_SCORE if kind == "teacher" else settle.SELF_SCORE
+        self.retry_prefix = retry_prefix or settle.retry_prefix(stage, "sink")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distray.engines.results import reject_row
 
         good: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
+        retries: list[dict[str, Any]] = []
+        stage = "scoring" if self.kind == "teacher" else "self_scoring"
         for r in batch.to_pylist():
             row = json.loads(r[_ROW])
             if r.get(_ERROR) or not r.get("_scores"):
                 error = str(r.get(_ERROR) or "engine_error: no scores")
-                if error.startswith("engine_error"):
+                reason, _, detail = error.partition(":")
+                transient = error.startswith("engine_error")
+                if transient:
                     logger.warning("scoring of %s failed (%s); a rerun retries it", row[F.ID], error[:200])
-                    continue
-                if self.kind == "teacher":  # a self-score failure only costs a metric
-                    reason, _, detail = error.partition(":")
-                    rejects.append(reject_row(row, "scoring", reason.strip(), detail.strip()))
+                # A final self-score failure settles the row too: it only costs a metric.
+                (retries if transient else rejects).append(reject_row(row, stage, reason.strip(), detail.strip()))
                 continue
             top_ids, top_lps, own = json.loads(r["_scores"])
             if self.kind == "self":
@@ -253,8 +263,7 @@ class ScoreSink:
             good.append(out)
         schema = SELF_SCHEMA if self.kind == "self" else SCORED_SCHEMA
         W.write_shard(good, self.out_dir, self.tmp_dir, schema=schema)
-        W.write_shard(
-            rejects, self.rejects_dir, self.tmp_dir, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix="rejects"
-        )
+        for rows, prefix in ((rejects, "rejects"), (retries, self.retry_prefix)):
+            W.write_shard(rows, self.rejects_dir, self.tmp_dir, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix=prefix)
         tokens = sum(len(g.get(F.RESPONSE_TOKEN_IDS) or g.get(STUDENT_TOKEN_LOGPROBS) or []) for g in good)
         return pa.table({"kind": [self.kind], "rows": [len(good)], "tokens": [tokens]})
