@@ -147,7 +147,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     t0 = time.perf_counter()
     with _captured(args, cfg) as cap:
-        result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False))
+        result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False),
+                                    confirm=_confirm(args))
         if cap is not None:
             print(format_result(args.command, result, time.perf_counter() - t0), file=cap.out, flush=True)
             return EXIT_OK
@@ -159,6 +160,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stages = None
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    force = args.force
+    if force is not None and "=" in force:  # `run CONFIG --force a=b`: an override, not a stage
+        args.overrides, force = [*args.overrides, force], "all"
     cfg = _load(args.config, args.overrides)
     from distray import pipeline
 
@@ -171,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     t0 = time.perf_counter()
     with _captured(args, cfg) as cap:
-        result = pipeline.run(cfg, stages=stages, force=args.force)
+        result = pipeline.run(cfg, stages=stages, force=force or False, confirm=_confirm(args))
         if cap is not None:
             print(format_result("run", result, time.perf_counter() - t0), file=cap.out, flush=True)
             return EXIT_OK
@@ -280,10 +284,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _yes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="do not ask before --force deletes finished work")
+
+
+def _confirm(args: argparse.Namespace) -> Any:
+    """The question `--force` asks before deleting finished work: on a terminal, unless --yes."""
+    if getattr(args, "yes", False) or not sys.stdin.isatty():
+        return None
+
+    def ask(question: str) -> bool:
+        print(question + " [y/N] ", end="", file=sys.stderr, flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+    return ask
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
-    from distray.pipeline import REGISTRY, RESUMABLE
-    from distray.pipeline import STAGES as PIPELINE_STAGES
+    from distray.stages import REGISTRY
+    from distray.stages import STAGES as PIPELINE_STAGES
 
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     verbose = _Parser(add_help=False)
@@ -316,11 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help, parents=[verbose])
         p.add_argument("--config", "-c", required=True, metavar="CONFIG", help="YAML config file")
         overrides(p)
-        if stage.name in RESUMABLE:
+        if stage.has_lineage:
             p.add_argument(
                 "--force", action="store_true",
-                help=f"remove {stage.name}'s outputs first (needed when they were made with other settings)",
+                help=f"DELETE {stage.name}'s outputs first and redo it (asks on a terminal when "
+                "they are finished; a new run.name keeps them instead)",
             )
+            _yes(p)
         p.set_defaults(func=_cmd_stage)
 
     run_stages = ", ".join(PIPELINE_STAGES)
@@ -336,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages", metavar="a,b", help=f"only these stages, from {','.join(PIPELINE_STAGES)}"
     )
-    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument(
+        "--force", nargs="?", const="all", default=None, metavar="STAGE[,STAGE]",
+        help="DELETE the outputs of these stages (all that run, when none is named) and redo "
+        "them; asks on a terminal before deleting finished work",
+    )
+    _yes(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

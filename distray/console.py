@@ -213,9 +213,10 @@ def capture(run_dir: str, *, verbose: bool = False, cfg: Any = None) -> Iterator
 
 
 class Progress:
-    """One live line per running stage, from what the stage has written so far.
+    """One live line per running stage, from the stage's own progress source (`Stage.progress`).
 
-    Generate is followed by its shards (rows written, rejects, rows/s, ETA); train, evaluate
+    Generate is followed by the rows its engines answered and its shards (rows, rejects,
+    rows/s, ETA); train, evaluate
     and bench log their own dense lines, which the console shows as they come. On a terminal
     the line is redrawn in place; elsewhere (CI, `ray job submit` logs) a plain line is printed
     every `PLAIN_EVERY_S`.
@@ -233,8 +234,7 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, name="distray-progress", daemon=True)
         self._shown = False
         self._lock = threading.Lock()
-        self._t0: float | None = None
-        self._total: int | None = None
+        self._state: dict[str, dict[str, Any]] = {}  # each stage's progress source keeps its own
 
     def start(self) -> None:
         self._thread.start()
@@ -269,71 +269,11 @@ class Progress:
                 self.console.flush()
 
     def line(self) -> str | None:
-        """The progress line of the stage running now, or None."""
-        from distray.paths import RunPaths
-        from distray.storage import exists
+        """The progress line of the stage running now (its `Stage.progress`), or None."""
+        from distray.stages import REGISTRY
 
-        p = RunPaths(self.run_dir)
-        if exists(f"{p.generate}/lineage.json") and not exists(p.generate_stats):
-            return self._generate_line(p)
+        for stage in REGISTRY.values():
+            line = stage.progress_line(self.cfg, self.run_dir, self._state.setdefault(stage.name, {}))
+            if line:
+                return str(line)
         return None
-
-    def _generate_line(self, p: Any) -> str | None:
-        done, rejects = _rows_in(p.generate_data), _rows_in(p.generate_rejects)
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0, self._base = now, done + rejects
-        if self._total is None:
-            self._total = _input_rows(self.cfg)
-        rate = (done + rejects - self._base) / max(now - self._t0, 1e-6)
-        total = self._total
-        parts = [f"generate: {done + rejects}" + (f"/{total} rows" if total else " rows")]
-        parts.append(f"{rate:.1f} rows/s")
-        if rejects:
-            parts.append(f"{rejects} rejects")
-        if total and rate > 0:
-            left = max(total - done - rejects, 0) / rate
-            parts.append(f"ETA {int(left // 60)}m{int(left % 60):02d}s")
-        return " | ".join(parts)
-
-
-def _rows_in(folder: str) -> int:
-    """Rows in the Parquet and JSONL shards under `folder` (Parquet from metadata only)."""
-    from distray.storage import exists, filesystem_for, list_files
-
-    if not exists(folder):
-        return 0
-    fs, _ = filesystem_for(folder)
-    n = 0
-    for path in list_files(folder, (".parquet", ".jsonl")):
-        try:
-            if path.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                with fs.open_input_file(path) as f:
-                    n += pq.ParquetFile(f).metadata.num_rows
-            else:
-                with fs.open_input_stream(path) as f:
-                    n += f.read().count(b"\n")
-        except OSError:
-            continue  # a shard being written or moved
-    return n
-
-
-def _input_rows(cfg: Any) -> int | None:
-    """Input rows generate labels (lines of local JSONL inputs × teachers × samples), if cheap."""
-    if cfg is None:
-        return None
-    total = 0
-    builtin = cfg.data.builtin
-    for split in cfg.generate.splits:
-        path = getattr(cfg.data, split, None)
-        if path is None and builtin is not None:
-            total += int(getattr(builtin, f"n_{split}", 0) or 0)
-            continue
-        if not path or "://" in path or not os.path.isfile(path) or not path.endswith(".jsonl"):
-            return None if split == "train" else total or None
-        with open(path, "rb") as f:
-            total += sum(1 for ln in f if ln.strip())
-    n = cfg.generate.sampling.n
-    return total * max(len(cfg.all_teachers), 1) * n

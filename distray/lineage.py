@@ -8,16 +8,17 @@ When a stage starts it writes `<run>/<stage>/lineage.json` next to its outputs:
      "settings": {"train.lr": 0.0003, "student.model": "/models/phi-4-mini", ...},
      "inputs": {"generate": "9f2c...", ...}}
 
-`settings` are the config values the stage's outputs depend on (its own section and what it
-reads directly; secrets as a short hash), and `inputs` the digests of the outputs it read (the
-prompt files, an upstream stage's outputs). A rerun then:
-- refuses to resume or reuse a stage, finished or partial, whose settings changed (`check`);
-- reruns a stage whose inputs changed since it ran (an upstream stage was rerun), which in turn
-  changes its own outputs, so everything downstream follows (`inputs_changed`).
-
-Settings that change nothing in a stage's outputs do not mark it stale: `resources`, the run's
-name and folder, `data.test` for generate (unless it labels the test split), and the demo
-settings of a run that builds no demo parts.
+`settings` are the answer-changing config values under the prefixes the stage covers
+(`Stage.covers`; secrets as a short hash): speed-only settings (`distray.settings`) are never
+recorded, so changing them never blocks a resume or a skip. `inputs` are content digests of
+what it read: its input files (`distray.digest`: a streamed hash of local files, the ETag of
+objects in a bucket) and the content the stages it reads made (`Stage.content`: teacher shards
+and rejects, the exported student; never stats, timings, logs or lineage files). A command
+that changes nothing therefore leaves every digest as it was. A rerun then:
+- refuses to resume or reuse a stage, finished or partial, whose settings changed (`check`),
+  naming each change and the ways out that delete nothing;
+- reruns a stage whose inputs changed since it ran, which in turn changes its own outputs, so
+  everything downstream follows (`inputs_changed`).
 """
 
 from __future__ import annotations
@@ -29,25 +30,19 @@ from typing import Any
 
 from distray.config import DistrayConfig, redact
 from distray.errors import ConfigError
-from distray.paths import RunPaths
-from distray.storage import exists, filesystem_for, read_text, write_text
+from distray.settings import answer_only
+from distray.stages import Stage
+from distray.stages import stage as stage_of
+from distray.storage import exists, read_text, write_text
 
-__all__ = ["changed_settings", "check", "input_digests", "inputs_changed", "read", "settings", "write"]
+__all__ = ["changed_settings", "check", "input_digests", "inputs_changed", "output_digest", "read",
+           "settings", "write"]
 
 logger = logging.getLogger(__name__)
 
-#: Config prefixes each stage's outputs depend on, besides the outputs of other stages it reads.
-_OWN: dict[str, tuple[str, ...]] = {
-    "generate": ("data.train", "data.validation", "data.builtin", "task", "teacher", "teachers",
-                 "generate", "run.seed"),
-    "train": ("student", "train", "run.seed"),
-    "evaluate": ("evaluate", "data.test", "task", "teacher", "teachers"),
-    "bench": ("serve", "bench", "teacher", "teachers"),
-}
-#: The stages whose outputs each stage reads.
-_READS: dict[str, tuple[str, ...]] = {
-    "generate": (), "train": ("generate",), "evaluate": ("train",), "bench": ("train",),
-}
+
+def _stage(stage: str | Stage) -> Stage:
+    return stage if isinstance(stage, Stage) else stage_of(stage)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -64,24 +59,10 @@ def _hash_secret(value: Any) -> str:
     return "<secret sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:12] + ">"
 
 
-def _prefixes(cfg: DistrayConfig, stage: str) -> tuple[str, ...]:
-    own = _OWN[stage]
-    if stage == "generate":
-        if "test" in cfg.generate.splits:
-            own = (*own, "data.test")
-        if cfg.demo.train_teacher:
-            own = (*own, "demo")
-    if stage == "evaluate" and cfg.demo.train_teacher:
-        own = (*own, "demo")  # the baseline is trained from demo settings
-    if stage == "train" and getattr(cfg.train, "mode", "off_policy") == "on_policy":
-        own = (*own, "teacher", "teachers", "generate.logprobs")  # the teacher scores each round
-    return own
-
-
-def settings(cfg: DistrayConfig, stage: str) -> dict[str, Any]:
-    """The dotted settings `stage`'s outputs depend on, secrets replaced by a short hash."""
-    data = redact(cfg.model_dump(mode="json"), mask=_hash_secret)
-    prefixes = _prefixes(cfg, stage)
+def settings(cfg: DistrayConfig, stage: str | Stage) -> dict[str, Any]:
+    """The answer-changing dotted settings `stage`'s outputs depend on, secrets as a short hash."""
+    data = answer_only(redact(cfg.model_dump(mode="json"), mask=_hash_secret))
+    prefixes = _stage(stage).prefixes(cfg)
     return {
         k: v for k, v in sorted(_flat(data).items())
         if any(k == p or k.startswith(p + ".") for p in prefixes)
@@ -96,51 +77,38 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def _listing_digest(h: Any, path: str) -> None:
-    """Feed the names and sizes of the files under `path` (a file or a folder) into `h`."""
-    from pyarrow import fs as pafs
+def output_digest(cfg: DistrayConfig, stage: str | Stage) -> str:
+    """A digest of the content of a stage's outputs that the next stage reads.
 
-    fs, inner = filesystem_for(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        h.update(b"missing\0")
-        return
-    files = [info] if info.type == pafs.FileType.File else [
-        f for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-        if f.type == pafs.FileType.File and "/." not in f.path[len(inner):]
-    ]
-    for f in sorted(files, key=lambda f: f.path):
-        h.update(f"{f.path[len(inner):]}\0{f.size}\0".encode())
-
-
-def _output_digest(cfg: DistrayConfig, stage: str) -> str:
-    """A digest of a finished stage's outputs that changes whenever the stage is rerun.
-
-    The summary file each stage writes last (generate's stats.json, train's metrics.jsonl)
-    carries the run's timings, so its bytes differ on every run, even when the data or the
-    weights happen to come out the same; the file listing catches edits in between.
+    It covers `Stage.content` (teacher shards and rejects, the exported student's files) and
+    nothing else: rerunning a stage that makes the same bytes, or one that had nothing to do,
+    leaves it as it was.
     """
-    p = RunPaths(cfg.run_dir)
+    from distray.cluster import EXPORT_MARKER
+    from distray.digest import tree_digest
+
+    s = _stage(stage)
     h = hashlib.sha256()
-    summary, folder = {
-        "generate": (p.generate_stats, p.generate_data),
-        "train": (p.train_metrics, p.student),
-    }[stage]
-    h.update(read_text(summary).encode() if exists(summary) else b"none")
-    _listing_digest(h, folder)
+    for path in s.content_paths(cfg.run_dir):
+        rel = path[len(cfg.run_dir.rstrip("/")) + 1:]
+        # The export records (marker, how it was made) carry times and the command line.
+        digest = tree_digest(path, exclude=(EXPORT_MARKER, "distray_export.json", "lineage.json",
+                                            "stats.json"))
+        h.update(f"{rel}\0{digest}\0".encode())
     return h.hexdigest()
 
 
-def input_digests(cfg: DistrayConfig, stage: str) -> dict[str, str]:
+def input_digests(cfg: DistrayConfig, stage: str | Stage) -> dict[str, str]:
     """Digests of what `stage` reads: its input files and the outputs of the stages it reads."""
-    out = {s: _output_digest(cfg, s) for s in _READS[stage]}
-    files = {"generate": [f"data.{s}" for s in cfg.generate.splits], "evaluate": ["data.test"]}
-    for key in files.get(stage, []):
-        path = getattr(cfg.data, key.split(".")[1], None)
+    from distray.digest import tree_digest
+
+    s = _stage(stage)
+    out = {r: output_digest(cfg, r) for r in s.reads}
+    for key in s.files(cfg):
+        section, _, name = key.partition(".")
+        path = getattr(getattr(cfg, section), name, None)
         if path:
-            h = hashlib.sha256()
-            _listing_digest(h, path)
-            out[key] = h.hexdigest()
+            out[key] = tree_digest(str(path))
     return out
 
 
@@ -148,9 +116,9 @@ def _path(cfg: DistrayConfig, stage: str) -> str:
     return f"{cfg.run_dir}/{stage}/lineage.json"
 
 
-def read(cfg: DistrayConfig, stage: str) -> dict[str, Any] | None:
+def read(cfg: DistrayConfig, stage: str | Stage) -> dict[str, Any] | None:
     """The stage's record, or None when it has none (never ran, or ran before records existed)."""
-    path = _path(cfg, stage)
+    path = _path(cfg, _stage(stage).name)
     if not exists(path):
         return None
     try:
@@ -160,39 +128,73 @@ def read(cfg: DistrayConfig, stage: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write(cfg: DistrayConfig, stage: str) -> str:
+def write(cfg: DistrayConfig, stage: str | Stage) -> str:
     """Record, as `stage` starts, its settings and the digests of its inputs; returns the path."""
-    path = _path(cfg, stage)
-    record = {"stage": stage, "settings": settings(cfg, stage), "inputs": input_digests(cfg, stage)}
+    s = _stage(stage)
+    path = _path(cfg, s.name)
+    record = {"stage": s.name, "settings": settings(cfg, s), "inputs": input_digests(cfg, s)}
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
 
 
-def check(cfg: DistrayConfig, stage: str, *, how_to_force: str) -> None:
+def _answer_part(record_settings: dict[str, Any]) -> dict[str, Any]:
+    """A recorded settings dict without its speed-only settings (records written before the
+    classification hold them too)."""
+    from distray.settings import speed_only
+
+    out: dict[str, Any] = {}
+    for k, v in record_settings.items():
+        if speed_only(k):
+            continue
+        out[k] = answer_only(v, k) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def _cli_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) or value is None else str(value)
+
+
+def check(cfg: DistrayConfig, stage: str | Stage, *, force_hint: str) -> None:
     """Refuse when `stage` has outputs (finished or partial) made with other settings.
 
+    Args:
+        cfg: the prepared config.
+        stage: the stage.
+        force_hint: the command that would redo the stage (`distray run CONFIG --force train`).
+
     Raises:
-        ConfigError: naming each changed setting as `key: old → new`, and the way out.
+        ConfigError: naming each changed setting as `key: old → new`, the ways out that keep
+            the outputs (a new run.name, or the old values), and what `--force` would delete.
     """
-    record = read(cfg, stage)
+    s = _stage(stage)
+    record = read(cfg, s.name)
     if record is None:
         return
-    old = dict(record.get("settings") or {})
-    new = settings(cfg, stage)
+    old = _answer_part(dict(record.get("settings") or {}))
+    new = settings(cfg, s)
     # A setting distray added after the record was written reads as its default there.
-    defaults = settings(type(cfg).model_validate(_skeleton(cfg)), stage)
+    defaults = settings(type(cfg).model_validate(_skeleton(cfg)), s)
     for key in set(new) - set(old):
         if key in defaults and new[key] == defaults[key]:
             old[key] = new[key]
     diff = changed_settings(old, new)
-    if diff:
-        more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
-        raise ConfigError(
-            f"stage {stage}: its outputs in {cfg.run_dir}/{stage} (finished or partial) were made "
-            "with other settings: " + "; ".join(diff[:5]) + more
-            + f". {how_to_force} to redo {stage} with the new settings, or set a new run.name "
-            "to keep both runs"
-        )
+    if not diff:
+        return
+    more = f"\n  (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+    back = " ".join(f"{k}={_cli_value(old.get(k))}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k))[:400]
+    folders = ", ".join(s.folders(cfg.run_dir))
+    cost = s.cost_line(cfg)
+    raise ConfigError(
+        f"stage {s.name}: its outputs in {folders} (finished or partial) were made with other "
+        "settings:\n  " + "\n  ".join(diff[:8]) + more + "\n"
+        "To keep them, either\n"
+        f"  - start a new run beside this one: add `run.name={cfg.run.name}-2` (nothing is "
+        "deleted, nothing is shared), or\n"
+        f"  - resume with the old values: add `{back}`.\n"
+        f"`{force_hint}` would DELETE {folders}" + (f" ({cost})" if cost else "")
+        + f" and redo {s.name} with the new settings."
+    )
 
 
 def _skeleton(cfg: DistrayConfig) -> dict[str, Any]:
@@ -203,7 +205,7 @@ def _skeleton(cfg: DistrayConfig) -> dict[str, Any]:
     return skeleton
 
 
-def inputs_changed(cfg: DistrayConfig, stage: str) -> list[str]:
+def inputs_changed(cfg: DistrayConfig, stage: str | Stage) -> list[str]:
     """The inputs of `stage` that changed since its outputs were made ([] when none, or no record)."""
     record = read(cfg, stage)
     if record is None:

@@ -1,4 +1,4 @@
-"""The whole chain: generate → train → evaluate → serve + bench → report; the one stage registry.
+"""The whole chain: generate → train → evaluate → serve + bench → report.
 
     distray run jobs/configs/quickstart.yaml [key=value ...] [--stages generate,train] [--force]
     distray train --config jobs/configs/quickstart.yaml      # one stage: `run_stage`
@@ -7,6 +7,9 @@
 A stage whose outputs exist is skipped on rerun (unless `force`); a stage that was interrupted
 resumes from its own state (generate skips finished rows, train restarts from its latest
 checkpoint). The run ends with one summary: paths and the headline table.
+
+What it knows about each stage (its folders, marker, lineage, hooks) it asks the stage's
+`Stage` in `distray.stages.REGISTRY` (re-exported here); it never branches on a stage's name.
 """
 
 from __future__ import annotations
@@ -15,84 +18,27 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distray.config import DistrayConfig
-from distray.errors import ConfigError
+from distray.errors import ConfigError, StageError
 from distray.paths import RunPaths
+from distray.stages import BENCH_APP, COMMANDS, REGISTRY, STAGES, Stage
 from distray.storage import exists, read_text
 
 __all__ = [
-    "COMMANDS", "REGISTRY", "STAGES", "PipelineResult", "Stage", "clear_stage", "headline", "run",
-    "run_stage", "stage_done",
+    "BENCH_APP", "COMMANDS", "REGISTRY", "STAGES", "PipelineResult", "Stage", "clear_stage",
+    "headline", "run", "run_stage", "stage_done",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Asked before `--force` deletes a finished stage: gets the question, returns True to go on.
+Confirm = Callable[[str], bool]
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage: where its `run(cfg)` lives and what preparing a run for it builds.
-
-    Attributes:
-        name: the stage (and command) name.
-        module, attr: the function called with the prepared config, imported when it runs so that
-            `distray --help` loads neither Ray nor vLLM.
-        help: one line for `distray --help`.
-        in_pipeline: `distray run` runs it (serve is a command only: the bench stage deploys).
-        command: `distray <name> --config ...` runs it alone (report takes a run folder instead).
-        demo, baseline: what `prepare` builds for it alone (serve and bench build nothing, so
-            `distray serve` on a fresh run fails at once instead of training a demo teacher).
-        pipeline_kwargs: extra arguments inside `distray run`.
-    """
-
-    name: str
-    module: str
-    attr: str
-    help: str
-    in_pipeline: bool = True
-    command: bool = True
-    demo: bool = True
-    baseline: bool = False
-    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def fn(self) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(self.module), self.attr)
-
-
-#: Inside `distray run`, bench deploys the models as their own Serve app (name and route prefix),
-#: so a `distray serve` app already running on the cluster is neither replaced nor deleted.
-BENCH_APP = "distray-bench"
-
-REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("generate", "distray.teacher.generate", "run",
-          "label prompts with the teacher (Ray Data + vLLM) into Parquet teacher data"),
-    Stage("train", "distray.train.trainer", "run",
-          "distil the student on the teacher data (Ray Train + DeepSpeed ZeRO)"),
-    Stage("evaluate", "distray.evaluate.runner", "run",
-          "score teacher, student and baseline on the test set", baseline=True),
-    Stage("serve", "distray.serve", "run",
-          "serve the student behind an OpenAI-compatible endpoint (Ray Serve)",
-          in_pipeline=False, demo=False),
-    Stage("bench", "distray.bench", "run",
-          "load-test served endpoints: TTFT, TPOT, ITL, latency percentiles, throughput",
-          demo=False, pipeline_kwargs={"app_name": BENCH_APP}),
-    Stage("report", "distray.report", "run", "write report.md and plots for a run folder",
-          command=False, demo=False),
-)}
-
-#: The stages that record their lineage (settings and inputs) next to their outputs.
-LINEAGE_STAGES = ("generate", "train", "evaluate", "bench")
-#: The stages that resume what an interrupted run left (the others start over).
-RESUMABLE = ("generate", "train")
-#: The stages `distray run` runs, in order.
-STAGES = tuple(name for name, s in REGISTRY.items() if s.in_pipeline)
-#: The stages with a `distray <stage> --config ...` command.
-COMMANDS = tuple(name for name, s in REGISTRY.items() if s.command)
 
 @dataclass
 class PipelineResult:
@@ -107,40 +53,22 @@ class PipelineResult:
 
 
 def stage_done(cfg: DistrayConfig, stage: str) -> bool:
-    """True when `stage` finished: the file it writes last exists in the run folder.
+    """True when `stage` finished: the file it writes last (`Stage.marker`) exists.
 
     Each marker is written once everything else of its stage is in place: generate's
     stats.json after the last shard, train's export marker after the student's files (on an
     object store a folder is uploaded file by file, so a `model.safetensors` alone proves
     nothing), evaluate's metrics.json and bench's results.json after their predictions.
     """
-    from distray.cluster import EXPORT_MARKER
-
-    p = RunPaths(cfg.run_dir)
-    marker = {
-        "generate": p.generate_stats,
-        "train": f"{p.student}/{EXPORT_MARKER}",
-        "evaluate": p.eval_metrics,
-        "bench": p.bench_results,
-        "report": None,
-    }[stage]
-    if marker is None:
-        return False
-    if stage == "train" and "://" not in p.student and not exists(marker):
-        # A local export older than the marker was renamed into place whole: still complete.
-        return exists(f"{p.student}/model.safetensors")
-    return exists(marker)
+    return REGISTRY[stage].done(cfg.run_dir)
 
 
 def clear_stage(cfg: DistrayConfig, stage: str) -> None:
-    """Remove a stage's output folder (`--force`); nothing to remove is no error."""
-    p = RunPaths(cfg.run_dir)
-    folders = {"generate": [p.generate], "train": [p.train, f"{cfg.run_dir}/onpolicy"],
-               "evaluate": [p.evaluate], "bench": [p.bench]}.get(stage, [])
-    for folder in folders:
+    """Remove a stage's output folders (`--force`); nothing to remove is no error."""
+    for folder in REGISTRY[stage].folders(cfg.run_dir):
         if not exists(folder):
             continue
-        logger.info("--force: removing %s", folder)
+        logger.warning("--force: removing %s", folder)
         if "://" in folder:
             from distray.storage import filesystem_for
 
@@ -150,18 +78,31 @@ def clear_stage(cfg: DistrayConfig, stage: str) -> None:
             shutil.rmtree(folder)
 
 
-def _warn_retry_rows(cfg: DistrayConfig) -> None:
-    """Say so when a finished generate left transient teacher failures behind (`retry-*`)."""
-    from distray.teacher.writer import is_retry_shard, iter_shard_files
+def _force_set(force: bool | str | Iterable[str] | None, wanted: Iterable[str]) -> set[str]:
+    """The stages `force` names: all of `wanted` for True, "a,b" or a list for some."""
+    if force is True or force == "all":
+        return set(wanted)
+    if not force:
+        return set()
+    names = [n.strip() for n in force.split(",")] if isinstance(force, str) else list(force)
+    unknown = [n for n in names if n not in REGISTRY or not REGISTRY[n].has_lineage]
+    if unknown:
+        known = ", ".join(n for n, s in REGISTRY.items() if s.has_lineage)
+        raise ConfigError(f"`--force` names {', '.join(unknown)}; choose from {known}, or give "
+                          "--force alone for every stage that runs")
+    return set(names)
 
-    folder = RunPaths(cfg.run_dir).generate_rejects
-    shards = [p for p in iter_shard_files(folder) if is_retry_shard(p)]
-    if shards:
-        logger.warning(
-            "stage generate: %d shard(s) of transient teacher failures in %s (rejects/retry-*); "
-            "`distray generate --config ...` retries just those rows (later stages then need "
-            "--force to use them)", len(shards), folder,
-        )
+
+def _clear_forced(cfg: DistrayConfig, stage: Stage, confirm: Confirm | None) -> None:
+    """`--force`: clear the stage, asking first (on a terminal) when that deletes finished work."""
+    if confirm is not None and stage.done(cfg.run_dir):
+        cost = stage.cost_line(cfg)
+        question = (f"--force {stage.name}: delete the finished {', '.join(stage.folders(cfg.run_dir))}"
+                    + (f" ({cost})" if cost else "") + "?")
+        if not confirm(question):
+            raise StageError(f"stopped: {stage.name}'s outputs kept (answer y, or pass --yes, to "
+                             "delete them; or set a new run.name to keep both runs)")
+    clear_stage(cfg, stage.name)
 
 
 def headline(run_dir: str) -> dict[str, Any]:
@@ -173,42 +114,53 @@ def headline(run_dir: str) -> dict[str, Any]:
     return dict(metrics.get("headline") or {})
 
 
-def _check_settings(cfg: DistrayConfig, wanted: list[str], force: bool, how: str) -> None:
-    """Before any work: stop when a stage to run has outputs made with other settings."""
-    if force:
-        return
-    from distray import lineage
+def _check_settings(cfg: DistrayConfig, wanted: list[str], forced: set[str], hint: str) -> None:
+    """Before any work: stop when a resumable stage to run has outputs made with other settings.
 
-    for stage in wanted:
-        # A stage that starts over (evaluate, bench) is only at risk when it would be skipped.
-        if stage in RESUMABLE or (stage in LINEAGE_STAGES and stage_done(cfg, stage)):
-            lineage.check(cfg, stage, how_to_force=how)
-
-
-def _refresh_if_inputs_changed(cfg: DistrayConfig, stage: str) -> None:
-    """Make a stage whose inputs changed since it ran run again (see `distray.lineage`).
-
-    generate resumes (its rows are keyed by content, and new prompts get labelled); the others
-    start over, since their outputs were computed from the old inputs.
+    A stage that starts over (evaluate, bench) just runs again with the new settings: its
+    outputs are derived and cheap next to teacher data and a trained student.
     """
     from distray import lineage
 
+    for name in wanted:
+        stage = REGISTRY[name]
+        if name not in forced and stage.resumable and stage.has_lineage:
+            lineage.check(cfg, stage, force_hint=hint.format(stage=name))
+
+
+def _redo_if_stale(cfg: DistrayConfig, stage: Stage) -> None:
+    """Make a stage whose inputs or settings changed since it ran run again.
+
+    generate resumes (its rows are keyed by content, and new prompts get labelled; removed
+    prompts' rows are moved aside); the others start over, since their outputs were computed
+    from the old inputs. Resumable stages with changed settings were refused before
+    (`_check_settings`).
+    """
+    from distray import lineage
+
+    if not stage.has_lineage or lineage.read(cfg, stage) is None:
+        return
     changed = lineage.inputs_changed(cfg, stage)
+    if not changed and not stage.resumable:
+        record = lineage.read(cfg, stage) or {}
+        if lineage.changed_settings(lineage._answer_part(record.get("settings") or {}),
+                                    lineage.settings(cfg, stage)):
+            changed = ["settings"]
     if not changed:
         return
-    if stage == "generate":
-        logger.warning("stage generate: its input files changed (%s); resuming to label new prompts",
+    if stage.keyed_by_content:
+        logger.warning("stage generate: its inputs changed (%s); resuming to label new prompts",
                        ", ".join(changed))
-        stats = RunPaths(cfg.run_dir).generate_stats
-        if exists(stats):
+        marker = stage.marker_of(cfg.run_dir)
+        if marker and exists(marker):
             from distray.storage import filesystem_for
 
-            fs, inner = filesystem_for(stats)
+            fs, inner = filesystem_for(marker)
             fs.delete_file(inner)
         return
-    logger.warning("stage %s: its inputs changed since it ran (%s); running it again",
-                   stage, ", ".join(changed))
-    clear_stage(cfg, stage)
+    logger.warning("stage %s: its inputs changed since it ran (%s); running it again (removing %s)",
+                   stage.name, ", ".join(changed), ", ".join(stage.folders(cfg.run_dir)))
+    clear_stage(cfg, stage.name)
 
 
 def _check_demo_teacher(stage: str, cfg: DistrayConfig) -> None:
@@ -227,13 +179,21 @@ def _check_demo_teacher(stage: str, cfg: DistrayConfig) -> None:
     )
 
 
-def run_stage(cfg: DistrayConfig, name: str, force: bool = False) -> Any:
+def run_stage(cfg: DistrayConfig, name: str, force: bool = False,
+              confirm: Confirm | None = None) -> Any:
     """Prepare a run for one stage and run it, as `distray <stage> --config ...` does.
 
-    A stage runs whether or not its outputs exist: generate and train resume their own state,
-    after checking that it was made with the same settings (`force` clears it first); evaluate
-    and bench start over. The run folder's `config.resolved.yaml` and the stage's lineage
-    record are written, and evaluate's comparison is added to report.md.
+    It checks what `distray run` checks: a resumable stage (generate, train) whose outputs were
+    made with other settings is refused (`force` clears it first), one whose inputs changed
+    runs again (generate resumes, train starts over); evaluate and bench start over. The run
+    folder's lease is held, `config.resolved.yaml` and the stage's lineage record are written,
+    and the stage's `after` hook runs (evaluate: report.md).
+
+    Args:
+        cfg: the validated config.
+        name: the stage.
+        force: clear the stage's outputs first.
+        confirm: asked before `force` deletes a finished stage (the CLI asks on a terminal).
 
     Returns:
         The stage's result.
@@ -241,49 +201,50 @@ def run_stage(cfg: DistrayConfig, name: str, force: bool = False) -> Any:
     stage = REGISTRY.get(name)
     if stage is None or not stage.command:
         raise ConfigError(f"unknown stage `{name}`; choose from {', '.join(COMMANDS)}")
-    if name not in LINEAGE_STAGES:  # serve reads the run folder, it writes nothing there
-        return _run_stage_held(cfg, stage, force)
+    if not stage.has_lineage:  # serve reads the run folder, it writes nothing there
+        return _run_stage_held(cfg, stage, force, confirm)
     from distray.cluster import check_shared_output
     from distray.lease import hold
     from distray.prepare import run_dir_of
 
     check_shared_output(cfg)
     with hold(run_dir_of(cfg)):
-        return _run_stage_held(cfg, stage, force)
+        return _run_stage_held(cfg, stage, force, confirm)
 
 
-def _run_stage_held(cfg: DistrayConfig, stage: Stage, force: bool) -> Any:
+def _run_stage_held(cfg: DistrayConfig, stage: Stage, force: bool, confirm: Confirm | None) -> Any:
     from distray.prepare import prepare, write_record
 
-    name = stage.name
     cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline)
-    if name in ("serve", "bench"):
-        _check_demo_teacher(name, cfg)
+    if stage.deploys:
+        _check_demo_teacher(stage.name, cfg)
     else:
         write_record(cfg)
-    if name in LINEAGE_STAGES:
+    if stage.has_lineage:
         from distray import lineage
 
         if force:
-            clear_stage(cfg, name)
-        elif name in RESUMABLE:
-            lineage.check(cfg, name, how_to_force=f"Pass --force (`distray {name} --force ...`)")
-        lineage.write(cfg, name)
+            _clear_forced(cfg, stage, confirm)
+        else:
+            _check_settings(cfg, [stage.name], set(),
+                            f"distray {stage.name} --config ... --force")
+            _redo_if_stale(cfg, stage)
+        lineage.write(cfg, stage)
     result = stage.fn()(cfg)
-    if name == "evaluate":
-        from distray.report import build_report
-
-        build_report(cfg.run_dir)
+    stage.run_after(cfg.run_dir)
     return result
 
 
-def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False) -> PipelineResult:
+def run(cfg: DistrayConfig, stages: list[str] | None = None,
+        force: bool | str | Iterable[str] = False, confirm: Confirm | None = None) -> PipelineResult:
     """Run the pipeline's stages in order, skipping finished ones.
 
     Args:
         cfg: the validated config.
         stages: subset of STAGES to run (in pipeline order); None runs all.
-        force: rerun stages even when their outputs exist (their folders are cleared first).
+        force: rerun stages even when their outputs exist (their folders are cleared first):
+            True for every stage that runs, or the names of some ("train", ["train", "bench"]).
+        confirm: asked before `force` deletes a finished stage (the CLI asks on a terminal).
 
     Returns:
         PipelineResult with paths, the stages run and skipped, and the headline figures.
@@ -294,6 +255,7 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ConfigError(f"`--stages` has {unknown}; choose from {', '.join(STAGES)}")
+    forced = _force_set(force, wanted)
     if any(t.kind == "openai" for t in cfg.all_teachers) and cfg.demo.train_teacher:
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
     init_ray(cfg)
@@ -303,15 +265,16 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None, force: bool = False
 
     check_shared_output(cfg)
     with hold(run_dir_of(cfg)):
-        return _run_held(cfg, wanted, force)
+        return _run_held(cfg, wanted, forced, confirm)
 
 
-def _run_held(cfg: DistrayConfig, wanted: list[str], force: bool) -> PipelineResult:
+def _run_held(cfg: DistrayConfig, wanted: list[str], forced: set[str],
+              confirm: Confirm | None) -> PipelineResult:
     from distray.prepare import check_vocabularies, prepare, write_record
 
     cfg = prepare(cfg)
-    _check_settings(cfg, wanted, force, "Pass --force (`distray run ... --force --stages STAGE`)")
-    if "generate" in wanted and (force or not stage_done(cfg, "generate")):
+    _check_settings(cfg, wanted, forced, "distray run ... --force {stage}")
+    if "generate" in wanted and ("generate" in forced or not stage_done(cfg, "generate")):
         check_vocabularies(cfg)
     resolved = write_record(cfg)
     logger.info("run folder %s (config: %s)", cfg.run_dir, resolved)
@@ -319,23 +282,23 @@ def _run_held(cfg: DistrayConfig, wanted: list[str], force: bool) -> PipelineRes
     for name in STAGES:
         if name not in wanted:
             continue
-        if force:
-            clear_stage(cfg, name)
-        elif name in LINEAGE_STAGES:
-            _refresh_if_inputs_changed(cfg, name)
-        if not force and stage_done(cfg, name):
-            logger.info("stage %s: done already (outputs exist), skipped; --force reruns it", name)
-            if name == "generate":
-                _warn_retry_rows(cfg)
+        stage = REGISTRY[name]
+        if name in forced:
+            _clear_forced(cfg, stage, confirm)
+        else:
+            _redo_if_stale(cfg, stage)
+        if name not in forced and stage.done(cfg.run_dir):
+            logger.info("stage %s: done already (outputs exist), skipped; --force %s reruns it",
+                        name, name)
+            stage.skipped(cfg)
             result.stages_skipped.append(name)
             continue
         logger.info("stage %s: starting", name)
-        if name in LINEAGE_STAGES:
+        if stage.has_lineage:
             from distray import lineage
 
-            lineage.write(cfg, name)
+            lineage.write(cfg, stage)
         t0 = time.perf_counter()
-        stage = REGISTRY[name]
         out = stage.fn()(cfg, **stage.pipeline_kwargs)
         result.stage_seconds[name] = round(time.perf_counter() - t0, 1)
         result.stages_run.append(name)

@@ -31,6 +31,7 @@ from typing import Any
 from distray import formats as F
 from distray.config import HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
 from distray.fingerprint import model_fingerprint
+from distray.settings import SPEED_ONLY_ENGINE_KWARGS, teacher_speed_only_fields
 
 __all__ = [
     "Teacher",
@@ -46,38 +47,18 @@ __all__ = [
 
 Teacher = VLLMTeacher | OpenAITeacher | HFTeacher
 
-#: Teacher settings, per kind, that change how an answer is obtained but not what it says.
-#: (`name` is the label: in the row id on its own, out of the cache key.)
+#: Teacher settings, per kind, that change how an answer is obtained but not what it says:
+#: the speed-only teacher fields of `distray.settings` (the one classification lineage uses
+#: too) that the kind has. `name` is the label: in the row id on its own, out of the cache key.
 ANSWER_NEUTRAL_FIELDS: dict[str, frozenset[str]] = {
-    "vllm": frozenset(
-        {
-            "name", "concurrency", "batch_size", "num_gpus_per_replica", "accelerator_type",
-            "placement_group_config", "trust_remote_code",
-        }
-    ),
-    "openai": frozenset(
-        {
-            "name", "api_key_env", "max_in_flight", "max_retries", "timeout_s", "backoff_base_s",
-            "backoff_max_s", "min_success_ratio", "usd_per_1m_input_tokens",
-            "usd_per_1m_output_tokens",
-        }
-    ),
-    "hf": frozenset(
-        {"name", "batch_size", "concurrency", "num_gpus_per_replica", "trust_remote_code"}
-    ),
+    cls.model_fields["kind"].default: frozenset(
+        {"name"} | (teacher_speed_only_fields() & set(cls.model_fields))
+    )
+    for cls in (VLLMTeacher, OpenAITeacher, HFTeacher)
 }
 
 #: vLLM engine_kwargs that size, place or speed up an engine without changing its answers.
-ANSWER_NEUTRAL_ENGINE_KWARGS = frozenset(
-    {
-        "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-        "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-        "distributed_executor_backend", "swap_space", "cpu_offload_gb", "enable_prefix_caching",
-        "enable_chunked_prefill", "disable_log_stats", "block_size", "max_logprobs",
-        "trust_remote_code", "download_dir", "compilation_config", "disable_custom_all_reduce",
-        "max_seq_len_to_capture", "max_parallel_loading_workers",
-    }
-)
+ANSWER_NEUTRAL_ENGINE_KWARGS = SPEED_ONLY_ENGINE_KWARGS
 
 
 def sampling_key(sampling: SamplingConfig, logprobs: int | None) -> dict[str, Any]:

@@ -338,12 +338,14 @@ def test_run_passes_stages_and_force(
     monkeypatch.setattr(
         distray.pipeline,
         "run",
-        lambda cfg, stages, force: calls.append((stages, force)) or PipelineResult(cfg.run_dir),
+        lambda cfg, stages, force, confirm=None: calls.append((stages, force)) or PipelineResult(cfg.run_dir),
     )
     code, out, _ = run_cli(capsys, "run", str(config_file), "--stages", "generate,train", "--force", "train.lr=1e-5")
     assert code == 0
-    assert calls == [(["generate", "train"], True)]
+    assert calls == [(["generate", "train"], "all")]  # `--force a=b`: a=b is an override
     assert out.strip().startswith("run ok in ") and "run folder" in out
+    code, _, _ = run_cli(capsys, "run", str(config_file), "--force", "train")
+    assert code == 0 and calls[-1] == (None, "train")  # `--force STAGE`: that stage only
     code, _, err = run_cli(capsys, "run", str(config_file), "--stages", "generate,distil")
     assert code == 2 and "distil" in err
     code, _, err = run_cli(capsys, "run", str(config_file), "--stages", "serve")

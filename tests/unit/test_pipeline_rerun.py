@@ -76,6 +76,7 @@ def test_a_partial_generate_refuses_new_settings_and_a_rerun_train_marks_evaluat
             if self.name == "train":
                 Path(p.student).mkdir(parents=True, exist_ok=True)
                 Path(p.student, "model.safetensors").write_text(f"weights {len(ran)}")
+                Path(p.student, "_distray_export.json").write_text("{}")
         return stage
 
     monkeypatch.setattr(pipeline.Stage, "fn", fake)
@@ -232,7 +233,7 @@ def test_a_setting_added_later_at_its_default_does_not_mark_a_stage_stale(tmp_pa
     record = json.loads(Path(path).read_text())
     del record["settings"]["train.mode"]  # as a record written before train.mode existed
     Path(path).write_text(json.dumps(record))
-    lineage.check(cfg, "train", how_to_force="x")  # no refusal
+    lineage.check(cfg, "train", force_hint="x")  # no refusal
     on_policy = prepare.prepare(_cfg(tmp_path, train={"mode": "on_policy", "loss": "kd"}, generate={"logprobs": 5}))
-    with pytest.raises(ConfigError, match=r"stage train: .* other settings: .*generate.logprobs: None → 5"):
-        lineage.check(on_policy, "train", how_to_force="x")
+    with pytest.raises(ConfigError, match=r"(?s)stage train: .* other settings:.*generate.logprobs: None → 5"):
+        lineage.check(on_policy, "train", force_hint="x")
