@@ -32,6 +32,7 @@ from typing import Any
 
 from distray.cluster import EXPORT_MARKER
 from distray.errors import StageError
+from distray.lease import Fence
 
 __all__ = ["checkpoint_uri", "export_checkpoint", "export_source", "latest_tag", "load_checkpoint_state_dict"]
 
@@ -131,6 +132,7 @@ def export_checkpoint(
     tokenizer: str | None = None,
     lora: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    fence: Fence | None = None,
 ) -> str:
     """Write a DeepSpeed checkpoint of `base_model` as a Hugging Face model folder.
 
@@ -142,12 +144,14 @@ def export_checkpoint(
         lora: the LoRA settings used in training (`LoraConfig` fields r/alpha/dropout/
             target_modules), or None; adapters are merged into the weights.
         trust_remote_code: allow model code from the model folder.
+        fence: the run folder lease's fence, checked before the old student is replaced.
 
     Returns:
         `out_dir`.
 
     Raises:
-        StageError: the checkpoint does not fit the base model's architecture.
+        StageError: the checkpoint does not fit the base model's architecture, or `fence` is no
+            longer the lease's (another run took the folder over; nothing is replaced).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -214,6 +218,12 @@ def export_checkpoint(
     model.save_pretrained(local_out, safe_serialization=True, max_shard_size="1000GB")
     tok.save_pretrained(local_out)
     marker = _marker_text(local_out, checkpoint_dir)
+    if fence is not None:
+        try:
+            fence.check(f"student export {out_dir}")
+        except StageError:
+            shutil.rmtree(local_out, ignore_errors=True)
+            raise
     if remote:
         _publish_remote(local_out, out_dir, marker)
     else:

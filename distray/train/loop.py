@@ -541,6 +541,8 @@ class TrainWorker:
                 progress = {k: v for k, v in asdict(st).items() if k != "history"}
                 with open(f"{d}/distray_state.json", "w") as f:
                     json.dump(progress, f, indent=1)
+            if self.plan.fence is not None:  # a dead driver's orphan worker registers nothing
+                self.plan.fence.check(f"checkpoint of step {st.step}")
             ray.train.report(
                 {**self.summary(), "checkpoint_val_loss": score},
                 checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -608,6 +610,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config: {"cfg": DistrayConfig as a JSON-able dict, "plan": WorkerPlan,
             "datasets": {"train": Ray Dataset, "validation"?: Ray Dataset}}.
     """
+    if config["plan"].fence is not None:  # a restart after another run took the folder over
+        config["plan"].fence.check("training")
     worker = TrainWorker(DistrayConfig.model_validate(config["cfg"]), config["plan"], config["datasets"])
     worker.setup()
     worker.train()

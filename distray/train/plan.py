@@ -16,6 +16,7 @@ from typing import Any
 
 from distray.config import DistrayConfig, TrainConfig, deep_merge
 from distray.errors import ConfigError, DataError
+from distray.lease import Fence, current
 
 __all__ = ["WorkerPlan", "build_deepspeed_config", "build_worker_plan", "lr_lambda", "plan_steps"]
 
@@ -48,6 +49,8 @@ class WorkerPlan:
         order_digest: identifies the row list, seed and worker count (`order.order_digest`).
         train_ids: the run's sorted unique training ids (a Ray ObjectRef to a pyarrow array).
         validation_ids: the same for validation, or None.
+        fence: the run folder lease's fence (`distray.lease`), checked before a checkpoint or
+            the student is published; None when the driver holds no lease.
     """
 
     model: str
@@ -69,6 +72,7 @@ class WorkerPlan:
     order_digest: str = ""
     train_ids: Any = None
     validation_ids: Any = None
+    fence: Fence | None = None
 
     @property
     def micro_batch_size(self) -> int:
@@ -226,6 +230,7 @@ def build_worker_plan(
             steps_per_epoch * int(ds_config["gradient_accumulation_steps"])
             * int(ds_config["train_micro_batch_size_per_gpu"]),
         ),
+        fence=current(cfg.run_dir),
     )
 
 

@@ -353,6 +353,7 @@ def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str
             tokenizer=plan.tokenizer,
             lora=lora,
             trust_remote_code=cfg.student.trust_remote_code if cfg.student else False,
+            fence=plan.fence,
         )
     )
     return checkpoint, student_dir
