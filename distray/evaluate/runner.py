@@ -50,6 +50,7 @@ from distray.errors import ConfigError, DataError, StageError
 from distray.evaluate import fidelity
 from distray.evaluate.efficiency import Efficiency, measure_api, measure_local_remote
 from distray.evaluate.scorers import ScoreResult, score_all
+from distray.lease import check_fence
 from distray.paths import RunPaths
 
 __all__ = ["EvaluateResult", "run", "resolve_models", "test_data_path", "compare"]
@@ -582,6 +583,7 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         figures[m.role]["scores"] = scores
         figures[m.role]["scored_rows"] = {name: res.n for name, res in scored.items()}
         pred_paths[m.role] = f"{paths.predictions}/{m.role}.parquet"
+        check_fence(cfg.run_dir, f"evaluate predictions {pred_paths[m.role]}")
         _write_predictions(pred_paths[m.role], _prediction_rows(m.role, rows, outputs[m.role], scored))
 
     metrics: dict[str, Any] = {
@@ -597,6 +599,7 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         **compare(figures, scorers, fid_names),
     }
     metrics["headline"] = _headline(metrics)
+    check_fence(cfg.run_dir, f"evaluate metrics {paths.eval_metrics}")
     storage.write_text(paths.eval_metrics, json.dumps(metrics, indent=2, default=str) + "\n")
 
     from distray.plots import plot_accuracy, plot_latency
