@@ -325,8 +325,8 @@ def check_vocabularies(cfg: DistrayConfig) -> None:
     if not teachers:
         return
     problem = check_vocab(
-        AutoTokenizer.from_pretrained(student),
-        int(AutoConfig.from_pretrained(cfg.student.model).vocab_size),
+        AutoTokenizer.from_pretrained(student, trust_remote_code=cfg.student.trust_remote_code),
+        int(AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=cfg.student.trust_remote_code).vocab_size),
         [], teachers, student_name=cfg.student.model,
     )
     if problem:

@@ -388,10 +388,11 @@ def _check_teacher_sample(
         return
     from transformers import AutoConfig, AutoTokenizer
 
+    trust = bool(cfg.student.trust_remote_code) if cfg.student else False
     problem = check_teacher_data(
         data,
-        AutoTokenizer.from_pretrained(tokenizer_dir),
-        int(AutoConfig.from_pretrained(model).vocab_size),
+        AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust),
+        int(AutoConfig.from_pretrained(model, trust_remote_code=trust).vocab_size),
         teacher_tokenizers(cfg),
         student_name=model,
     )

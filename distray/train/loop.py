@@ -263,7 +263,8 @@ class TrainWorker:
 
         from distray.train.data import ChatEncoder, Collator
 
-        tokenizer = AutoTokenizer.from_pretrained(self.plan.tokenizer)
+        trust = bool(self.cfg.student.trust_remote_code) if self.cfg.student else False
+        tokenizer = AutoTokenizer.from_pretrained(self.plan.tokenizer, trust_remote_code=trust)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return Collator(
             ChatEncoder(tokenizer, self.tc.max_seq_len),
@@ -315,9 +316,11 @@ class TrainWorker:
 
                 raise DataError(
                     f"the checkpoint at step {self.state.step} in {self.plan.out_dir}/checkpoints "
-                    "was trained on other rows (or another run.seed or train.num_workers), so "
-                    "it cannot resume after its last row; train into a new folder, or rerun "
-                    "the stage with --force"
+                    "was trained on other rows than the training data holds now (teacher data "
+                    "regenerated or edited, or another run.seed or train.num_workers), so it "
+                    "cannot resume after its last row. Set a new run.name to train on the new "
+                    "rows from the start, or restore the data and settings the checkpoint was "
+                    "trained on to resume it; `--force` would delete its checkpoints"
                 )
             if self.rank == 0:
                 logger.info(

@@ -34,7 +34,7 @@ from distray.paths import RunPaths
 from distray.train.datasets import Answers, RunDatasets, build_datasets, teacher_splits
 from distray.train.plan import WorkerPlan, build_worker_plan
 
-__all__ = ["TrainResult", "run", "train_model"]
+__all__ = ["TrainResult", "deterministic_cause", "run", "train_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +323,13 @@ def _fit(cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> Any:
     try:
         result = trainer.fit()
     except Exception as e:  # ray.train.TrainingFailedError and worker errors
+        cause = deterministic_cause(e)
+        if cause is not None:
+            # Changed data or settings fail every restart alike; "rerun to resume" would too.
+            raise type(cause)(
+                f"training stopped: {cause} (each of the {tc.max_failures} restart(s) failed the "
+                "same way, and a rerun would too until that is fixed)"
+            ) from e
         raise StageError(
             f"training failed after {tc.max_failures} restart(s) (train.max_failures): {e}. "
             f"Rerun the same command to resume from the latest checkpoint in {out_dir}/checkpoints"
@@ -330,6 +337,32 @@ def _fit(cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> Any:
     if result.checkpoint is None:
         raise StageError(f"training reported no checkpoint into {out_dir}/checkpoints")
     return result
+
+
+def deterministic_cause(error: BaseException) -> ConfigError | DataError | None:
+    """The ConfigError or DataError a worker raised inside a Ray Train failure, if any.
+
+    Those come from the data or the settings (rows changed under a checkpoint, a token id
+    outside the vocabulary), so restarting cannot help; anything else (a lost node, an
+    out-of-memory kill) may pass on a rerun. Ray Train wraps a worker's exception in
+    `WorkerGroupError.worker_failures` and a traceback holder (`_base_exc`); Ray tasks in
+    `RayTaskError.cause`.
+    """
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConfigError, DataError)):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        for attr in ("controller_failure", "_base_exc", "cause", "__cause__", "__context__"):
+            todo.append(getattr(e, attr, None))
+    return None
 
 
 def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str]:
