@@ -166,7 +166,7 @@ def stream(ds: Any, wanted: pa.Array, start: int, micro: int) -> Iterator[pa.Tab
 
     Args:
         ds: the training (or validation) rows: a Ray Dataset, or a
-            `distray.train.datasets.FileRows` (read in this process while the worker's rows
+            `distray.train.filerows.FileRows` (read in this process while the worker's rows
             fit in memory, else as a Ray Dataset).
         wanted: the ids still to read, in order (`worker_ids(...)[start:]`).
         start: rows of the list already consumed.
@@ -174,7 +174,7 @@ def stream(ds: Any, wanted: pa.Array, start: int, micro: int) -> Iterator[pa.Tab
     """
     if len(wanted) == 0:
         return
-    from distray.train.datasets import FileRows
+    from distray.train.filerows import FileRows
 
     local = len(wanted) <= LOCAL_SORT_ROWS
     if isinstance(ds, FileRows):

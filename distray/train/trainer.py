@@ -77,18 +77,20 @@ class TrainResult:
 
 
 def run(cfg: DistrayConfig) -> TrainResult:
-    """Train the student on the run's teacher data and export it to `<run>/train/student`.
+    """Train the student on the run's teacher data and export it to `<run>/train/student`
+    (the `off_policy` variant; `distray.train.variants.run` picks by `train.mode`).
 
     Raises:
-        ConfigError: no student, or settings that contradict each other.
+        ConfigError: no student, settings that contradict each other, or `train.mode`
+            on_policy (its rounds run from `distray.train.variants`).
         DataError: missing teacher data, vocabulary mismatch for logit losses.
         StageError: training failed after `train.max_failures` restarts.
     """
-    if cfg.train.mode == "on_policy":
-        from distray.onpolicy import run as onpolicy_run
-
-        result: TrainResult = onpolicy_run(cfg)
-        return result
+    if cfg.train.mode != "off_policy":
+        raise ConfigError(
+            f"`train.mode` ({cfg.train.mode}) is not trained by train.trainer.run; run the train "
+            "stage (`distray train`, or distray.train.variants.run) to pick the variant"
+        )
     paths = RunPaths(cfg.run_dir)
     train_data, validation_data = teacher_splits(paths)
     return train_model(
