@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from distray import formats as F
 from distray.config import FilterConfig
 from distray.teacher import writer as W
-from distray.teacher.generate import _Sink
+from distray.teacher.publish import Sink
 
 ERRORS = {
     "ok": None,
@@ -41,8 +41,8 @@ def _row(name: str, error: str | None) -> dict[str, Any]:
     }
 
 
-def _sink(run_dir: Path, prefix: str) -> _Sink:
-    return _Sink(
+def _sink(run_dir: Path, prefix: str) -> Sink:
+    return Sink(
         out_dirs={"train": str(run_dir / "data" / "train")}, rejects_dir=str(run_dir / "rejects"),
         tmp_dir=str(run_dir / ".tmp"), rejects_format="jsonl", retry_prefix=prefix,
         filters=FilterConfig(), labels=None, cache_dir=None, store_cache=False, tracker=None,
