@@ -17,6 +17,8 @@ variable `api_key_env` names (set on the actor's runtime_env), never as an argum
 - a request that still fails, or fails with another 4xx, becomes a reject (`request_failed`);
   one that ran out of retries goes to a retry shard, which a rerun sends again; another 4xx
   (an over-long prompt's 400) is marked `_retryable: False` and is final (`teacher.generate`);
+- a 200 whose logprobs name a token id no vocabulary has (`token_id:-5`) is final at once
+  (`bad_token_id`): training would index the student's embedding table with it;
 - once `MIN_REQUESTS_FOR_RATIO` requests have finished, a success ratio under
   `min_success_ratio` stops the run with a `StageError` naming the endpoint and the last errors.
 
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ENGINE", "MIN_REQUESTS_FOR_RATIO", "MalformedResponse", "OpenAIClient", "OpenAIEngine", "api_key",
+    "BadTokenId", "ENGINE", "MIN_REQUESTS_FOR_RATIO", "MalformedResponse", "OpenAIClient", "OpenAIEngine", "api_key",
     "generate",
     "parse_logprobs", "parse_response", "preflight",
 ]
@@ -123,12 +125,31 @@ class MalformedResponse(ValueError):
     """A 200 body that is not a chat completion distray can store; the request is retried."""
 
 
-def _parse_token_id(token: str) -> int | None:
+class BadTokenId(MalformedResponse):
+    """A `token_id:<n>` that no vocabulary has (negative, or past int32): the row is rejected
+    for good (`bad_token_id`), since training would index an embedding table with it."""
+
+
+#: Token ids are stored as int32 (`formats.TEACHER_DATA_SCHEMA`).
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+def _parse_token_id(token: str, where: str = "logprobs.content") -> int | None:
+    """The id of a `token_id:<n>` token, None for a token string.
+
+    Raises:
+        BadTokenId: `n` is negative or does not fit int32.
+    """
     if token.startswith("token_id:"):
         try:
-            return int(token.split(":", 1)[1])
+            tid = int(token.split(":", 1)[1])
         except ValueError:
             return None
+        if not 0 <= tid <= _MAX_TOKEN_ID:
+            raise BadTokenId(
+                f"{where}.token is {token[:40]!r}: a token id must be between 0 and {_MAX_TOKEN_ID}"
+            )
+        return tid
     return None
 
 
@@ -156,6 +177,7 @@ def parse_logprobs(content: list[dict[str, Any]] | None, k: int) -> tuple[Any, A
     Raises:
         MalformedResponse: an entry is not an object, or a logprob is NaN, positive or not a
             number (it would poison the KD loss).
+        BadTokenId: a token id is negative or past int32 (training would index with it).
     """
     if not content:
         return None, None, None
@@ -166,7 +188,7 @@ def parse_logprobs(content: list[dict[str, Any]] | None, k: int) -> tuple[Any, A
     top_lps: list[list[float]] = []
     for i, raw in enumerate(content):
         pos = _entry(raw, f"logprobs.content[{i}]")
-        tid = _parse_token_id(str(pos.get("token", "")))
+        tid = _parse_token_id(str(pos.get("token", "")), f"logprobs.content[{i}]")
         if tid is None:  # token strings, not ids: the columns stay null, nothing to check
             return None, None, None
         resp_ids.append(tid)
@@ -179,7 +201,7 @@ def parse_logprobs(content: list[dict[str, Any]] | None, k: int) -> tuple[Any, A
             c = _entry(raw_cand, f"{where}[{j}]")
             scored.append((_logprob(c.get("logprob"), f"{where}[{j}]"), c))
         best = sorted(scored, key=lambda sc: -sc[0])[:k]
-        ids = [_parse_token_id(str(c.get("token", ""))) for _, c in best]
+        ids = [_parse_token_id(str(c.get("token", "")), where) for _, c in best]
         if any(i is None for i in ids):
             return None, None, None
         top_ids.append([int(i) for i in ids if i is not None])
@@ -350,6 +372,9 @@ class OpenAIClient:
                     if resp.status_code == 200:
                         try:
                             return self._result(row, parse_response(resp.json(), self.k), attempt + 1)
+                        except BadTokenId as e:  # the server's tokenizer is broken: final
+                            error = f"bad_token_id: {e}"
+                            retryable = False
                         except ValueError as e:  # MalformedResponse, or a body that is not JSON
                             error = f"request_failed: malformed response ({type(e).__name__}: {e})"
                             retryable = True

@@ -4,9 +4,10 @@
 
 Training on the teacher's `response_token_ids` and top-k logprobs only makes sense when both
 models share one tokenizer. `check_vocab` compares local teacher tokenizers with the student's,
-then looks at the teacher data: the largest token id of every shard (`max_token_id`, from
-the Parquet statistics, read from the column where a file has none) must fit the student's
-embedding table, and the student must decode the ids of a sample from every shard
+then looks at the teacher data: the smallest and largest token id of every shard
+(`token_id_range`, from the Parquet statistics, read from the column where a file has none)
+must lie inside the student's embedding table (a negative id would index it from the end, or
+crash `gather`), and the student must decode the ids of a sample from every shard
 (`sample_rows`) back to the teacher's text. `check_teacher_data` runs all of it on a folder.
 """
 
@@ -16,10 +17,13 @@ import os
 from typing import Any
 
 from distray.config import DistrayConfig
+from distray.errors import DataError
 from distray.formats import RESPONSE, RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS
 from distray.storage import filesystem_for, list_files
 
-__all__ = ["check_teacher_data", "check_vocab", "max_token_id", "sample_rows", "teacher_tokenizers"]
+__all__ = [
+    "check_teacher_data", "check_vocab", "max_token_id", "sample_rows", "teacher_tokenizers", "token_id_range",
+]
 
 #: Columns holding teacher token ids.
 TOKEN_ID_COLUMNS = (RESPONSE_TOKEN_IDS, TOPK_TOKEN_IDS)
@@ -46,8 +50,9 @@ def sample_rows(path: str, n: int = 64) -> list[dict[str, Any]]:
     return rows
 
 
-def _file_max_token_id(pf: Any) -> int:
-    """The largest id in the token-id columns of one Parquet file; -1 when there is none.
+def _file_token_range(pf: Any) -> tuple[int, int] | None:
+    """The smallest and largest id in the token-id columns of one Parquet file; None when
+    there is none.
 
     Row-group statistics answer without reading data; a row group without them (written with
     statistics off, or by another writer) has its columns read and reduced.
@@ -55,7 +60,14 @@ def _file_max_token_id(pf: Any) -> int:
     import pyarrow.compute as pc
 
     names = [c for c in TOKEN_ID_COLUMNS if c in pf.schema_arrow.names]
-    best = -1
+    lo: int | None = None
+    hi: int | None = None
+
+    def take(a: Any, b: Any) -> None:
+        nonlocal lo, hi
+        lo = int(a) if lo is None else min(lo, int(a))
+        hi = int(b) if hi is None else max(hi, int(b))
+
     meta = pf.metadata
     for rg in range(meta.num_row_groups):
         group = meta.row_group(rg)
@@ -66,17 +78,43 @@ def _file_max_token_id(pf: Any) -> int:
             ]
             stats = [c.statistics for c in leaves]
             if leaves and all(s is not None and s.has_min_max for s in stats):
-                best = max([best, *(int(s.max) for s in stats)])
+                for s in stats:
+                    take(s.min, s.max)
                 continue
             if leaves and all(s is not None and s.null_count == group.num_rows for s in stats):
                 continue  # an all-null column
             col: Any = pf.read_row_group(rg, columns=[name]).column(0)
             while hasattr(col.type, "value_type"):
                 col = pc.list_flatten(col)
-            m = pc.max(col).as_py()
-            if m is not None:
-                best = max(best, int(m))
-    return best
+            m = pc.min_max(col).as_py()
+            if m["min"] is not None:
+                take(m["min"], m["max"])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def token_id_range(path: str) -> tuple[tuple[int, str | None], tuple[int, str | None]]:
+    """The smallest and the largest teacher token id in any Parquet file under `path`, each with
+    the file holding it.
+
+    Returns:
+        `((min id, file), (max id, file))`, or `((0, None), (-1, None))` when the data has no
+        token ids.
+    """
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem_for(path)
+    low: tuple[int, str | None] = (0, None)
+    high: tuple[int, str | None] = (-1, None)
+    for file in list_files(path, (".parquet",)):
+        with fs.open_input_file(file) as f:
+            r = _file_token_range(pq.ParquetFile(f))
+        if r is None:
+            continue
+        if low[1] is None or r[0] < low[0]:
+            low = (r[0], file)
+        if r[1] > high[0]:
+            high = (r[1], file)
+    return low, high
 
 
 def max_token_id(path: str) -> tuple[int, str | None]:
@@ -85,16 +123,7 @@ def max_token_id(path: str) -> tuple[int, str | None]:
     Returns:
         `(max id, file)`, or `(-1, None)` when the data has no token ids.
     """
-    import pyarrow.parquet as pq
-
-    fs, _ = filesystem_for(path)
-    best: tuple[int, str | None] = (-1, None)
-    for file in list_files(path, (".parquet",)):
-        with fs.open_input_file(file) as f:
-            m = _file_max_token_id(pq.ParquetFile(f))
-        if m > best[0]:
-            best = (m, file)
-    return best
+    return token_id_range(path)[1]
 
 
 def check_teacher_data(
@@ -105,13 +134,16 @@ def check_teacher_data(
     *,
     student_name: str = "student",
 ) -> str | None:
-    """`check_vocab` over the teacher data under `path`: every shard's largest token id, and a
-    sample of rows from every shard.
+    """`check_vocab` over the teacher data under `path`: every shard's smallest and largest
+    token id, and a sample of rows from every shard.
 
     Returns:
         None when the vocabularies agree, else a message (naming the file of an out-of-range id).
+
+    Raises:
+        DataError: a negative token id (naming its file).
     """
-    top, where = max_token_id(path)
+    (low, low_file), (top, where) = token_id_range(path)
     return check_vocab(
         student_tokenizer,
         student_vocab_size,
@@ -119,6 +151,7 @@ def check_teacher_data(
         teacher_tokenizers,
         student_name=student_name,
         max_token_id=(top, where) if where else None,
+        min_token_id=(low, low_file) if low_file else None,
     )
 
 
@@ -130,6 +163,7 @@ def check_vocab(
     *,
     student_name: str = "student",
     max_token_id: tuple[int, str] | None = None,
+    min_token_id: tuple[int, str] | None = None,
 ) -> str | None:
     """Check that teacher token ids mean the same tokens for the student.
 
@@ -144,10 +178,14 @@ def check_vocab(
         teacher_tokenizers: {teacher folder: tokenizer} for teachers available locally.
         student_name: for messages.
         max_token_id: `(id, file)`, the largest token id of the whole data and where it is
-            (`max_token_id()`); checked beside the ids of `rows`.
+            (`token_id_range()`); checked beside the ids of `rows`.
+        min_token_id: `(id, file)`, the smallest, likewise.
 
     Returns:
         None when the vocabularies agree, else a message naming both sizes and a mismatch.
+
+    Raises:
+        DataError: a token id is negative (broken data, whatever the student).
     """
     s_vocab = student_tokenizer.get_vocab()
     for name, ttok in (teacher_tokenizers or {}).items():
@@ -166,13 +204,22 @@ def check_vocab(
             f"student `{student_name}` vocabulary ({len(s_vocab)} tokens) has tokens the teacher "
             f"`{name}` ({len(t_vocab)} tokens) lacks"
         )
-    max_id = -1
+    max_id, min_id = -1, 0
     for r in rows:
-        for t in r.get(RESPONSE_TOKEN_IDS) or []:
-            max_id = max(max_id, int(t))
-        for pos in r.get(TOPK_TOKEN_IDS) or []:
-            for t in pos or []:
-                max_id = max(max_id, int(t))
+        ids = [int(t) for t in r.get(RESPONSE_TOKEN_IDS) or []]
+        ids += [int(t) for pos in r.get(TOPK_TOKEN_IDS) or [] for t in pos or []]
+        max_id, min_id = max([max_id, *ids]), min([min_id, *ids])
+    low_where = ""
+    if min_token_id is not None and min_token_id[0] < min_id:
+        min_id, low_where = min_token_id[0], f" (in {min_token_id[1]})"
+    if min_id < 0:
+        # Not a vocabulary mismatch (another student would not help): the data is broken.
+        raise DataError(
+            f"teacher data holds token id {min_id}{low_where}: a negative id is no token of any "
+            "vocabulary (a teacher endpoint returned a bad `token_id:`). Delete that shard and "
+            "rerun `distray generate`: its rows are asked again, and ids like it are now "
+            "rejected as `bad_token_id`"
+        )
     where = ""
     if max_token_id is not None and max_token_id[0] > max_id:
         max_id, where = max_token_id[0], f" (in {max_token_id[1]})"

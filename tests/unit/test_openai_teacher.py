@@ -22,7 +22,7 @@ import pytest
 
 from distray import formats as F
 from distray.config import OpenAITeacher, SamplingConfig
-from distray.engines.openai import MalformedResponse, OpenAIClient, parse_response
+from distray.engines.openai import BadTokenId, MalformedResponse, OpenAIClient, parse_response
 from distray.errors import StageError
 from distray.http_retry import backoff_s, fatal_status, retry_after_s
 
@@ -173,6 +173,24 @@ def test_good_logprobs_and_text_parts_parse() -> None:
                                                               {"type": "text", "text": "b"}]}}]}
     assert parse_response(parts, None)[F.RESPONSE] == "ab"
     assert parse_response(ok_body() | {"usage": None}, None)[F.PROMPT_TOKENS] is None
+
+
+@pytest.mark.parametrize("where", ["response", "top-k"])
+def test_a_negative_token_id_is_a_final_reject_with_its_reason(scripted, where: str) -> None:
+    body = logprob_body(-0.5)
+    pos = body["choices"][0]["logprobs"]["content"][0]
+    (pos if where == "response" else pos["top_logprobs"][1])["token"] = "token_id:-5"
+    with pytest.raises(BadTokenId, match="token_id:-5"):
+        parse_response(body, 2)
+    server = scripted([(200, {}, body)])
+    (row,) = answer(client(server, logprobs=2))
+    assert row["error"].startswith("bad_token_id: ") and "token_id:-5" in row["error"]
+    # Final at once: asked once, not retried now nor on a rerun (generate's retry shards
+    # take only retryable failures).
+    assert row["_retryable"] is False and len(server.times) == 1 and row[F.TOPK_TOKEN_IDS] is None
+    from distray.teacher.publish import is_transient
+
+    assert not is_transient(row)  # a final reject in rejects/, reason `bad_token_id`
 
 
 # ---- 401 / 403 / 404 stop the run; unsent rows stay unsent --------------------------------

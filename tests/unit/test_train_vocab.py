@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distray import formats as F
+from distray.errors import DataError
 from distray.train import vocab
 
 
@@ -65,3 +66,16 @@ def test_max_token_id_reads_every_shard_with_or_without_statistics(tok, tmp_path
     table = pa.Table.from_pylist(_rows(tok, 20, "x", bad_at=19))
     pq.write_table(table, nostats / "part-0.parquet", write_statistics=False)
     assert vocab.max_token_id(str(nostats)) == (len(tok) + 737, str(nostats / "part-0.parquet"))
+
+
+def test_a_negative_token_id_deep_in_a_shard_is_caught_before_training(tok, tmp_path):
+    rows = _rows(tok, 40, "b")
+    rows[33][F.TOPK_TOKEN_IDS][1][1] = -5  # past the rows the sample reads: only the range sees it
+    path = _write(tmp_path / "d", [_rows(tok, 40, "a"), rows])
+    with pytest.raises(DataError, match=r"token id -5 \(in .*part-1\.parquet\).*bad_token_id"):
+        vocab.check_teacher_data(path, tok, len(tok))
+    assert vocab.token_id_range(path)[0] == (-5, str(Path(path) / "part-1.parquet"))
+    nostats = tmp_path / "nostats"
+    nostats.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), nostats / "part-0.parquet", write_statistics=False)
+    assert vocab.token_id_range(str(nostats))[0][0] == -5
