@@ -438,9 +438,16 @@ class DistillationJob:
         from distray.evaluate.runner import run as evaluate_run
         from distray.report import build_report
 
+        from distray import lineage
+        from distray.lease import hold
+
         cfg = self._evaluate_config(test_data, metrics, baseline_model)
-        out = _plain(evaluate_run(cfg))
-        out["report_path"] = build_report(cfg.run_dir)
+        # As `distray evaluate` does: one writer in the run folder, and a lineage record, so a
+        # later `distray run` knows what these outputs were made from.
+        with hold(cfg.run_dir):
+            lineage.write(cfg, "evaluate")
+            out = _plain(evaluate_run(cfg))
+            out["report_path"] = build_report(cfg.run_dir)
         return out
 
     def _evaluate_config(

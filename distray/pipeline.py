@@ -26,7 +26,7 @@ from typing import Any
 from distray.config import DistrayConfig
 from distray.errors import ConfigError, StageError
 from distray.paths import RunPaths
-from distray.stages import BENCH_APP, COMMANDS, REGISTRY, STAGES, Stage
+from distray.stages import BENCH_APP, COMMANDS, REGISTRY, STAGES, Stage, pipeline_stages
 from distray.storage import exists, read_text
 
 __all__ = [
@@ -215,7 +215,7 @@ def run_stage(cfg: DistrayConfig, name: str, force: bool = False,
 def _run_stage_held(cfg: DistrayConfig, stage: Stage, force: bool, confirm: Confirm | None) -> Any:
     from distray.prepare import prepare, write_record
 
-    cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline)
+    cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline, models=stage.models)
     if stage.deploys:
         _check_demo_teacher(stage.name, cfg)
     else:
@@ -251,10 +251,11 @@ def run(cfg: DistrayConfig, stages: list[str] | None = None,
     """
     from distray.ray_utils import init_ray
 
-    wanted = list(STAGES) if not stages else list(stages)
-    unknown = [s for s in wanted if s not in STAGES]
+    order = pipeline_stages()
+    wanted = list(order) if not stages else list(stages)
+    unknown = [s for s in wanted if s not in order]
     if unknown:
-        raise ConfigError(f"`--stages` has {unknown}; choose from {', '.join(STAGES)}")
+        raise ConfigError(f"`--stages` has {unknown}; choose from {', '.join(order)}")
     forced = _force_set(force, wanted)
     if any(t.kind == "openai" for t in cfg.all_teachers) and cfg.demo.train_teacher:
         raise ConfigError("`demo.train_teacher` cannot train an API teacher; set it to false")
@@ -272,14 +273,16 @@ def _run_held(cfg: DistrayConfig, wanted: list[str], forced: set[str],
               confirm: Confirm | None) -> PipelineResult:
     from distray.prepare import check_vocabularies, prepare, write_record
 
-    cfg = prepare(cfg)
+    models = tuple(m for m in ("teacher", "student", "baseline")
+                   if any(m in REGISTRY[n].models for n in wanted))
+    cfg = prepare(cfg, models=models)
     _check_settings(cfg, wanted, forced, "distray run ... --force {stage}")
     if "generate" in wanted and ("generate" in forced or not stage_done(cfg, "generate")):
         check_vocabularies(cfg)
     resolved = write_record(cfg)
     logger.info("run folder %s (config: %s)", cfg.run_dir, resolved)
     result = PipelineResult(run_dir=cfg.run_dir, report_path=None)
-    for name in STAGES:
+    for name in pipeline_stages():
         if name not in wanted:
             continue
         stage = REGISTRY[name]

@@ -235,9 +235,14 @@ def run_dir_of(cfg: DistrayConfig) -> str:
     return f"{out.rstrip('/')}/{cfg.run.name}"
 
 
-def _check_local_models(cfg: DistrayConfig) -> None:
+#: Every model a run may read; a stage names the ones it reads (`Stage.models`).
+ALL_MODELS = ("teacher", "student", "baseline")
+
+
+def _check_local_models(cfg: DistrayConfig, models: tuple[str, ...] = ALL_MODELS) -> None:
     """A model given as a path (absolute, `./`, `~`) that is not there stops the run at once,
-    before Ray starts, instead of deep inside an engine actor.
+    before Ray starts, instead of deep inside an engine actor. Only the `models` the stage reads
+    are checked: generate labels prompts before the student exists.
 
     Raises:
         ConfigError: naming the field, the path, and how to get the model.
@@ -245,10 +250,11 @@ def _check_local_models(cfg: DistrayConfig) -> None:
     if cfg.demo.train_teacher:
         return  # the quickstart builds its stand-ins at these paths
     places = [(f"teachers.{i}.model" if cfg.teachers else "teacher.model", t.model)
-              for i, t in enumerate(cfg.all_teachers) if t.kind != "openai"]
-    if cfg.student is not None and not cfg.student.from_teacher:
+              for i, t in enumerate(cfg.all_teachers) if t.kind != "openai" and "teacher" in models]
+    if cfg.student is not None and not cfg.student.from_teacher and "student" in models:
         places.append(("student.model", cfg.student.model))
-    places.append(("evaluate.baseline", cfg.evaluate.baseline or ""))
+    if "baseline" in models:
+        places.append(("evaluate.baseline", cfg.evaluate.baseline or ""))
     for field, value in places:
         if not value or "://" in value or is_hub_id(value) or not value.startswith(("/", ".", "~")):
             continue
@@ -260,7 +266,8 @@ def _check_local_models(cfg: DistrayConfig) -> None:
             )
 
 
-def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> DistrayConfig:
+def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True,
+            models: tuple[str, ...] = ALL_MODELS) -> DistrayConfig:
     """Prepare a run: the config every stage receives.
 
     Args:
@@ -268,6 +275,7 @@ def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> 
         demo: build the quickstart's stand-in teacher and the student's initial weights when
             `demo.train_teacher` is on and they are missing (serve and bench build nothing).
         baseline: with `demo`, also train the demo baseline student (evaluate needs it).
+        models: the models the stage reads (`Stage.models`): only those must exist.
 
     Returns:
         The prepared config: absolute paths, local model folders, built-in data written, demo
@@ -282,7 +290,7 @@ def prepare(cfg: DistrayConfig, *, demo: bool = True, baseline: bool = True) -> 
     _fetch_models(data)
     _builtin_data(data, run_dir_of(cfg))
     cfg = config_from_dict(data, "(prepared)")
-    _check_local_models(cfg)
+    _check_local_models(cfg, models)
     cfg = _student_from_teacher(cfg)
     if demo and cfg.demo.train_teacher:
         from distray.demo import baseline_dir, prepare_demo

@@ -21,7 +21,7 @@ from typing import Any
 from distray.paths import RunPaths
 from distray.storage import exists
 
-__all__ = ["BENCH_APP", "COMMANDS", "REGISTRY", "STAGES", "Stage", "stage"]
+__all__ = ["BENCH_APP", "COMMANDS", "REGISTRY", "STAGES", "Stage", "pipeline_stages", "stage"]
 
 
 def _call(ref: str, *args: Any) -> Any:
@@ -42,7 +42,8 @@ class Stage:
         demo, baseline: what `prepare` builds for it alone (serve and bench build nothing, so
             `distray serve` on a fresh run fails at once instead of training a demo teacher).
         pipeline_kwargs: extra arguments inside `distray run`.
-        folder: its folder in the run (`RunPaths` attribute); what `--force` clears, with
+        folder: its folder in the run (a `RunPaths` attribute, or a path under the run folder);
+            what `--force` clears, with
             `extra_folders`. None: it writes nothing of its own there.
         marker: the file it writes last (`RunPaths` attribute, or a path under the run folder):
             it exists once the stage finished. None: never "done" (always runs).
@@ -63,6 +64,8 @@ class Stage:
             changed inputs resume it (new prompts get labelled) instead of redoing it.
         on_skip: "module:attr" called with the config when `distray run` skips it as done.
         deploys: it deploys models on Serve (serve, bench): checked before it starts.
+        models: the models it reads, which must exist when it starts ("teacher", "student",
+            "baseline"): generate runs before the student exists.
     """
 
     name: str
@@ -89,6 +92,7 @@ class Stage:
     keyed_by_content: bool = False
     on_skip: str | None = None
     deploys: bool = False
+    models: tuple[str, ...] = ("teacher", "student", "baseline")
 
     def fn(self) -> Any:
         return getattr(importlib.import_module(self.module), self.attr)
@@ -98,7 +102,10 @@ class Stage:
         return bool(self.covers)
 
     def folder_of(self, run_dir: str) -> str | None:
-        return None if self.folder is None else str(getattr(RunPaths(run_dir), self.folder))
+        if self.folder is None:
+            return None
+        p = RunPaths(run_dir)
+        return str(getattr(p, self.folder)) if hasattr(p, self.folder) else p._p(self.folder)
 
     def folders(self, run_dir: str) -> list[str]:
         """What `--force` clears: its folder and the extra ones."""
@@ -157,8 +164,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           input_files="distray.stage_facts:generate_files",
           progress="distray.stage_facts:generate_progress",
           cost="distray.stage_facts:generate_cost", keyed_by_content=True,
-          on_skip="distray.stage_facts:generate_on_skip"),
-    Stage("train", "distray.train.trainer", "run",
+          on_skip="distray.stage_facts:generate_on_skip", models=("teacher",)),
+    Stage("train", "distray.train.variants", "run",
           "distil the student on the teacher data (Ray Train + DeepSpeed ZeRO)",
           folder="train", marker="train/student/_distray_export.json", content=("student",),
           resumable=True, covers=("student", "train", "run.seed"),
@@ -192,7 +199,12 @@ def stage(name: str) -> Stage:
         raise KeyError(f"unknown stage `{name}`; known: {', '.join(REGISTRY)}") from None
 
 
+def pipeline_stages() -> tuple[str, ...]:
+    """The stages `distray run` runs, in order (read from the registry each time)."""
+    return tuple(name for name, s in REGISTRY.items() if s.in_pipeline)
+
+
 #: The stages `distray run` runs, in order.
-STAGES = tuple(name for name, s in REGISTRY.items() if s.in_pipeline)
+STAGES = pipeline_stages()
 #: The stages with a `distray <stage> --config ...` command.
 COMMANDS = tuple(name for name, s in REGISTRY.items() if s.command)
