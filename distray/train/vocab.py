@@ -206,9 +206,9 @@ def check_vocab(
         )
     max_id, min_id = -1, 0
     for r in rows:
-        ids = [int(t) for t in r.get(RESPONSE_TOKEN_IDS) or []]
-        ids += [int(t) for pos in r.get(TOPK_TOKEN_IDS) or [] for t in pos or []]
-        max_id, min_id = max([max_id, *ids]), min([min_id, *ids])
+        seen = [int(t) for t in r.get(RESPONSE_TOKEN_IDS) or []]
+        seen += [int(t) for pos in r.get(TOPK_TOKEN_IDS) or [] for t in pos or []]
+        max_id, min_id = max([max_id, *seen]), min([min_id, *seen])
     low_where = ""
     if min_token_id is not None and min_token_id[0] < min_id:
         min_id, low_where = min_token_id[0], f" (in {min_token_id[1]})"
