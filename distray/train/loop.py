@@ -30,86 +30,20 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from distray.config import DistrayConfig
 from distray.train.plan import WorkerPlan, lr_lambda
+from distray.train.state import NOT_EVALUATED, TrainState, Window
+from distray.train.student import batch_loss, batch_to, load_model
 
 __all__ = ["TrainState", "TrainWorker", "train_loop_per_worker"]
 
 logger = logging.getLogger(__name__)
 
-#: `checkpoint_val_loss` of a checkpoint whose weights were not evaluated. Ray Train ranks every
-#: checkpoint by it, and needs a number: None fails its sort, inf turns null in its snapshot.
-NOT_EVALUATED = 1e30
-
 #: Validation batches kept in memory after the first pass (see `TrainWorker.evaluate`).
 VAL_CACHE_LIMIT = 256
-
-
-@dataclass
-class TrainState:
-    """Progress saved in every checkpoint (DeepSpeed `client_state`, and `distray_state.json`).
-
-    `rows_in_epoch` rows of each worker's list for `epoch` (`distray.train.order.worker_ids`)
-    have been trained on, under the row list, seed and worker count that `order_digest` names.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    micro_in_epoch: int = 0
-    rows_in_epoch: int = 0
-    order_digest: str | None = None
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    early_stopped: bool = False
-    train_tokens: int = 0
-    train_time_s: float = 0.0
-    truncated: int = 0
-    no_target: int = 0
-    examples: int = 0
-    last_val_loss: float | None = None
-    last_train_loss: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def record_eval(self, ev: dict[str, float], patience: int | None) -> bool:
-        """Store one validation result (`ev["val_loss"]`, ...) at the current step.
-
-        Args:
-            ev: the validation losses.
-            patience: `train.early_stopping_patience`; None or 0 never stops.
-
-        Returns:
-            True when early stopping should stop the run (`patience` evaluations in a row
-            without improvement); `early_stopped` is then set.
-        """
-        self.last_val_loss = ev["val_loss"]
-        self.history.append({"step": self.step, "val_step": self.step, **ev})
-        if self.best_val_loss is None or ev["val_loss"] < self.best_val_loss - 1e-6:
-            self.best_val_loss = ev["val_loss"]
-            self.best_step = self.step
-            self.evals_without_improvement = 0
-        else:
-            self.evals_without_improvement += 1
-        if patience and self.evals_without_improvement >= patience:
-            self.early_stopped = True
-            return True
-        return False
-
-
-@dataclass
-class _Window:
-    """This worker's figures since the last step line (all-reduced when the line is logged)."""
-
-    loss: float = 0.0
-    sft: float = 0.0
-    logit: float = 0.0
-    micro: int = 0
-    tokens: int = 0
-    steps: int = 0
-    start: float = field(default_factory=time.perf_counter)
 
 
 def _worker_logging(rank: int) -> None:
@@ -133,71 +67,6 @@ def _fmt_count(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
 
-def _load_model(plan: WorkerPlan, cfg: DistrayConfig, dtype: Any) -> tuple[Any, Any]:
-    """The student (LoRA-wrapped when configured). Returns (model, keepalive).
-
-    Under ZeRO-3 a live `HfDeepSpeedConfig` makes `from_pretrained` partition the weights while
-    loading (deepspeed.zero.Init), so no worker ever holds the whole model; it must stay alive
-    until `deepspeed.initialize`, hence the keepalive.
-    """
-    from transformers import AutoModelForCausalLM
-
-    keepalive = None
-    if plan.ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        keepalive = HfDeepSpeedConfig(plan.ds_config)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        plan.model, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code if cfg.student else False
-    )
-    model.config.use_cache = False
-    lora = cfg.student.lora if cfg.student else None
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model, keepalive
-
-
-def _batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
-
-
-def _forward(engine: Any, batch: dict[str, Any]) -> Any:
-    # use_cache=False matters beyond memory: with a cache object transformers does not read
-    # packed `position_ids` as sequence boundaries.
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    return engine(**kwargs).logits
-
-
-def _batch_loss(engine: Any, batch: dict[str, Any], tc: Any) -> Any:
-    """The configured loss of one micro-batch (training and validation use the same)."""
-    from distray.train.losses import compute_loss
-
-    return compute_loss(
-        _forward(engine, batch),
-        batch["labels"],
-        loss=tc.loss,
-        alpha=tc.alpha,
-        temperature=tc.temperature,
-        topk_ids=batch.get("topk_ids"),
-        topk_logprobs=batch.get("topk_logprobs"),
-    )
-
-
 class TrainWorker:
     """One Ray Train worker's run: setup, the training loop, validation and checkpoints.
 
@@ -216,7 +85,7 @@ class TrainWorker:
         self.micro_per_epoch = plan.steps_per_epoch * self.accum  # micro-batches used per epoch
         self.state = TrainState()
         self.stop = False
-        self.window = _Window()
+        self.window = Window()
         self.step_loss = 0.0
         # Validation batches are kept in memory after the first pass when small: restarting a
         # Ray Data stream costs seconds, often more than the forward passes. All workers take
@@ -281,7 +150,7 @@ class TrainWorker:
         import torch
 
         plan, tc = self.plan, self.tc
-        model, keepalive = _load_model(plan, self.cfg, torch.float32)
+        model, keepalive = load_model(plan, self.cfg, torch.float32)
         trainable = [p for p in model.parameters() if p.requires_grad]
         ds_cfg = plan.ds_config
         kwargs: dict[str, Any] = {"model": model, "config": ds_cfg, "model_parameters": trainable}
@@ -349,7 +218,7 @@ class TrainWorker:
         st, plan = self.state, self.plan
         # An early-stopped run that is rerun is finished, not continued past its stop.
         self.stop = st.step >= plan.total_steps or st.early_stopped
-        self.window = _Window()
+        self.window = Window()
         while not self.stop and st.epoch < plan.epochs:
             self._train_epoch()
             if not self.stop and st.micro_in_epoch != 0:
@@ -384,8 +253,8 @@ class TrainWorker:
     def _micro_step(self, batch: dict[str, Any]) -> None:
         """Forward, backward and (every `accum` micro-batches, inside DeepSpeed) the step."""
         st, w = self.state, self.window
-        batch = _batch_to(batch, self.device)
-        parts = _batch_loss(self.engine, batch, self.tc)
+        batch = batch_to(batch, self.device)
+        parts = batch_loss(self.engine, batch, self.tc)
         self.engine.backward(parts.loss)
         self.engine.step()
         loss_v = float(parts.loss.detach())
@@ -467,7 +336,7 @@ class TrainWorker:
                 rec["step_ms"],
             )
         self._write_metrics()
-        self.window = _Window()
+        self.window = Window()
 
     # ---- validate -------------------------------------------------------------------------
 
@@ -503,7 +372,7 @@ class TrainWorker:
             for batch in batches:
                 if fill_cache and len(seen) <= VAL_CACHE_LIMIT:
                     seen.append(batch)
-                parts = _batch_loss(self.engine, _batch_to(batch, self.device), self.tc)
+                parts = batch_loss(self.engine, batch_to(batch, self.device), self.tc)
                 sums[0] += float(parts.sft_sum)
                 sums[1] += float(parts.sft_count)
                 sums[2] += float(parts.logit_sum)

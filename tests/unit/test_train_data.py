@@ -273,7 +273,7 @@ def test_vocab_check_names_both_sizes(tok, tmp_path):
 
 
 def test_early_stopping_counts_evaluations_without_improvement():
-    from distray.train.loop import TrainState
+    from distray.train.state import TrainState
 
     st = TrainState()
     stops = [st.record_eval({"val_loss": v}, patience=2) for v in (3.0, 2.0, 2.5, 1.5, 1.6, 1.7)]
@@ -286,7 +286,7 @@ def test_early_stopping_exports_the_best_checkpoint_not_the_last():
     from types import SimpleNamespace
 
     from distray.train.export import export_source
-    from distray.train.loop import TrainState
+    from distray.train.state import TrainState
 
     st = TrainState()
     for step, v in ((2, 2.0), (4, 1.5), (6, 1.6), (8, 1.7)):
