@@ -21,21 +21,11 @@ Output (`RunPaths`):
     <run>/generate/rejects/retry-<run>-<hash>.jsonl      REJECT_SCHEMA: transient teacher failures
     <run>/generate/stats.json                            this run's figures, per teacher (and validation per split)
 
-Every input row (× teachers × samples) ends in data or rejects exactly once: ids are content
-hashes, shards are written atomically (writer.py), and a rerun skips every id already in either
-folder, so a job killed at any moment and run again finishes the rest without asking the teacher
-twice. With `generate.cache_dir`, a first pass writes rows whose answer is cached; only the rest
-reach the teacher, whose engines do not start when the cache answered every row. Rejected
-answers are final: delete their rejects shard to retry them.
-
-Transient teacher failures are the exception: a `request_failed` row (429/5xx/timeout after
-`teacher.max_retries`; a plain 4xx such as an over-long prompt's 400 is final) or an
-`engine_error` row is written to a `retry-<run>-<hash>` shard in rejects/, which the done set
-leaves out, so the next run asks the teacher again. When that run ends (or stops on
-`min_success_ratio`) it removes from older retry shards every row it settled (answered,
-rejected for good, or failed again into its own retry shard), so rejects/ keeps the latest
-outcome of each row and every row stays in data or rejects once. Only a run killed outright
-can leave a retried row in data/ and an older retry shard until the next run settles it.
+Every input row (× teachers × samples) ends in data or rejects exactly once, and a job killed
+at any moment and run again finishes the rest without asking the teacher twice: the rules that
+make it so are stated in `distray.teacher.publish`, which enforces them. With
+`generate.cache_dir`, a first pass writes rows whose answer is cached; only the rest reach the
+teacher, whose engines do not start when the cache answered every row.
 """
 
 from __future__ import annotations
@@ -56,18 +46,15 @@ from distray import formats as F
 from distray import storage
 from distray.config import (
     DistrayConfig,
-    FilterConfig,
 )
 from distray.engines import engine_for
-from distray.engines.common import is_prepare_error
-from distray.engines.results import ERROR, reject_row
 from distray.errors import ConfigError, DataError, StageError
-from distray.lease import Fence, current
+from distray.lease import current
 from distray.paths import RunPaths
 from distray.teacher import writer as W
-from distray.teacher.cache import AnswerCache
 from distray.teacher.dataset import answer
-from distray.teacher.filters import DuplicateTracker, check_response, response_digest
+from distray.teacher.filters import DuplicateTracker, response_digest
+from distray.teacher.publish import Sink, cache_lookup, input_rejects_sink, sum_stats
 from distray.teacher.rows import Teacher, expand_rows, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -153,185 +140,6 @@ def split_inputs(cfg: DistrayConfig) -> dict[str, str]:
     return out
 
 
-# ---- the per-batch end of the pipeline ------------------------------------------------------
-
-
-def _reason_code(reason: str) -> str:
-    return reason.split(":", 1)[0].strip()
-
-
-#: Teacher failures a rerun retries (see the module docstring).
-_TRANSIENT_REASONS = frozenset({"request_failed", "engine_error"})
-
-
-def _is_transient(row: dict[str, Any]) -> bool:
-    """True when a row failed at the teacher in a way a rerun may fix.
-
-    The openai engine marks a failure it would not retry (a plain 4xx) `_retryable: False`.
-    """
-    code = _reason_code(str(row.get(ERROR) or ""))
-    return code in _TRANSIENT_REASONS and row.get("_retryable") is not False
-
-
-class _Sink:
-    """Filter, cache and write one batch, each row to its split's folder (`_split`); return the
-    batch's stats (runs in Ray Data tasks)."""
-
-    def __init__(
-        self,
-        *,
-        out_dirs: dict[str, str],
-        rejects_dir: str,
-        tmp_dir: str,
-        rejects_format: str,
-        retry_prefix: str,
-        filters: FilterConfig,
-        labels: list[str] | None,
-        cache_dir: str | None,
-        store_cache: bool,
-        tracker: Any,
-        fence: Fence | None = None,
-    ) -> None:
-        self.fence = fence  # the run folder lease's: checked before each shard is published
-        self.out_dirs = out_dirs
-        self.rejects_dir = rejects_dir
-        self.tmp_dir = tmp_dir
-        self.rejects_format = rejects_format
-        self.retry_prefix = retry_prefix
-        self.filters = filters
-        self.labels = labels
-        self.cache_dir = cache_dir
-        self.store_cache = store_cache
-        self.tracker = tracker
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        accepted: list[dict[str, Any]] = []
-        rejects: list[dict[str, Any]] = []
-        retries: list[dict[str, Any]] = []
-        reasons: Counter[str] = Counter()
-        answered = [r for r in rows if not r.get("_from_cache")]
-        if self.store_cache and self.cache_dir:
-            cache = AnswerCache(self.cache_dir)
-            for r in answered:
-                if not r.get(ERROR) and r.get("_cache_key"):
-                    cache.put(r["_cache_key"], r)
-        for r in rows:
-            rej = check_response(r, self.filters, self.labels)
-            if rej is None:
-                accepted.append(r)
-            else:
-                stage = "teacher" if r.get(ERROR) else "filter"
-                out = retries if _is_transient(r) else rejects
-                out.append(reject_row(r, stage, rej.reason, rej.detail))
-                reasons[rej.reason] += 1
-        if self.filters.dedupe_responses and accepted and self.tracker is not None:
-            import ray
-
-            pairs = [(response_digest(r[F.RESPONSE]), r[F.INPUT_ID]) for r in accepted]
-            firsts = ray.get(self.tracker.check.remote(pairs))
-            kept = []
-            for r, first in zip(accepted, firsts, strict=True):
-                if first is None:
-                    kept.append(r)
-                else:
-                    detail = f"the same answer was given to input {first!r}"
-                    rejects.append(reject_row(r, "filter", "duplicate_response", detail))
-                    reasons["duplicate_response"] += 1
-            accepted = kept
-        stored: list[dict[str, Any]] = []
-        by_split: dict[str, list[dict[str, Any]]] = {}
-        for r in accepted:
-            by_split.setdefault(r["_split"], []).append(r)
-        for split, mine in by_split.items():
-            out_dir = self.out_dirs[split]
-            data_rows = [{f.name: r.get(f.name) for f in F.TEACHER_DATA_SCHEMA} for r in mine]
-            # A value the schema cannot hold (an engine quirk) costs its row, not the batch.
-            data_rows, unstorable = W.split_writable(data_rows, F.TEACHER_DATA_SCHEMA)
-            for r, why in unstorable:
-                rejects.append(reject_row(r, "write", "bad_answer", f"cannot be stored: {why}"))
-                reasons["bad_answer"] += 1
-            kept_ids = {d[F.ID] for d in data_rows}
-            stored += [r for r in mine if r[F.ID] in kept_ids]
-            W.write_shard(data_rows, out_dir, self.tmp_dir, schema=F.TEACHER_DATA_SCHEMA, fence=self.fence)
-        accepted = stored
-        W.write_shard(
-            rejects, self.rejects_dir, self.tmp_dir,
-            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix="rejects", fence=self.fence,
-        )
-        W.write_shard(
-            retries, self.rejects_dir, self.tmp_dir,
-            schema=F.REJECT_SCHEMA, fmt=self.rejects_format, prefix=self.retry_prefix,
-            fence=self.fence,
-        )
-        # Rows stopped before the engine (too long for it, refused by its template) cost no request.
-        asked = [r for r in answered if not is_prepare_error(r.get(ERROR))]
-        stats = {
-            "rows": len(rows),
-            "accepted": len(accepted),
-            "rejected": len(rejects) + len(retries),
-            "reasons": json.dumps(dict(reasons)),
-            "teacher_requests": len(asked),
-            "cache_hits": len(rows) - len(answered),
-            "http_attempts": sum(int(r.get("_attempts") or 0) for r in answered),
-            "prompt_tokens": sum(int(r.get(F.PROMPT_TOKENS) or 0) for r in answered),
-            "completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in answered),
-            "accepted_completion_tokens": sum(int(r.get(F.COMPLETION_TOKENS) or 0) for r in accepted),
-            "valid_inputs": 0,
-            "engine_t0": min((r["_t0"] for r in answered if r.get("_t0") and r.get("_t1")), default=None),
-            "engine_t1": max((r["_t1"] for r in answered if r.get("_t0") and r.get("_t1")), default=None),
-        }
-        return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
-
-
-def _input_rejects_sink(
-    rejects_dir: str, tmp_dir: str, fmt: str, done: np.ndarray, fence: Fence | None = None
-) -> Any:
-    """Write the read/validate rejects of one raw read batch; count the valid rows."""
-
-    def fn(batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
-        from distray.teacher.reader import rejects_table
-
-        valid = int(pc.sum(pc.is_null(batch["_reject_reason"])).as_py() or 0)
-        rej = W.keep_not_done(rejects_table(batch), done)
-        rows = rej.to_pylist()
-        W.write_shard(rows, rejects_dir, tmp_dir, schema=F.REJECT_SCHEMA, fmt=fmt, prefix="rejects", fence=fence)
-        reasons = Counter(_reason_code(r["reason"]) for r in rows)
-        stats: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names}
-        stats["engine_t0"] = stats["engine_t1"] = None
-        # `rows` counts every input row read; `rejected` only the rejects new to this run.
-        stats.update(
-            rows=batch.num_rows, rejected=len(rows), reasons=json.dumps(dict(reasons)),
-            valid_inputs=valid,
-        )
-        return pa.Table.from_pylist([stats], schema=W.STATS_SCHEMA)
-
-    return fn
-
-
-def _sum_stats(ds: Any) -> dict[str, Any]:
-    """Consume a stats dataset (this runs the pipeline) and add up its rows."""
-    spans = ("engine_t0", "engine_t1")
-    total: dict[str, Any] = {k: 0 for k in W.STATS_SCHEMA.names if k != "reasons" and k not in spans}
-    reasons: Counter[str] = Counter()
-    t0s: list[float] = []
-    t1s: list[float] = []
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            for k in total:
-                total[k] += int(row[k] or 0)
-            counts: dict[str, int] = json.loads(row["reasons"] or "{}")
-            reasons.update(counts)
-            if row.get("engine_t0") is not None and row.get("engine_t1") is not None:
-                t0s.append(row["engine_t0"])
-                t1s.append(row["engine_t1"])
-    total["reasons"] = dict(reasons)
-    total["engine_busy_s"] = round(max(t1s) - min(t0s), 3) if t0s else 0.0
-    return total
-
-
 _REMOTE_ERROR = re.compile(r"distray\.errors\.(StageError|ConfigError|DataError): (.+?)(?:\n\n|\Z)", re.S)
 
 
@@ -413,10 +221,10 @@ class _Stage:
         from distray.teacher.reader import read_raw
 
         raw = read_raw(src, self.cfg, max_rows=self.max_rows(split))
-        sink = _input_rejects_sink(
+        sink = input_rejects_sink(
             self.rejects_dir, self.tmp_dir, self.cfg.data.rejects_format, self.done_ids(), self.fence
         )
-        part = _sum_stats(raw.map_batches(sink, batch_format="pyarrow", batch_size=None))
+        part = sum_stats(raw.map_batches(sink, batch_format="pyarrow", batch_size=None))
         n_valid = int(part["valid_inputs"])
         self.result.rows_in += part["rows"]
         self.result.skipped_done += part["rows"] - n_valid - part["rejected"]
@@ -444,9 +252,9 @@ class _Stage:
             batch_format="pyarrow", batch_size=None,
         )
 
-    def sink(self, store_cache: bool) -> _Sink:
+    def sink(self, store_cache: bool) -> Sink:
         gen = self.cfg.generate
-        return _Sink(
+        return Sink(
             out_dirs=self.out_dirs, rejects_dir=self.rejects_dir, tmp_dir=self.tmp_dir,
             rejects_format=self.cfg.data.rejects_format, retry_prefix=self.retry_prefix,
             filters=gen.filters,
@@ -470,10 +278,10 @@ class _Stage:
         if gen.cache_dir:
             # Pass A: rows whose answer is cached are written without the teacher.
             hits = self.todo_all(teacher, True).map_batches(
-                _cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
+                cache_lookup, fn_kwargs={"cache_dir": gen.cache_dir},
                 batch_format="pyarrow", batch_size=None,
             )
-            part = _sum_stats(
+            part = sum_stats(
                 hits.map_batches(
                     self.sink(store_cache=False),
                     batch_format="pyarrow", batch_size=gen.rows_per_shard,
@@ -493,7 +301,7 @@ class _Stage:
             return
         t0 = time.perf_counter()
         answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs)
-        part = _sum_stats(
+        part = sum_stats(
             answered.map_batches(
                 self.sink(store_cache=True),
                 batch_format="pyarrow", batch_size=gen.rows_per_shard,
@@ -625,22 +433,6 @@ def _expand(batch: pa.Table, **kwargs: Any) -> pa.Table:
     for r in rows:
         r["_split"] = kwargs["split"]
     return pa.Table.from_pylist(rows)
-
-
-def _cache_lookup(batch: pa.Table, cache_dir: str) -> pa.Table:
-    """Keep only rows with a cached answer, filled in and marked `_from_cache`."""
-    cache = AnswerCache(cache_dir)
-    out = []
-    for r in batch.to_pylist():
-        hit = cache.get(r["_cache_key"])
-        if hit is not None:
-            r.update(hit)
-            r[ERROR] = None
-            r["_from_cache"] = True
-            out.append(r)
-    if not out:
-        return batch.slice(0, 0)
-    return pa.Table.from_pylist(out)
 
 
 def _start_tracker(data_dirs: list[str]) -> Any:
