@@ -54,6 +54,8 @@ from distray.paths import RunPaths
 from distray.teacher import writer as W
 from distray.teacher.dataset import answer
 from distray.teacher.filters import DuplicateTracker, response_digest
+from distray.teacher.progress import PROGRESS_DIR, clear_progress, count_answered
+from distray.teacher.prune import move_removed_rows
 from distray.teacher.publish import Sink, cache_lookup, input_rejects_sink, sum_stats
 from distray.teacher.rows import Teacher, expand_rows, model_fingerprint
 
@@ -300,7 +302,10 @@ class _Stage:
             self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
             return
         t0 = time.perf_counter()
-        answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs)
+        answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs).map_batches(
+            count_answered, fn_kwargs={"folder": f"{self.paths.generate}/{PROGRESS_DIR}"},
+            batch_format="pyarrow", batch_size=None,
+        )
         part = sum_stats(
             answered.map_batches(
                 self.sink(store_cache=True),
@@ -379,6 +384,10 @@ def run(cfg: DistrayConfig) -> GenerateResult:
     W.quarantine_unreadable(
         [stage.paths.generate_data, stage.rejects_dir], f"{stage.paths.generate}/quarantine"
     )
+    clear_progress(stage.paths.generate)
+    # Rows of prompts that left the input are moved aside before anything counts them done.
+    move_removed_rows(cfg, inputs, data_dir=stage.paths.generate_data,
+                      generate_dir=stage.paths.generate, max_rows=stage.max_rows, fence=stage.fence)
     if cfg.generate.filters.dedupe_responses:
         stage.tracker = _start_tracker(list(stage.out_dirs.values()))
     try:
