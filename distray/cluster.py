@@ -143,6 +143,15 @@ def localize_model(path: str) -> str:
     """
     if "://" not in path:
         return path
+    from distray.storage import exists
+
+    if path.rstrip("/").endswith("/train/student") and not exists(f"{path.rstrip('/')}/{EXPORT_MARKER}"):
+        # A run's student is uploaded file by file and its marker written last: without the
+        # marker it is being exported (or the export died), and a copy could be half of it.
+        raise StageError(
+            f"`{path}` has no {EXPORT_MARKER}: the student is being exported now, or its export "
+            "did not finish; wait for `distray train` to end (or rerun it), then serve again"
+        )
     version = _version(path)
     nodes = alive_nodes()
     if not nodes:
