@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distray import storage
 from distray.config import DistrayConfig, config_from_dict
 from distray.errors import ConfigError
 
@@ -125,36 +125,36 @@ def eval_pairs(arms: list[str]) -> list[tuple[str | None, str | None]]:
 # ---- phases -------------------------------------------------------------------------------
 
 
-def _settings(cfg: DistrayConfig, data_files: list[str]) -> dict[str, Any]:
-    """What an arm's training depends on: the train section, the student and the teacher data."""
-    return {
-        "train": cfg.train.model_dump(mode="json"),
-        "student": cfg.student.model if cfg.student else None,
-        "data": [[Path(p).name, Path(p).stat().st_size] for p in data_files],
-    }
+def _settings(cfg: DistrayConfig, train_data: str) -> dict[str, Any]:
+    """What an arm's training depends on: train's lineage settings (answer-changing only, the
+    one classification of `distray.settings`) and the teacher data's content digest."""
+    from distray import lineage
+    from distray.digest import tree_digest
+
+    return {**lineage.settings(cfg, "train"), "data": tree_digest(train_data)}
 
 
 def _train_arm(
     cfg: DistrayConfig, arm: str, train_data: str, validation_data: str | None, force: bool
 ) -> tuple[dict[str, Any], bool]:
     """Train one arm unless an identical one is done; returns (its figures, trained now)."""
+    from distray.pipeline import clear_stage
     from distray.train.trainer import train_model
 
     acfg = arm_config(cfg, arm)
-    out = Path(acfg.run_dir) / "train"
-    record = Path(acfg.run_dir) / "arm.json"
-    wanted = _settings(acfg, sorted(str(p) for p in Path(train_data).glob("*.parquet")))
-    done = json.loads(record.read_text()) if record.is_file() else {}
-    if not force and done.get("settings") == wanted and (out / "student" / "config.json").is_file():
+    out = f"{acfg.run_dir}/train"
+    record = f"{acfg.run_dir}/arm.json"
+    wanted = _settings(acfg, train_data)
+    done = json.loads(storage.read_text(record)) if storage.exists(record) else {}
+    if not force and done.get("settings") == wanted and storage.exists(f"{out}/student/config.json"):
         logger.info("arm %s: trained already with these settings (%s), reused", arm, out)
         return done["result"], False
-    if out.exists():
-        shutil.rmtree(out)  # other settings: resuming its checkpoints would mix two runs
-    res = train_model(acfg, train_data, str(out), validation_data=validation_data, answers="teacher")
+    clear_stage(acfg, "train")  # other settings: resuming its checkpoints would mix two runs
+    res = train_model(acfg, train_data, out, validation_data=validation_data, answers="teacher")
     fig = {k: v for k, v in asdict(res).items() if k in (
         "steps", "epochs", "train_rows", "train_loss", "tokens_per_s", "train_time_s", "elapsed_s",
         "loss", "student_dir", "metrics_path", "truncated")}
-    record.write_text(json.dumps({"settings": wanted, "result": fig}, indent=2) + "\n")
+    storage.write_text(record, json.dumps({"settings": wanted, "result": fig}, indent=2) + "\n")
     return fig, True
 
 
@@ -171,12 +171,12 @@ def _evaluate_pair(
         if baseline and cfg.student else None
     ev = acfg.evaluate.model_copy(update={"models": models, "baseline": base_dir})
     ecfg = acfg.model_copy(update={"evaluate": ev})
-    metrics = Path(ecfg.run_dir) / "evaluate" / "metrics.json"
-    if metrics.is_file() and not (changed or force):
+    metrics = f"{ecfg.run_dir}/evaluate/metrics.json"
+    if storage.exists(metrics) and not (changed or force):
         logger.info("arms %s: evaluated already (%s), reused", pair, metrics)
     else:
         evaluate_run(ecfg)
-    return json.loads(metrics.read_text())
+    return dict(json.loads(storage.read_text(metrics)))
 
 
 def _teacher_consistency(cfg: DistrayConfig, pairs: list[tuple[str | None, str | None]]) -> float | None:
@@ -185,9 +185,10 @@ def _teacher_consistency(cfg: DistrayConfig, pairs: list[tuple[str | None, str |
 
     answers = []
     for s, b in pairs:
-        p = Path(cfg.run_dir) / "arms" / str(s or b) / "evaluate" / "predictions" / "teacher.parquet"
-        if p.is_file():
-            t = pq.read_table(p, columns=["id", "response"]).to_pylist()
+        p = f"{cfg.run_dir}/arms/{s or b}/evaluate/predictions/teacher.parquet"
+        if storage.exists(p):
+            fs, inner = storage.filesystem_for(p)
+            t = pq.read_table(inner, columns=["id", "response"], filesystem=fs).to_pylist()
             answers.append({r["id"]: r["response"] for r in t})
     if len(answers) < 2:
         return None
@@ -282,10 +283,9 @@ def run(cfg: DistrayConfig, arms: list[str], *, force: bool = False) -> ArmsResu
 
 
 def _records(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
+    if not storage.exists(path):
         return []
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
 
 
 def plot_arms_loss(train: dict[str, dict[str, Any]], path: str) -> str | None:
@@ -328,8 +328,8 @@ def _fmt(v: Any, spec: str) -> str:
 def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png: str | None) -> str:
     """report.md of the arms run: settings, the table, the loss curves, the verdict, timings."""
     tc, ft = cfg.train, cfg.student.from_teacher if cfg.student else None
-    stats_p = Path(cfg.run_dir) / "generate" / "stats.json"
-    stats = json.loads(stats_p.read_text()) if stats_p.is_file() else {}
+    stats_p = f"{cfg.run_dir}/generate/stats.json"
+    stats = json.loads(storage.read_text(stats_p)) if storage.exists(stats_p) else {}
     lines = [
         f"# {cfg.run.name}: training arms side by side",
         "",

@@ -302,8 +302,9 @@ class _Stage:
             self.result.skipped_done += max(0, n_valid * gen.sampling.n - processed)
             return
         t0 = time.perf_counter()
+        counter: Any = count_answered
         answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs).map_batches(
-            count_answered, fn_kwargs={"folder": f"{self.paths.generate}/{PROGRESS_DIR}"},
+            counter, fn_kwargs={"folder": f"{self.paths.generate}/{PROGRESS_DIR}"},
             batch_format="pyarrow", batch_size=None,
         )
         part = sum_stats(

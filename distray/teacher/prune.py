@@ -53,6 +53,7 @@ def _current_ids(cfg: Any, inputs: dict[str, str], max_rows: Any) -> np.ndarray:
                       "split": split, "fingerprint": model_fingerprint(teacher.model)}
             ds = valid_rows(read_raw(src, cfg, max_rows=max_rows(split))).map_batches(
                 _ids, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
+            batch: Any
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
                 parts.append(W.digests(batch.column(F.ID).to_pylist()))
     return np.unique(np.concatenate(parts))
