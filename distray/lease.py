@@ -347,11 +347,13 @@ def _store(path: str) -> _Store:
             import boto3
         except ImportError:
             return _ReadBackStore(path)
+        # Same environment as pyarrow's S3 (AWS_ENDPOINT_URL, keys, region); one client per
+        # endpoint, since a process may meet more than one (tests start their own servers).
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
         with _lock:
-            if "s3" not in _clients:
-                # Same environment as pyarrow's S3 (AWS_ENDPOINT_URL, keys, region).
-                _clients["s3"] = boto3.client("s3")
-            return _S3Store(path, _clients["s3"])
+            if endpoint not in _clients:
+                _clients[endpoint] = boto3.client("s3")
+            return _S3Store(path, _clients[endpoint])
     return _ReadBackStore(path)
 
 
