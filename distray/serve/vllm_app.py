@@ -37,7 +37,7 @@ from distray.serve.guards import (
     output_budget,
 )
 
-__all__ = ["build", "first_token_server_cls", "llm_config", "openai_app"]
+__all__ = ["build", "first_token_server_cls", "ingress_cls", "llm_config", "openai_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def first_token_server_cls() -> Any:
     return DistrayLLMServer
 
 
-def _ingress_cls() -> Any:
+def ingress_cls() -> Any:
     """`DistrayIngress`: Ray's OpenAI ingress plus the request guards and a real health route.
 
     Every check runs before `super()` forwards the request, so a streamed request is refused
@@ -245,10 +245,10 @@ def openai_app(
     endpoint_map = {k: DEFAULT_ENDPOINTS[k] for k in ("models", "model_data", "completions", "chat")}
     endpoint_map["health"] = lambda app: app.get("/health")
     app = harden(init(), digest, limits.max_request_bytes, limits.body_read_timeout_s)
-    ingress_cls = make_fastapi_ingress(_ingress_cls(), endpoint_map=endpoint_map, app=app)
+    ingress = make_fastapi_ingress(ingress_cls(), endpoint_map=endpoint_map, app=app)
     options = OpenAiIngress.get_deployment_options(llm_configs)  # type: ignore[arg-type]
     options.update(ingress_options)
-    deployment: Any = serve.deployment(ingress_cls, **options)
+    deployment: Any = serve.deployment(ingress, **options)
     server_cls = first_token_server_cls()
     return deployment.bind(
         llm_deployments={

@@ -138,6 +138,99 @@ def test_health_is_open_and_checks_the_engine(served) -> None:
     r = httpx.get(served["url"] + "/health", timeout=30)
     # Status only: the open route names no model and no error.
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = httpx.get(served["url"] + "/health", headers=served["headers"], timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_health_asks_the_engines_only_for_a_caller_with_the_key() -> None:
+    """The ingress's `/health` handler: without the key, liveness only (no RPC to any engine,
+    whatever the rate of open probes); with it, every engine is asked."""
+    from types import SimpleNamespace
+
+    from distray.serve.front import AUTHENTICATED
+    from distray.serve.vllm_app import ingress_cls
+
+    calls: list[str] = []
+
+    class Handle:
+        def __init__(self, name: str, ok: bool) -> None:
+            self.check_health = SimpleNamespace(remote=lambda: self._check(name, ok))
+
+        async def _check(self, name: str, ok: bool) -> None:
+            calls.append(name)
+            if not ok:
+                raise RuntimeError("engine down")
+
+    fake = SimpleNamespace(_default_serve_handles={"a": Handle("a", True), "b": Handle("b", False)})
+    health = ingress_cls().health
+
+    def ask(authenticated: bool) -> Any:
+        return asyncio.run(health(fake, SimpleNamespace(scope={AUTHENTICATED: authenticated})))
+
+    for _ in range(50):
+        assert ask(False).status_code == 200
+    assert calls == []
+    r = ask(True)
+    assert sorted(calls) == ["a", "b"] and r.status_code == 503
+
+
+def _node_metrics_url() -> str:
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's samples whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(name + "{") and all(w in ln for w in want))
+
+
+def _scrape_when(url: str, done: Any, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=30).text
+        if done(text):
+            return text
+        time.sleep(2)
+    raise AssertionError(f"the metrics export did not catch up in {timeout_s:.0f} s")
+
+
+def test_3000_unknown_paths_without_a_key_leave_the_metrics_size_flat(served) -> None:
+    """Every path a client invents is counted under `route="other"`: the node's metrics export
+    has no more series, and no more bytes (within 5 %), after 3,000 of them than before."""
+    from distray.serve.front import ROUTE_LABELS
+
+    metrics_url = _node_metrics_url()
+    name = "ray_distray_serve_requests_total"
+
+    def probe(paths: range) -> None:
+        async def go() -> list[int]:
+            sem = asyncio.Semaphore(32)
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as c:
+                async def one(i: int) -> int:
+                    async with sem:
+                        return (await c.get(f"{served['url']}/probe-{i}")).status_code
+                return await asyncio.gather(*(one(i) for i in paths))
+        assert set(asyncio.run(go())) == {401}
+
+    base = _counter(httpx.get(metrics_url, timeout=30).text, name, route="other", status="401")
+    probe(range(20))  # the `other` series exist from here on
+    before = _scrape_when(metrics_url, lambda t: _counter(t, name, route="other", status="401") >= base + 20)
+    t0 = time.perf_counter()
+    probe(range(20, 3020))
+    sent_s = time.perf_counter() - t0
+    after = _scrape_when(metrics_url, lambda t: _counter(t, name, route="other", status="401") >= base + 3020)
+    routes = {ln.split('route="', 1)[1].split('"', 1)[0] for ln in after.splitlines()
+              if ln.startswith("ray_distray_serve_") and 'route="' in ln}
+    print(f"\n3,000 unknown paths in {sent_s:.1f} s; metrics export {len(before)} -> {len(after)} "
+          f"bytes, {len(before.splitlines())} -> {len(after.splitlines())} lines; routes {sorted(routes)}")
+    assert routes <= set(ROUTE_LABELS) and "other" in routes
+    assert "probe-" not in after
+    assert abs(len(after) - len(before)) <= 0.05 * len(before)
 
 
 def test_api_key_is_required(served) -> None:
@@ -192,6 +285,12 @@ BAD_REQUESTS = [
                  "seed": 2**64, "stream": True}).encode(), 400),
     ("NaN temperature", "completions",
      b'{"model": "student", "prompt": "hi", "max_tokens": 4, "temperature": NaN}', 400),
+    ("five stop sequences", "chat/completions",
+     json.dumps({"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                 "stop": ["a", "b", "c", "d", "e"]}).encode(), 400),
+    ("five stop sequences, streamed", "completions",
+     json.dumps({"model": "student", "prompt": "hi", "max_tokens": 4, "stream": True,
+                 "stop": ["a", "b", "c", "d", "e"]}).encode(), 400),
     ("a body over serve.max_request_bytes", "completions",
      json.dumps({"model": "student", "prompt": "x" * 70_000, "max_tokens": 4}).encode(), 413),
 ]
