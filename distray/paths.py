@@ -5,7 +5,7 @@
   config.resolved.yaml
   data/      train.jsonl validation.jsonl test.jsonl   (built-in tasks only)
   generate/  data/*.parquet  rejects/  stats.json
-  train/     checkpoints/  student/  metrics.jsonl  loss.png
+  train/     checkpoints/  student/ (+ distray_export.json)  metrics.jsonl  loss.png  deepspeed.json
   evaluate/  predictions/*.parquet  metrics.json
   bench/     results.json  summary.md  *.png
   report.md

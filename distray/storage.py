@@ -22,7 +22,7 @@ from distray.errors import DataError
 
 __all__ = [
     "filesystem_for", "exists", "list_files", "fsync_path", "publish", "write_bytes", "write_text", "read_text", "write_jsonl",
-    "write_png",
+    "write_png", "can_append", "append_text",
 ]
 
 
@@ -147,6 +147,28 @@ def write_bytes(path: str, chunks: Iterable[bytes], *, durable: bool = True) -> 
 def write_text(path: str, text: str) -> None:
     """Write a text file atomically (temp name, then rename) on any filesystem."""
     write_bytes(path, [text.encode("utf-8")])
+
+
+def can_append(path: str) -> bool:
+    """Whether `append_text` works on `path`'s filesystem: local disks do; object stores
+    (s3://, gs://) have no append, so a growing file there is rewritten whole."""
+    return "://" not in path or path.startswith("file://")
+
+
+def append_text(path: str, text: str) -> None:
+    """Append `text` to a local file (created with its folder when missing); the cost is the
+    text's, not the file's. Lines are whole: a reader never sees half of one that `text` ends
+    with a newline (one write call).
+
+    Raises:
+        ValueError: `path` is on a filesystem without append (see `can_append`).
+    """
+    if not can_append(path):
+        raise ValueError(f"`{path}` is on an object store, which has no append; use write_text")
+    _, p = filesystem_for(path)
+    os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+    with open(p, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_text(path: str) -> str:

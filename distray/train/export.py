@@ -133,6 +133,7 @@ def export_checkpoint(
     lora: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     fence: Fence | None = None,
+    record: dict[str, Any] | None = None,
 ) -> str:
     """Write a DeepSpeed checkpoint of `base_model` as a Hugging Face model folder.
 
@@ -145,6 +146,8 @@ def export_checkpoint(
             target_modules), or None; adapters are merged into the weights.
         trust_remote_code: allow model code from the model folder.
         fence: the run folder lease's fence, checked before the old student is replaced.
+        record: how the student was made (`train.records.export_record`), written as
+            `distray_export.json` in the folder, before its marker.
 
     Returns:
         `out_dir`.
@@ -217,6 +220,14 @@ def export_checkpoint(
     # One model.safetensors, whatever the size: the file later stages and vLLM look for.
     model.save_pretrained(local_out, safe_serialization=True, max_shard_size="1000GB")
     tok.save_pretrained(local_out)
+    if record is not None:
+        import json
+
+        from distray.train.records import EXPORT_RECORD
+
+        with open(os.path.join(local_out, EXPORT_RECORD), "w") as f:
+            json.dump(record, f, indent=2, default=str)
+            f.write("\n")
     marker = _marker_text(local_out, checkpoint_dir)
     if fence is not None:
         try:

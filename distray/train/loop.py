@@ -93,6 +93,8 @@ class TrainWorker:
         # others left.
         self.val_cache: list[dict[str, Any]] | None = None
         self.val_cacheable = True
+        # Records of `state.history` already in metrics.jsonl (None: none yet by this process).
+        self.metrics_written: int | None = None
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class TrainWorker:
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)
         self.state.history.append({"workers": everyone, "start_step": self.state.step})
-        self._write_metrics()
+        self.write_metrics()
 
     # ---- train ----------------------------------------------------------------------------
 
@@ -326,16 +328,19 @@ class TrainWorker:
             rec["logit_loss"] = g[2] / n_micro
         st.history.append(rec)
         if self.rank == 0:
+            left_s = max(self.plan.total_steps - st.step, 0) * rec["step_ms"] / 1000
             logger.info(
-                "step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.0f ms",
+                "step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.0f ms | ETA %dm%02ds",
                 st.step,
                 self.plan.total_steps,
                 rec["loss"],
                 lr,
                 _fmt_count(rec["tokens_per_s"]),
                 rec["step_ms"],
+                int(left_s // 60),
+                int(left_s % 60),
             )
-        self._write_metrics()
+        self.write_metrics()
         self.window = Window()
 
     # ---- validate -------------------------------------------------------------------------
@@ -352,7 +357,7 @@ class TrainWorker:
                     st.step,
                     st.evals_without_improvement,
                 )
-        self._write_metrics()
+        self.write_metrics()
         return stop
 
     def evaluate(self) -> dict[str, float]:
@@ -421,6 +426,7 @@ class TrainWorker:
                 checkpoint_dir_name=f"checkpoint_{st.step:08d}",
             )
         self.last_ckpt_step = st.step
+        self.write_metrics(flush=True)
 
     def finish(self) -> None:
         """The last evaluation and checkpoint, and the run's figures as the last metrics line."""
@@ -434,9 +440,12 @@ class TrainWorker:
             # Nothing new happened (the run had already finished); report the figures anyway.
             ray.train.report(self.summary())
         # Kept out of the checkpointed history so a resumed run writes it once.
-        st.history = [r for r in st.history if not r.get("final")]
+        kept = [r for r in st.history if not r.get("final")]
+        if len(kept) != len(st.history):
+            self.metrics_written = None  # a record left the file: rewrite it
+        st.history = kept
         st.history.append({"final": True, **self.summary()})
-        self._write_metrics()
+        self.write_metrics(flush=True)
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -468,11 +477,32 @@ class TrainWorker:
         dist.all_reduce(t)
         return [float(v) for v in t.tolist()]
 
-    def _write_metrics(self) -> None:
-        if self.rank == 0:
-            from distray.storage import write_text
+    def write_metrics(self, *, flush: bool = False) -> None:
+        """Bring metrics.jsonl up to `state.history` (rank 0).
 
-            write_text(self.plan.metrics_path, "".join(json.dumps(r) + "\n" for r in self.state.history))
+        Locally each call appends only the new records, so a log step costs its own line, not
+        the whole file. The first call of a worker process rewrites the file from the history
+        (a resumed run drops the records of steps after its checkpoint, which it trains
+        again), as does a history that shrank. Object stores have no append: there the file
+        is rewritten whole, only when `flush` (a checkpoint, the end of the run), so the
+        records in between wait in memory.
+        """
+        if self.rank != 0:
+            return
+        from distray import storage
+
+        history, path = self.state.history, self.plan.metrics_path
+        written = self.metrics_written
+        if not storage.can_append(path):
+            if flush:
+                storage.write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+                self.metrics_written = len(history)
+            return
+        if written is None or written > len(history):
+            storage.write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+        elif written < len(history):
+            storage.append_text(path, "".join(json.dumps(r) + "\n" for r in history[written:]))
+        self.metrics_written = len(history)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

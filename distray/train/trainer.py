@@ -33,6 +33,7 @@ from distray.errors import ConfigError, DataError, StageError
 from distray.paths import RunPaths
 from distray.train.datasets import Answers, RunDatasets, build_datasets, teacher_splits
 from distray.train.plan import WorkerPlan, build_worker_plan
+from distray.train.records import export_record, write_deepspeed_config
 
 __all__ = ["TrainResult", "deterministic_cause", "run", "train_model"]
 
@@ -166,8 +167,11 @@ def train_model(
     )
     _attach_ids(cfg, plan, d)
     _log_plan(cfg, plan, n_train, n_val)
+    write_deepspeed_config(plan)
     result = _fit(cfg, plan, d.for_workers())
-    checkpoint, student_dir = _export(cfg, plan, result)
+    checkpoint, student_dir = _export(
+        cfg, plan, result, data=data, validation_data=validation_data, answers=answers
+    )
 
     from distray.plots import plot_loss
     from distray.storage import exists, read_text
@@ -367,8 +371,11 @@ def deterministic_cause(error: BaseException) -> ConfigError | DataError | None:
     return None
 
 
-def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str]:
-    """Export the chosen checkpoint to `<out_dir>/student`; (checkpoint path, student folder).
+def _export(
+    cfg: DistrayConfig, plan: WorkerPlan, result: Any, *, data: Any, validation_data: Any, answers: str
+) -> tuple[str, str]:
+    """Export the chosen checkpoint to `<out_dir>/student`, with its `distray_export.json`;
+    (checkpoint path, student folder).
 
     The export is a Ray task on the cluster, next to storage, once the workers are gone.
     """
@@ -377,6 +384,10 @@ def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str
     from distray.train.export import checkpoint_uri, export_checkpoint, export_source
 
     checkpoint = checkpoint_uri(export_source(result), plan.out_dir)
+    record = export_record(
+        cfg, plan, data=data, validation_data=validation_data, answers=answers,
+        metrics=dict(result.metrics or {}), checkpoint=checkpoint,
+    )
     student_dir = f"{plan.out_dir}/student"
     lora = cfg.student.lora.model_dump() if (cfg.student and cfg.student.lora) else None
     export_task: Any = ray.remote(num_cpus=1)(export_checkpoint)
@@ -389,6 +400,7 @@ def _export(cfg: DistrayConfig, plan: WorkerPlan, result: Any) -> tuple[str, str
             lora=lora,
             trust_remote_code=cfg.student.trust_remote_code if cfg.student else False,
             fence=plan.fence,
+            record=record,
         )
     )
     return checkpoint, student_dir
