@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from distray import formats as F
+from distray.teacher.writer import RETRY_PREFIX
 
 __all__ = [
     "PURPOSE",
@@ -44,6 +45,10 @@ __all__ = [
     "SCORED_SCHEMA",
     "SELF_SCHEMA",
     "PHASES",
+    "ROLLOUT",
+    "TEACHER_SCORE",
+    "SELF_SCORE",
+    "retry_prefix",
     "OnPolicyPaths",
     "RoundPaths",
 ]
@@ -72,6 +77,16 @@ SELF_SCHEMA = pa.schema(
 
 #: The phases of a round, in order; each writes `<phase>.done.json` when it has finished.
 PHASES = ("rollouts", "scoring", "mix", "train")
+
+#: The stages whose transient failures get retry shards in rejects/ (see `settle`).
+ROLLOUT = "rollout"
+TEACHER_SCORE = "teacher-score"
+SELF_SCORE = "self-score"
+
+
+def retry_prefix(stage: str, pass_id: str) -> str:
+    """The file-name prefix of one pass's retry shards of `stage`: `retry-<stage>-<pass>`."""
+    return f"{RETRY_PREFIX}-{stage}-{pass_id}"
 
 
 @dataclass(frozen=True)

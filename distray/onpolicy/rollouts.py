@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from distray import formats as F
 from distray.config import DistrayConfig, HFTeacher, SamplingConfig, VLLMTeacher
+from distray.onpolicy import layout
 from distray.onpolicy.layout import (
     EVAL_GREEDY,
     EVAL_SAMPLE,
@@ -77,12 +78,10 @@ class RolloutSink:
     def __init__(
         self, rp: RoundPaths, meta: dict[str, tuple[str, str]], label: str, retry_prefix: str | None = None
     ) -> None:
-        from distray.onpolicy import settle
-
         self.rp = rp
         self.meta = meta
         self.label = label
-        self.retry_prefix = retry_prefix or settle.retry_prefix(settle.ROLLOUT, "sink")
+        self.retry_prefix = retry_prefix or layout.retry_prefix(layout.ROLLOUT, "sink")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distray.engines.results import reject_row

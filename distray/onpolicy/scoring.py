@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from distray import formats as F
 from distray.config import DistrayConfig, HFTeacher, VLLMTeacher
+from distray.onpolicy import layout
 from distray.onpolicy.layout import (
     ROLLOUT_SCHEMA,
     SCORED_SCHEMA,
@@ -219,22 +220,20 @@ class ScoreSink:
     Args:
         out_dir: scored/ (teacher) or self/ (student).
         rejects_dir, tmp_dir: the round's rejects/ and .tmp/.
-        kind: `teacher` or `self`.
+        whose: `teacher` or `self`: whose scores the batch holds.
         retry_prefix: names the shard of this batch's engine errors, which a rerun retries
             (`distray.onpolicy.settle`); None: a pass of its own.
     """
 
     def __init__(
-        self, out_dir: str, rejects_dir: str, tmp_dir: str, kind: str, retry_prefix: str | None = None
+        self, out_dir: str, rejects_dir: str, tmp_dir: str, whose: str, retry_prefix: str | None = None
     ) -> None:
-        from distray.onpolicy import settle
-
         self.out_dir = out_dir
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
-        self.kind = kind
-        stage = settle.TEACHER_SCORE if kind == "teacher" else settle.SELF_SCORE
-        self.retry_prefix = retry_prefix or settle.retry_prefix(stage, "sink")
+        self.whose = whose
+        stage = layout.TEACHER_SCORE if whose == "teacher" else layout.SELF_SCORE
+        self.retry_prefix = retry_prefix or layout.retry_prefix(stage, "sink")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distray.engines.results import reject_row
@@ -242,7 +241,7 @@ class ScoreSink:
         good: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
         retries: list[dict[str, Any]] = []
-        stage = "scoring" if self.kind == "teacher" else "self_scoring"
+        stage = "scoring" if self.whose == "teacher" else "self_scoring"
         for r in batch.to_pylist():
             row = json.loads(r[_ROW])
             if r.get(_ERROR) or not r.get("_scores"):
@@ -255,15 +254,15 @@ class ScoreSink:
                 (retries if transient else rejects).append(reject_row(row, stage, reason.strip(), detail.strip()))
                 continue
             top_ids, top_lps, own = json.loads(r["_scores"])
-            if self.kind == "self":
+            if self.whose == "self":
                 good.append({F.ID: row[F.ID], F.INPUT_ID: row[F.INPUT_ID], STUDENT_TOKEN_LOGPROBS: own})
                 continue
             out = {f.name: row.get(f.name) for f in ROLLOUT_SCHEMA}
             out.update({F.TOPK_TOKEN_IDS: top_ids, F.TOPK_LOGPROBS: top_lps, TEACHER_TOKEN_LOGPROBS: own})
             good.append(out)
-        schema = SELF_SCHEMA if self.kind == "self" else SCORED_SCHEMA
+        schema = SELF_SCHEMA if self.whose == "self" else SCORED_SCHEMA
         W.write_shard(good, self.out_dir, self.tmp_dir, schema=schema)
         for rows, prefix in ((rejects, "rejects"), (retries, self.retry_prefix)):
             W.write_shard(rows, self.rejects_dir, self.tmp_dir, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix=prefix)
         tokens = sum(len(g.get(F.RESPONSE_TOKEN_IDS) or g.get(STUDENT_TOKEN_LOGPROBS) or []) for g in good)
-        return pa.table({"kind": [self.kind], "rows": [len(good)], "tokens": [tokens]})
+        return pa.table({"kind": [self.whose], "rows": [len(good)], "tokens": [tokens]})

@@ -25,7 +25,17 @@ import pyarrow.parquet as pq
 
 from distray import formats as F
 from distray import storage
-from distray.onpolicy.layout import EVAL_GREEDY, EVAL_SAMPLE, PURPOSE, TRAIN, RoundPaths
+from distray.onpolicy.layout import (
+    EVAL_GREEDY,
+    EVAL_SAMPLE,
+    PURPOSE,
+    ROLLOUT,
+    SELF_SCORE,
+    TEACHER_SCORE,
+    TRAIN,
+    RoundPaths,
+    retry_prefix,
+)
 from distray.teacher import writer as W
 
 __all__ = [
@@ -39,17 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The stages whose transient failures get retry shards (the `<stage>` of their name).
-ROLLOUT = "rollout"
-TEACHER_SCORE = "teacher-score"
-SELF_SCORE = "self-score"
-
-
-def retry_prefix(stage: str, pass_id: str) -> str:
-    """The file-name prefix of one pass's retry shards of `stage`: `retry-<stage>-<pass>`."""
-    return f"{W.RETRY_PREFIX}-{stage}-{pass_id}"
-
 
 def drop_older_retries(rp: RoundPaths, stages: tuple[str, ...], pass_id: str) -> int:
     """Delete the retry shards of `stages` that earlier passes wrote; call it only after a pass
