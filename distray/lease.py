@@ -515,7 +515,8 @@ def hold(run_dir: str) -> Iterator[Fence]:
 
     Raises:
         StageError: another live run holds it (naming its pid, host and start time), or its
-            lease is empty or unreadable and not yet expired.
+            lease is empty or unreadable and not yet expired; or, on leaving, another run took
+            the folder over while the block ran (its last outputs may be missing).
     """
     key = _key(run_dir)
     with _lock:
@@ -546,6 +547,12 @@ def hold(run_dir: str) -> Iterator[Fence]:
         thread.join(timeout=5)
         with _lock:
             _held.pop(key, None)
-            _lost.pop(fence.holder, None)
+            lost = _lost.pop(fence.holder, None)
         with contextlib.suppress(OSError):
             _release(store, fence)
+    if lost is not None:  # the block finished, but not all of its outputs may have been written
+        raise StageError(
+            f"run folder {key}: this run lost its lease during the run ({lost}), so it stopped "
+            "publishing; another run holds the folder now. Check that run's outputs, or rerun "
+            "once it has ended"
+        )

@@ -162,7 +162,7 @@ def test_s3_a_renewal_by_a_non_holder_fails(
     s3: S3Server, run_dir: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(lease, "RENEW_S", 0.1)
-    with lease.hold(run_dir) as fence:
+    with pytest.raises(StageError, match="lost its lease"), lease.hold(run_dir) as fence:
         assert _lease(s3, run_dir)["holder"] == fence.holder  # type: ignore[index]
         other = {"holder": "other", "generation": fence.generation + 1, "host": "node-2", "pid": 7,
                  "started": time.time(), "renewed": time.time()}
