@@ -79,7 +79,9 @@ def prepare_demo(cfg: DistrayConfig, *, baseline: bool = True) -> None:
     if cfg.data.builtin is None:
         raise ConfigError("`demo.train_teacher` needs `data.builtin` (the task it learns)")
     teacher = cfg.teacher
-    if teacher is None or teacher.kind == "openai":
+    from distray.engines import engine_for
+
+    if teacher is None or not engine_for(teacher).local:
         raise ConfigError("`demo.train_teacher` needs a local `teacher` (kind vllm or hf)")
     if cfg.student is None:
         raise ConfigError("`demo.train_teacher` needs `student.model` (a folder it creates)")

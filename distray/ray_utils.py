@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from distray.config import DistrayConfig, OpenAITeacher
+from distray.config import DistrayConfig
 
 __all__ = ["default_env", "init_ray", "cluster_has_gpu", "cpu_placement", "engine_gpus", "worker_env"]
 
@@ -65,7 +65,7 @@ def worker_env(cfg: DistrayConfig | None = None) -> dict[str, str]:
     env = default_env()
     names = list(_PASSTHROUGH_ENV)
     if cfg is not None:
-        keys = [t.api_key_env for t in cfg.all_teachers if isinstance(t, OpenAITeacher)]
+        keys = [getattr(t, "api_key_env", None) for t in cfg.all_teachers]  # HTTP teachers
         names += [k for k in keys if k]
     for k in names:
         if k in os.environ:

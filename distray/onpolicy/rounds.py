@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from distray import formats as F
 from distray import storage
@@ -63,7 +63,9 @@ def scorer_of(cfg: DistrayConfig) -> VLLMTeacher | HFTeacher:
     Raises:
         ConfigError: no local teacher, or no top-k setting.
     """
-    local = [t for t in cfg.all_teachers if isinstance(t, (VLLMTeacher, HFTeacher))]
+    from distray.engines import engine_for
+
+    local = [cast(VLLMTeacher | HFTeacher, t) for t in cfg.all_teachers if engine_for(t).local]
     if not local:
         kinds: list[str] = [t.kind for t in cfg.all_teachers] or ["none"]
         raise ConfigError(

@@ -30,6 +30,7 @@ from typing import Any
 
 from distray import formats as F
 from distray.config import HFTeacher, OpenAITeacher, SamplingConfig, VLLMTeacher
+from distray.engines import engine_for
 from distray.fingerprint import model_fingerprint
 from distray.settings import SPEED_ONLY_ENGINE_KWARGS, teacher_speed_only_fields
 
@@ -92,8 +93,10 @@ def teacher_ident(teacher: Teacher, fingerprint: str | None = None) -> dict[str,
         ident["engine_kwargs"] = kw
         if not kw:
             del ident["engine_kwargs"]
-    if isinstance(teacher, OpenAITeacher):
-        ident["base_url"] = teacher.base_url.rstrip("/")
+    endpoint = engine_for(teacher).endpoint()
+    if endpoint is not None:
+        # An HTTP teacher is its endpoint too, even at the default URL (left out above).
+        ident["base_url"] = endpoint.base_url.rstrip("/")
     return ident
 
 
