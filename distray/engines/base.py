@@ -60,8 +60,9 @@ class Engine:
         """Answer teacher rows (`rows.expand_rows` output); fills `common.RESULT_COLUMNS`."""
         raise NotImplementedError
 
-    def gpus(self, on_gpu: bool) -> float:
-        """GPUs all of its replicas hold at most (0 on a CPU cluster or for an endpoint)."""
+    def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
+        """GPUs all of its replicas hold (0 on a CPU cluster or for an endpoint): at most, or
+        with `min_replicas` at the low end of an autoscaling range."""
         return 0.0
 
     def context_length(self) -> int | None:

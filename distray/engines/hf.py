@@ -157,7 +157,7 @@ class HFEngineKind(Engine):
     ) -> ray.data.Dataset:
         return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
 
-    def gpus(self, on_gpu: bool) -> float:
+    def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
         return float(self.config.concurrency * self.config.num_gpus_per_replica) if on_gpu else 0.0
 
 

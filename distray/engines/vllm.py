@@ -273,13 +273,13 @@ class VLLMEngine(Engine):
     ) -> ray.data.Dataset:
         return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
 
-    def gpus(self, on_gpu: bool) -> float:
+    def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
         if not on_gpu:
             return 0.0
         from distray.ray_utils import engine_gpus
 
         c = self.config.concurrency
-        replicas = c[1] if isinstance(c, tuple) else c
+        replicas = c if isinstance(c, int) else c[0] if min_replicas else c[1]
         per = self.config.num_gpus_per_replica
         return float(replicas * (engine_gpus(self.config.engine_kwargs) if per is None else per))
 

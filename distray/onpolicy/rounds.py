@@ -195,17 +195,14 @@ class OnPolicyRun:
             return self.op.schedule == "overlap"
         import ray
 
-        from distray.ray_utils import engine_gpus
+        from distray.engines import engine_for
 
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus <= 0:
             return False
-        student = student_engine(self.cfg, self._student_dir(0), "student")
-        need: float = self.op.concurrency * (engine_gpus(student.engine_kwargs) if isinstance(student, VLLMTeacher) else 1)
-        t = self.teacher
-        if isinstance(t, VLLMTeacher):
-            c = t.concurrency if isinstance(t.concurrency, int) else t.concurrency[0]
-            need += c * (t.num_gpus_per_replica or engine_gpus(t.engine_kwargs))
+        # Both at once: the student's replicas, and the teacher's at the low end of its range.
+        student = engine_for(student_engine(self.cfg, self._student_dir(0), "student"))
+        need = student.gpus(True) + engine_for(self.teacher).gpus(True, min_replicas=True)
         return gpus >= need
 
     def _eval_rows(self) -> list[dict[str, Any]]:
