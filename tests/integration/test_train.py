@@ -178,6 +178,14 @@ def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tin
     assert (Path(res.student_dir) / "tokenizer_config.json").is_file()
     reloaded = _eval_loss(res.student_dir, teacher_data["validation"], cfg)
     assert reloaded == pytest.approx(res.val_loss, rel=1e-3)
+    # The records beside the outputs: the DeepSpeed config the workers got, how the student
+    # was made.
+    ds = json.loads(Path(paths.train, "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    made = json.loads(Path(res.student_dir, "distray_export.json").read_text())
+    assert Path(made["base_model"]).resolve() == Path(tiny_model).resolve() and made["steps"] == 12
+    assert made["train"]["loss"] == "kd" and made["train"]["alpha"] == 0.5
+    assert made["teachers"][0]["model"] == tiny_teacher_model and made["data"]["digest"] and made["command"]
 
     # Rerunning the stage continues from the last checkpoint (as after a driver kill).
     cfg2 = _cfg(tmp_path, tiny_model, tiny_teacher_model, loss="kd", alpha=0.5, temperature=2.0, zero_stage=2,
@@ -186,6 +194,7 @@ def test_kd_zero2_learns_exports_and_resumes_on_rerun(ray_cluster, tmp_path, tin
     assert res2.resumed_from_step == 12 and res2.steps == 16
     steps = [r["step"] for r in _metrics(res2.metrics_path) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 16
+    assert json.loads(Path(res2.student_dir, "distray_export.json").read_text())["steps"] == 16
 
 
 def test_early_stopping_exports_the_best_checkpoint_and_a_rerun_stays_stopped(
