@@ -20,8 +20,14 @@ Every writer therefore carries a `Fence` (run folder, holder, generation; small 
 it travels into Ray tasks and actors with the rest of their arguments) and calls `Fence.check`
 right before it publishes: when the lease names another holder or a newer generation, the check
 raises StageError and nothing is published. A renewal that finds another holder marks this
-process's fence lost (every later check raises) and logs an error. What is left is the moment
-between a check and the publish (one rename or PUT), which no file or object store can close.
+process's fence lost (every later check raises), logs an error, and leaving `hold` raises. What
+is left is the moment between a check and the publish (an fsync and a rename, or a copy), which
+no file or object store can close; a run taking over reads the folder seconds later.
+
+The lease records the holder's Ray job (`ray_job_id`, and `ray_submission_id` under `ray job
+submit`). A takeover stops a submitted job it replaces (`JobSubmissionClient.stop_job`, best
+effort); a plain driver's workers end when Ray sees their driver gone. No distray actor is named
+per run, so there is nothing else to look up and kill; until they end, the fence holds them.
 
 Atomic steps, by storage:
 - local (and NFS) folders: every read-decide-write runs under `flock` on `<run>/.lease.lock`.
@@ -51,7 +57,7 @@ from urllib.parse import urlsplit
 from distray import storage
 from distray.errors import StageError
 
-__all__ = ["EXPIRE_S", "RENEW_S", "Fence", "check_fence", "current", "hold", "read_lease"]
+__all__ = ["EXPIRE_S", "RENEW_S", "STOP_JOB_TIMEOUT_S", "Fence", "check_fence", "current", "hold", "read_lease"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ _lock = threading.Lock()
 def _key(run_dir: str) -> str:
     if "://" in run_dir:
         return run_dir.rstrip("/")
-    return os.path.abspath(os.path.expanduser(run_dir)).rstrip("/")
+    return os.path.realpath(os.path.expanduser(run_dir)).rstrip("/")
 
 
 def _path(run_dir: str) -> str:
@@ -149,18 +155,50 @@ def _who(seen: _Seen) -> str:
 
 
 def _ray_info() -> dict[str, Any]:
-    """The Ray job of this process, when Ray is up: what a person (or a rerun) needs to stop it."""
-    ray: Any = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return {}
+    """This process's Ray job: what a person, or a run taking over, needs to stop it.
+
+    The submission id (under `ray job submit`) is in the driver's environment from its start;
+    the job id once Ray is up here (renewals add it).
+    """
     info: dict[str, Any] = {}
-    with contextlib.suppress(Exception):
-        info["ray_job_id"] = ray.get_runtime_context().get_job_id()
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
         if meta.get("job_submission_id"):
             info["ray_submission_id"] = meta["job_submission_id"]
+    ray: Any = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            info["ray_job_id"] = ray.get_runtime_context().get_job_id()
     return info
+
+
+#: How long a takeover waits for `ray job stop` of the holder it replaced.
+STOP_JOB_TIMEOUT_S = 15.0
+
+
+def _stop_job(record: dict[str, Any]) -> None:
+    """Best effort: stop the Ray job of a holder that was taken over, so its writers end.
+
+    Only a job started with `ray job submit` can be stopped from outside (by its submission
+    id); a plain driver's workers end when Ray sees their driver gone. Either way the fence
+    keeps them from publishing meanwhile.
+    """
+    sid = record.get("ray_submission_id")
+    if not sid:
+        return
+
+    def stop() -> None:
+        try:
+            from ray.job_submission import JobSubmissionClient
+
+            JobSubmissionClient().stop_job(sid)
+            logger.warning("stopped Ray job %s, which held the run folder before", sid)
+        except Exception as e:  # noqa: BLE001 - a courtesy: the fence already stops its writes
+            logger.warning("could not stop Ray job %s (%s); `ray job stop %s` does", sid, e, sid)
+
+    thread = threading.Thread(target=stop, name="distray-lease-stop-job", daemon=True)
+    thread.start()
+    thread.join(STOP_JOB_TIMEOUT_S)
 
 
 def _record(holder: str, generation: int, started: float) -> str:
@@ -454,6 +492,7 @@ def _acquire(store: _Store, run_dir: str, holder: str, started: float) -> Fence:
             generation = _generation(seen) + 1
             if store.replace(_record(holder, generation, started), seen):
                 _log_takeover(run_dir, seen, generation)
+                _stop_job(seen.record or {})
                 return Fence(run_dir, holder, generation)
     raise _refuse(run_dir, store.read())  # lost every race: someone else holds it now
 
@@ -466,7 +505,7 @@ def _log_takeover(run_dir: str, seen: _Seen, generation: int) -> None:
         "%s%s); now generation %d, so its writers that still run cannot publish%s",
         run_dir, r.get("pid"), r.get("host"), _generation(seen),
         f", Ray job {job}" if job else "", generation,
-        f" (`ray job stop {r['ray_submission_id']}` stops them)" if r.get("ray_submission_id") else "",
+        " (stopping that job)" if r.get("ray_submission_id") else "",
     )
 
 

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def test_an_orphan_writer_with_an_old_generation_cannot_publish(tmp_path: Path) 
     from distray.teacher import writer
 
     run = tmp_path / "run"
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")
     out, done = ctx.Queue(), ctx.Event()
     driver = ctx.Process(target=_hold_and_report, args=(str(run), out, done))
     driver.start()
@@ -208,3 +209,32 @@ def test_an_orphan_writer_with_an_old_generation_cannot_publish(tmp_path: Path) 
         # The rerun's own writers publish.
         path = writer.write_shard(rows, str(data), str(tmp), schema=F.TEACHER_DATA_SCHEMA, fence=fence)
         assert path is not None and [p.name for p in data.iterdir()] == [os.path.basename(path)]
+
+
+def test_a_takeover_stops_the_ray_job_of_the_holder_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    stopped: list[str] = []
+
+    class Client:
+        def stop_job(self, submission_id: str) -> bool:
+            stopped.append(submission_id)
+            return True
+
+    fake_ray = types.ModuleType("ray")
+    fake_jobs = types.ModuleType("ray.job_submission")
+    fake_jobs.JobSubmissionClient = Client  # type: ignore[attr-defined]
+    fake_ray.job_submission = fake_jobs  # type: ignore[attr-defined]
+    fake_ray.is_initialized = lambda: False  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.job_submission", fake_jobs)
+    # This run was started by `ray job submit` too: its lease names its own submission.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_new"}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_lease(run, holder="dead", pid=_dead_pid(), ray_submission_id="raysubmit_old")
+    with lease.hold(str(run)):
+        assert stopped == ["raysubmit_old"]
+        assert json.loads((run / ".lease.json").read_text())["ray_submission_id"] == "raysubmit_new"
