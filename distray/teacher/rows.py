@@ -26,6 +26,7 @@ keeps them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from distray import formats as F
@@ -97,6 +98,9 @@ def teacher_ident(teacher: Teacher, fingerprint: str | None = None) -> dict[str,
     if endpoint is not None:
         # An HTTP teacher is its endpoint too, even at the default URL (left out above).
         ident["base_url"] = endpoint.base_url.rstrip("/")
+        if not os.path.isdir(teacher.model):
+            # The endpoint's weights, not a local hub cache's revision of the same name.
+            ident["model"] = teacher.model
     return ident
 
 

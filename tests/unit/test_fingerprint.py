@@ -128,3 +128,18 @@ def test_an_s3_object_rewritten_in_place_changes_the_fingerprint(monkeypatch: py
         assert model_fingerprint("s3://models/m") == fp
         s3.put_object(Bucket="models", Key="m/model.safetensors", Body=b"\1" * 4000 + b"\2" * 96)
         assert model_fingerprint("s3://models/m") != fp
+
+
+def test_an_api_teacher_is_keyed_by_its_name_not_a_local_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hc
+
+    from distray.config import OpenAITeacher, VLLMTeacher
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "models--org--tiny" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    api = OpenAITeacher(model="org/tiny", base_url="http://127.0.0.1:9/v1", api_key_env=None)
+    # The endpoint serves its own weights: a local copy's revision says nothing about them.
+    assert rows.teacher_ident(api, model_fingerprint(api.model))["model"] == "org/tiny"
+    assert rows.teacher_ident(VLLMTeacher(model="org/tiny"))["model"] == "org/tiny@" + "a" * 40
