@@ -15,8 +15,8 @@ whenever the weights, config or tokenizer change, and stay put when nothing did:
   OpenAI teacher's `gpt-4o`) is its name.
 
 Hashing a 400 GB teacher takes minutes, so each file's digest is cached by (path, size, mtime,
-inode) in `~/.cache/distray/fingerprints.json` ($DISTRAY_FINGERPRINT_CACHE overrides): a second
-call costs a stat per file. A file modified less than `RACY_S` before it was hashed is not
+inode) in `~/.cache/distray/fingerprints.json` (`cache_path`): a second call costs a stat per
+file. A file modified less than `RACY_S` before it was hashed is not
 cached, since a same-size rewrite within the filesystem's timestamp granularity would keep its
 mtime (git's "racy" index entries).
 """
@@ -44,11 +44,12 @@ _MAX_CACHE_ENTRIES = 4096
 
 
 def cache_path() -> str:
-    """Where file digests are cached: `$DISTRAY_FINGERPRINT_CACHE`, else
-    `~/.cache/distray/fingerprints.json`."""
-    return os.path.expanduser(
-        os.environ.get("DISTRAY_FINGERPRINT_CACHE") or "~/.cache/distray/fingerprints.json"
-    )
+    """Where file digests are cached: `$DISTRAY_FINGERPRINT_CACHE`, else `fingerprints.json`
+    in `$DISTRAY_CACHE_HOME` (as `distray.digest`), else in `~/.cache/distray`."""
+    if os.environ.get("DISTRAY_FINGERPRINT_CACHE"):
+        return os.path.expanduser(os.environ["DISTRAY_FINGERPRINT_CACHE"])
+    root = os.environ.get("DISTRAY_CACHE_HOME") or "~/.cache/distray"
+    return os.path.join(os.path.expanduser(root), "fingerprints.json")
 
 
 def _load_cache() -> dict[str, Any]:
