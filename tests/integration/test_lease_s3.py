@@ -243,3 +243,30 @@ def test_s3_an_empty_lease_counts_as_held_until_it_expires(
         assert _lease(s3, run_dir)["holder"] == fence.holder  # type: ignore[index]
         assert socket.gethostname() == _lease(s3, run_dir)["host"]  # type: ignore[index]
     assert _lease(s3, run_dir) is None
+
+
+def test_s3_without_conditional_writes_still_fences(
+    s3: S3Server, run_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distray import formats as F
+    from distray.teacher import writer
+
+    client = _client(s3)
+    monkeypatch.setitem(sys.modules, "boto3", None)  # no boto3: pyarrow's writes, read back
+    monkeypatch.setattr(lease, "SETTLE_S", 0.2)
+    with lease.hold(run_dir) as fence:
+        body = client.get_object(Bucket=BUCKET, Key=_key(run_dir))["Body"].read()
+        assert json.loads(body)["holder"] == fence.holder
+        other = {"holder": "other", "generation": fence.generation + 1, "host": "node-2", "pid": 7,
+                 "started": time.time(), "renewed": time.time()}
+        client.put_object(Bucket=BUCKET, Key=_key(run_dir), Body=json.dumps(other).encode())
+        rows = [{F.ID: "c" * 32, F.RESPONSE: "hello"}]
+        data, tmp = f"{run_dir}/generate/data/train", f"{run_dir}/generate/.tmp"
+        with pytest.raises(StageError, match="pid 7 on node-2"):
+            writer.write_shard(rows, data, tmp, schema=F.TEACHER_DATA_SCHEMA, fence=fence)
+        prefix = run_dir.split(f"{BUCKET}/", 1)[1] + "/generate/"
+        got = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        assert [o["Key"] for o in got if not o["Key"].endswith("/")] == []
+    # The other run's lease is left alone.
+    body = client.get_object(Bucket=BUCKET, Key=_key(run_dir))["Body"].read()
+    assert json.loads(body)["holder"] == "other"
