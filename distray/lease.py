@@ -113,6 +113,8 @@ def _generation(seen: _Seen) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # not a process id (os.kill would signal a whole group): cannot tell
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -494,7 +496,13 @@ def _acquire(store: _Store, run_dir: str, holder: str, started: float) -> Fence:
                 _log_takeover(run_dir, seen, generation)
                 _stop_job(seen.record or {})
                 return Fence(run_dir, holder, generation)
-    raise _refuse(run_dir, store.read())  # lost every race: someone else holds it now
+    seen = store.read()  # lost every race: someone else holds it now
+    if not seen.exists:
+        raise StageError(
+            f"run folder {run_dir}: other runs took and released its lease while this one tried "
+            "three times; start this run again once they have ended, or set another run.name"
+        )
+    raise _refuse(run_dir, seen)
 
 
 def _log_takeover(run_dir: str, seen: _Seen, generation: int) -> None:
