@@ -378,8 +378,10 @@ def test_prompt_in_both_splits_and_an_unreadable_shard(ray_cluster, tmp_path, fa
 
 
 def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> None:
-    """SIGKILL a `distray generate` process after some shards are written; the rerun finishes
-    the rest, never asks the teacher again for a written row, and leaves every row once."""
+    """SIGKILL a `distray generate` process after some shards are written and rerun it at once,
+    with its orphaned tasks still running: the rerun finishes the rest, never asks the teacher
+    again for a written row, and every row ends once in data or rejects (counted from the
+    files with pyarrow, and from the input file's own ids)."""
     from distray.config import dump_config
     from distray.paths import RunPaths
 
@@ -402,14 +404,8 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     assert proc.poll() is None, f"generate ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # Ray reaps the dead driver's actor and tasks; until then they may still ask and write
-    # (longer on a busy machine). Wait until the teacher has heard nothing for 3 s.
-    quiet_since, seen, deadline = time.time(), len(server.answered), time.time() + 60
-    while time.time() - quiet_since < 3 and time.time() < deadline:
-        time.sleep(0.2)
-        if len(server.answered) != seen:
-            quiet_since, seen = time.time(), len(server.answered)
-
+    # Rerun at once, as a user would: the dead driver's tasks may still be asking and writing.
+    # The lease's takeover bumps its generation, and their fence stops every publish after it.
     written, _ = outputs(cfg.run_dir)
     assert 0 < len(written) < n, "kill left no partial run to resume"
     written_prompts = {f"question {r['input_id'][1:]}" for r in written}
@@ -427,8 +423,6 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     assert sorted(r["line"] for r in rejects) == sorted(bad_lines) and len(bad_lines) == len(BAD_LINES)
     asked_after = server.answered[asked_before:]
     assert not written_prompts & set(asked_after), "a finished row was sent to the teacher again"
-    # Only rows answered but not written before the kill were asked twice.
-    assert len(server.answered) - n <= asked_before - len(written), (asked_before, len(written))
     assert "generate |" in done.stderr and "already done" in done.stderr
 
 
