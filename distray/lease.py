@@ -97,10 +97,10 @@ class _Seen:
     etag: str | None = None
 
 
-def _parse(text: str) -> dict[str, Any] | None:
+def _parse(text: str | bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
-    except ValueError:
+    except ValueError:  # bad JSON or bad UTF-8
         return None
     return data if isinstance(data, dict) and data.get("holder") else None
 
@@ -249,14 +249,12 @@ class _LocalStore:
             return _Seen(exists=False)
         return _Seen(exists=True, record=_parse(text), mtime=mtime)
 
-    # Called under `exclusive()`, so a plain atomic write is a compare-and-swap.
     def create(self, text: str) -> bool:
-        storage.write_text(self.path, text)
+        storage.write_text(self.path, text)  # under `exclusive()`: an atomic write is a CAS
         return True
 
     def replace(self, text: str, seen: _Seen) -> bool:
-        storage.write_text(self.path, text)
-        return True
+        return self.create(text)
 
     def delete(self, seen: _Seen) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -349,12 +347,9 @@ class _ReadBackStore:
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             return _Seen(exists=False)
-        try:
-            text = storage.read_text(self.path)
-        except FileNotFoundError:
-            return _Seen(exists=False)
         mtime = info.mtime.timestamp() if info.mtime is not None else None
-        return _Seen(True, _parse(text), mtime)
+        with fs.open_input_stream(inner) as f:
+            return _Seen(True, _parse(f.read()), mtime)
 
     def _write_and_confirm(self, text: str) -> bool:
         storage.write_text(self.path, text)
