@@ -60,6 +60,20 @@ class Engine:
         """Answer teacher rows (`rows.expand_rows` output); fills `common.RESULT_COLUMNS`."""
         raise NotImplementedError
 
+    def score(self, prepared: ray.data.Dataset, k: int) -> ray.data.Dataset:
+        """Teacher-forced scores of given tokens (`engines.scoring`: rows with `_ids`,
+        `_n_prompt`, `error`, `_row` in; `_row`, `error`, `_scores` out); lazy.
+
+        Raises:
+            ConfigError: the kind cannot score given tokens (an HTTP endpoint).
+        """
+        from distray.errors import ConfigError
+
+        raise ConfigError(
+            f"a `{self.kind}` model cannot score given tokens (prompt logprobs); use a local "
+            "teacher (kind vllm or hf)"
+        )
+
     def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
         """GPUs all of its replicas hold (0 on a CPU cluster or for an endpoint): at most, or
         with `min_replicas` at the low end of an autoscaling range."""

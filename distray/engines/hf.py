@@ -15,6 +15,7 @@ row's sample depends on its batch-mates (unlike vLLM's per-request seeds).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,13 @@ from distray.config import HFTeacher, SamplingConfig
 from distray.engines import common
 from distray.engines.base import Engine
 from distray.engines.results import ERROR
+from distray.engines.scoring import ROW
 from distray.hf_engine import HFEngine
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["ENGINE", "HFEngineKind", "HFGenerator", "generate"]
+__all__ = ["ENGINE", "HFEngineKind", "HFGenerator", "HFScorer", "generate", "hf_scores"]
 
 
 class HFGenerator:
@@ -145,6 +147,51 @@ def generate(
     )
 
 
+class HFScorer:
+    """One transformers forward per row: the same numbers as vLLM's prompt logprobs."""
+
+    def __init__(self, model: str, trust_remote_code: bool, k: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.k = k
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        out = []
+        for r in batch.to_pylist():
+            if r.get(ERROR):
+                out.append({ROW: r[ROW], ERROR: r[ERROR], "_scores": None})
+                continue
+            ids, n = [int(t) for t in r["_ids"]], int(r["_n_prompt"])
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+            lp = torch.log_softmax(logits[n - 1 : len(ids) - 1], -1)
+            top_lp, top_ids = lp.topk(self.k, -1)
+            own = lp.gather(-1, torch.tensor(ids[n:]).unsqueeze(-1)).squeeze(-1)
+            scores = (top_ids.tolist(), top_lp.tolist(), own.tolist())
+            out.append({ROW: r[ROW], ERROR: None, "_scores": json.dumps(scores)})
+        return pa.Table.from_pylist(
+            out, schema=pa.schema([(ROW, pa.string()), (ERROR, pa.string()), ("_scores", pa.string())])
+        )
+
+
+def hf_scores(prepared: Any, scorer: HFTeacher, k: int) -> Any:
+    """Score prepared rows (see the module docstring) with transformers actors; lazy."""
+    return prepared.map_batches(
+        HFScorer,
+        fn_constructor_kwargs={"model": scorer.model, "trust_remote_code": scorer.trust_remote_code, "k": k},
+        batch_format="pyarrow",
+        batch_size=scorer.batch_size,
+        concurrency=scorer.concurrency,
+        num_gpus=scorer.num_gpus_per_replica or None,
+    )
+
+
 class HFEngineKind(Engine):
     """`teacher.kind: hf`: transformers generate in Ray Data actors."""
 
@@ -156,6 +203,9 @@ class HFEngineKind(Engine):
         max_prompt_tokens: int | None = None,
     ) -> ray.data.Dataset:
         return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
+
+    def score(self, prepared: ray.data.Dataset, k: int) -> ray.data.Dataset:
+        return hf_scores(prepared, self.config, k)
 
     def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
         return float(self.config.concurrency * self.config.num_gpus_per_replica) if on_gpu else 0.0

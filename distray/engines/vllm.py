@@ -19,6 +19,7 @@ Stages, all streaming:
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,17 @@ from distray.engines import common
 from distray.engines.base import Engine
 from distray.engines.common import sample_seed
 from distray.engines.results import ERROR
+from distray.engines.scoring import ROW, answer_scores
 
 if TYPE_CHECKING:
     import ray.data
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINE", "VLLMEngine", "generate", "context_length", "engine_kwargs_for", "processor_config"]
+__all__ = [
+    "ENGINE", "VLLMEngine", "generate", "context_length", "engine_kwargs_for", "processor_config",
+    "vllm_scores",
+]
 
 # Internal columns of the processor that must not reach the output.
 _KEEP_PREFIX = "_"
@@ -261,6 +266,43 @@ def _finalize(batch: Any) -> Any:
     return pa.Table.from_pylist(out)
 
 
+def vllm_scores(prepared: Any, scorer: VLLMTeacher, k: int) -> Any:
+    """Score prepared rows (see the module docstring) with vLLM replicas of `scorer`; lazy."""
+    from ray.data.llm import build_processor
+
+    from distray.ray_utils import cluster_has_gpu
+
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        if row.get(ERROR):
+            return {"__inference_error__": row[ERROR]}
+        return {
+            "__inference_error__": "",
+            "tokenized_prompt": [int(t) for t in row["_ids"]],
+            "sampling_params": {
+                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False,
+            },
+        }
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        out = {ROW: row[ROW], ERROR: row.get(ERROR) or None}
+        err = row.get("__inference_error__")
+        if err or out[ERROR]:
+            out[ERROR] = out[ERROR] or f"engine_error: {str(err)[:500]}"
+            return {**out, "_scores": None}
+        n = int(row["_n_prompt"])
+        answer = [int(t) for t in row["_ids"]][n:]
+        positions = list(row.get("prompt_logprobs") or [])[n : n + len(answer)]
+        if len(positions) != len(answer):
+            return {**out, ERROR: "engine_error: prompt_logprobs shorter than the answer", "_scores": None}
+        return {**out, "_scores": json.dumps(answer_scores(positions, answer, k))}
+
+    processor = build_processor(
+        processor_config(scorer, k, cluster_has_gpu()), preprocess=preprocess, postprocess=postprocess
+    )
+    return processor(prepared)
+
+
 class VLLMEngine(Engine):
     """`teacher.kind: vllm`: ray.data.llm replicas of a local or hub model."""
 
@@ -272,6 +314,9 @@ class VLLMEngine(Engine):
         max_prompt_tokens: int | None = None,
     ) -> ray.data.Dataset:
         return generate(ds, self.config, sampling, logprobs, max_prompt_tokens=max_prompt_tokens)
+
+    def score(self, prepared: ray.data.Dataset, k: int) -> ray.data.Dataset:
+        return vllm_scores(prepared, self.config, k)
 
     def gpus(self, on_gpu: bool, *, min_replicas: bool = False) -> float:
         if not on_gpu:

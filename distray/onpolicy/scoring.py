@@ -16,20 +16,22 @@ training reads at that answer position::
 The teacher and the student share one tokenizer (checked before any round), so the ids mean
 the same tokens. With `teacher.kind: hf` the same numbers come from one transformers forward
 pass per row. The student scores its own eval samples the same way (its logprobs there give
-the reverse KL of the metrics).
+the reverse KL of the metrics). This module prepares the rows and writes the scores; the
+engine layer asks the model (`Engine.score`, `distray.engines.scoring`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 import pyarrow as pa
 
 from distray import formats as F
 from distray.config import DistrayConfig, HFTeacher, VLLMTeacher
+from distray.engines.results import ERROR
+from distray.engines.scoring import ROW
 from distray.onpolicy import layout
 from distray.onpolicy.layout import (
     ROLLOUT_SCHEMA,
@@ -40,48 +42,12 @@ from distray.onpolicy.layout import (
 )
 from distray.teacher import writer as W
 
-__all__ = ["answer_scores", "score_dataset", "ScoreSink"]
+__all__ = ["score_dataset", "ScoreSink"]
 
 logger = logging.getLogger(__name__)
 
-#: The row travelling through an engine stage as JSON text (one column, any content).
-_ROW = "_row"
-_ERROR = "error"
-
-
-def answer_scores(
-    positions: list[dict[Any, Any] | None], answer: list[int], k: int
-) -> tuple[list[list[int]], list[list[float]], list[float]]:
-    """vLLM `prompt_logprobs` at the answer's positions → (top-k ids, top-k logprobs, the
-    answer token's own logprob), best first.
-
-    Args:
-        positions: `prompt_logprobs[n_prompt:]`, one `{token_id: {logprob, rank, ...}}` per
-            answer token (vLLM adds the token itself when it is outside the top k).
-        answer: the answer's token ids.
-        k: top-k kept per position.
-    """
-    ids_out: list[list[int]] = []
-    lps_out: list[list[float]] = []
-    own: list[float] = []
-    for pos, tok in zip(positions, answer, strict=True):
-        items = []
-        mine = None
-        for tid, info in (pos or {}).items():
-            if info is None:
-                continue  # a key Arrow filled in for another position
-            lp = float(info["logprob"] if isinstance(info, dict) else info)
-            rank = info.get("rank") if isinstance(info, dict) else None
-            lp = lp if math.isfinite(lp) else -1e30
-            if int(tid) == int(tok):
-                mine = lp
-            items.append((rank if rank is not None else math.inf, -lp, int(tid), lp))
-        items.sort()
-        best = [it for it in items if it[0] <= k][:k] or items[:k]
-        ids_out.append([it[2] for it in best])
-        lps_out.append([it[3] for it in best])
-        own.append(mine if mine is not None else -1e30)
-    return ids_out, lps_out, own
+_ROW = ROW
+_ERROR = ERROR
 
 
 def _prepare(scorer: VLLMTeacher | HFTeacher, max_model_len: int | None) -> Any:
@@ -112,90 +78,6 @@ def _prepare(scorer: VLLMTeacher | HFTeacher, max_model_len: int | None) -> Any:
     return fn
 
 
-def _vllm_scores(ds: Any, scorer: VLLMTeacher, cfg: DistrayConfig, k: int) -> Any:
-    from ray.data.llm import build_processor
-
-    from distray.engines.vllm import processor_config
-    from distray.ray_utils import cluster_has_gpu
-
-    kw = scorer.engine_kwargs.get("max_model_len")
-    prepared = ds.map_batches(_prepare(scorer, int(kw) if kw else None), batch_format="pyarrow", batch_size=None)
-
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        if row.get(_ERROR):
-            return {"__inference_error__": row[_ERROR]}
-        return {
-            "__inference_error__": "",
-            "tokenized_prompt": [int(t) for t in row["_ids"]],
-            "sampling_params": {
-                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False,
-            },
-        }
-
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        out = {_ROW: row[_ROW], _ERROR: row.get(_ERROR) or None}
-        err = row.get("__inference_error__")
-        if err or out[_ERROR]:
-            out[_ERROR] = out[_ERROR] or f"engine_error: {str(err)[:500]}"
-            return {**out, "_scores": None}
-        n = int(row["_n_prompt"])
-        answer = [int(t) for t in row["_ids"]][n:]
-        positions = list(row.get("prompt_logprobs") or [])[n : n + len(answer)]
-        if len(positions) != len(answer):
-            return {**out, _ERROR: "engine_error: prompt_logprobs shorter than the answer", "_scores": None}
-        return {**out, "_scores": json.dumps(answer_scores(positions, answer, k))}
-
-    processor = build_processor(
-        processor_config(scorer, k, cluster_has_gpu()), preprocess=preprocess, postprocess=postprocess
-    )
-    return processor(prepared)
-
-
-class _HFScorer:
-    """One transformers forward per row: the same numbers as vLLM's prompt logprobs."""
-
-    def __init__(self, model: str, trust_remote_code: bool, k: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.k = k
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).eval()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        out = []
-        for r in batch.to_pylist():
-            if r.get(_ERROR):
-                out.append({_ROW: r[_ROW], _ERROR: r[_ERROR], "_scores": None})
-                continue
-            ids, n = [int(t) for t in r["_ids"]], int(r["_n_prompt"])
-            with torch.no_grad():
-                logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
-            lp = torch.log_softmax(logits[n - 1 : len(ids) - 1], -1)
-            top_lp, top_ids = lp.topk(self.k, -1)
-            own = lp.gather(-1, torch.tensor(ids[n:]).unsqueeze(-1)).squeeze(-1)
-            scores = (top_ids.tolist(), top_lp.tolist(), own.tolist())
-            out.append({_ROW: r[_ROW], _ERROR: None, "_scores": json.dumps(scores)})
-        return pa.Table.from_pylist(
-            out, schema=pa.schema([(_ROW, pa.string()), (_ERROR, pa.string()), ("_scores", pa.string())])
-        )
-
-
-def _hf_scores(ds: Any, scorer: HFTeacher, k: int) -> Any:
-    prepared = ds.map_batches(_prepare(scorer, None), batch_format="pyarrow", batch_size=None)
-    return prepared.map_batches(
-        _HFScorer,
-        fn_constructor_kwargs={"model": scorer.model, "trust_remote_code": scorer.trust_remote_code, "k": k},
-        batch_format="pyarrow",
-        batch_size=scorer.batch_size,
-        concurrency=scorer.concurrency,
-        num_gpus=scorer.num_gpus_per_replica or None,
-    )
-
-
 def _as_row_json(batch: pa.Table) -> pa.Table:
     return pa.table({_ROW: [json.dumps(r, default=str) for r in batch.to_pylist()]})
 
@@ -207,10 +89,13 @@ def score_dataset(ds: Any, scorer: VLLMTeacher | HFTeacher, cfg: DistrayConfig, 
         Rows `{_row: the rollout row as JSON, error, _scores: JSON [top-k ids, top-k
         logprobs, own logprobs] or null}`.
     """
+    from distray.engines import engine_for
+
+    engine = engine_for(scorer)
+    limit = engine.engine_kwargs().get("max_model_len")
     rows = ds.map_batches(_as_row_json, batch_format="pyarrow", batch_size=None)
-    if isinstance(scorer, HFTeacher):
-        return _hf_scores(rows, scorer, k)
-    return _vllm_scores(rows, scorer, cfg, k)
+    prepared = rows.map_batches(_prepare(scorer, int(limit) if limit else None), batch_format="pyarrow", batch_size=None)
+    return engine.score(prepared, k)
 
 
 class ScoreSink:

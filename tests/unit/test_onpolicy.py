@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from distray import formats as F
 from distray.config import DistrayConfig
+from distray.engines.scoring import answer_scores
 from distray.errors import ConfigError, DataError
 from distray.onpolicy.layout import (
     EVAL_GREEDY,
@@ -29,7 +30,6 @@ from distray.onpolicy.metrics import greedy_figures, sample_figures
 from distray.onpolicy.mixing import draw_ids, off_policy_count, write_mix
 from distray.onpolicy.rollouts import RolloutSink, rollout_id
 from distray.onpolicy.rounds import OnPolicyRun, round_train_settings, scorer_of
-from distray.onpolicy.scoring import answer_scores
 from distray.onpolicy.selection import round_slice
 from distray.teacher.writer import load_done_ids
 
