@@ -7,6 +7,11 @@ Endpoints come from `bench.endpoints`, or default to what `distray serve` deploy
 (the student, and the teacher with `serve.serve_teacher`); when nothing answers there, `run`
 deploys them for the benchmark and shuts them down afterwards.
 
+Each load level runs `bench.rounds` rounds (3 by default), the endpoints' rounds alternating
+(A B A B ...), so load from other processes drifts over both; a point's figures are the
+medians over its rounds, with the min–max beside them. Where the student is not faster than
+the teacher, the summary says so and names the likely cause.
+
 Requests are sent with vLLM's own benchmark client (`vllm.benchmarks.lib.endpoint_request_func`:
 streaming chat completions, TTFT at the first chunk, ITL between chunks, token counts from the
 server's `usage`), and the metrics are computed as `vllm.benchmarks.serve.calculate_metrics`
@@ -25,8 +30,15 @@ from __future__ import annotations
 import logging
 
 from distray.bench.load import bench_endpoints, generated_prompts, load_prompts, run_point, warm_up
-from distray.bench.metrics import METRICS, PERCENTILES, BenchResult, SweepPoint, compute_metrics
-from distray.bench.outputs import summary_markdown
+from distray.bench.metrics import (
+    METRICS,
+    PERCENTILES,
+    BenchResult,
+    SweepPoint,
+    combine_rounds,
+    compute_metrics,
+)
+from distray.bench.outputs import compare_student_teacher, summary_markdown
 from distray.config import DistrayConfig
 from distray.paths import RunPaths
 
@@ -36,6 +48,8 @@ __all__ = [
     "PERCENTILES",
     "METRICS",
     "bench_endpoints",
+    "combine_rounds",
+    "compare_student_teacher",
     "compute_metrics",
     "generated_prompts",
     "load_prompts",
@@ -100,7 +114,7 @@ def run(cfg: DistrayConfig, *, app_name: str | None = None) -> BenchResult:
         result = bench_endpoints(
             endpoints, prompts, concurrency=b.concurrency, request_rates=b.request_rates,
             max_tokens=b.max_tokens, timeout_s=b.timeout_s, ignore_eos=b.ignore_eos,
-            seed=cfg.run.seed, out_dir=paths.bench, prompts_source=source,
+            seed=cfg.run.seed, out_dir=paths.bench, prompts_source=source, rounds=b.rounds,
         )
     finally:
         if deployed:

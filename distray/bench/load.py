@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from distray.bench.metrics import BenchResult, SweepPoint, compute_metrics
+from distray.bench.metrics import BenchResult, SweepPoint, combine_rounds, compute_metrics
 from distray.bench.outputs import write_outputs
 from distray.config import DistrayConfig, EndpointConfig
 from distray.errors import ConfigError, DataError, StageError
@@ -297,8 +297,10 @@ def bench_endpoints(
     seed: int = 0,
     out_dir: str | None = None,
     prompts_source: str = "",
+    rounds: int = 3,
 ) -> BenchResult:
-    """Warm up every endpoint, then run the sweep against each in turn.
+    """Warm up every endpoint, then run the sweep: at each load, `rounds` rounds per endpoint,
+    the endpoints alternating (A B A B ...), combined into one point per endpoint and load.
 
     Args:
         endpoints: OpenAI-compatible endpoints (base_url ends in /v1).
@@ -311,6 +313,7 @@ def bench_endpoints(
         seed: Poisson schedule seed.
         out_dir: where results.json, plots and summary.md go; None writes nothing.
         prompts_source: described in results.json and the summary.
+        rounds: rounds per endpoint and load; each point's figures are their medians.
 
     Raises:
         ConfigError: an endpoint's API key env var is empty.
@@ -320,21 +323,28 @@ def bench_endpoints(
         raise ConfigError("no endpoints to benchmark; list them in bench.endpoints")
     if not concurrency and not request_rates:
         raise ConfigError("`bench.concurrency` and `bench.request_rates` are both empty; set one")
+    if rounds < 1:
+        raise ConfigError(f"`bench.rounds` must be at least 1, got {rounds}")
     t0 = time.perf_counter()
     for ep in endpoints:
         warm = warm_up(ep, prompts[0], timeout_s=timeout_s, ignore_eos=ignore_eos)
         logger.info("bench %s: warm-up ok in %.2f s", ep.name, warm)
     points: list[SweepPoint] = []
-    for ep in endpoints:
-        loads: list[tuple[int | None, float | None]] = [(c, None) for c in concurrency]
-        loads += [(None, r) for r in request_rates]
-        for c, r in loads:
-            p = run_point(
-                ep, prompts, concurrency=c, rate_rps=r, max_tokens=max_tokens,
-                timeout_s=timeout_s, ignore_eos=ignore_eos, seed=seed,
-            )
-            logger.info("%s", p.line())
-            points.append(p)
+    loads: list[tuple[int | None, float | None]] = [(c, None) for c in concurrency]
+    loads += [(None, r) for r in request_rates]
+    for c, r in loads:
+        # Rounds alternate between endpoints at each load (A B A B ...): a neighbour that
+        # takes the cores for a while slows a round of each, not every round of one.
+        per_endpoint: dict[str, list[SweepPoint]] = {ep.name: [] for ep in endpoints}
+        for i in range(rounds):
+            for ep in endpoints:
+                p = run_point(
+                    ep, prompts, concurrency=c, rate_rps=r, max_tokens=max_tokens,
+                    timeout_s=timeout_s, ignore_eos=ignore_eos, seed=seed,
+                )
+                logger.info("%s (round %d/%d)", p.line(), i + 1, rounds)
+                per_endpoint[ep.name].append(p)
+        points += [combine_rounds(per_endpoint[ep.name]) for ep in endpoints]
     result = BenchResult(
         points=points,
         endpoints=[ep.name for ep in endpoints],
@@ -345,7 +355,7 @@ def bench_endpoints(
         settings = {
             "num_prompts": len(prompts), "max_tokens": max_tokens, "ignore_eos": ignore_eos,
             "concurrency": list(concurrency), "request_rates": list(request_rates),
-            "timeout_s": timeout_s, "seed": seed,
+            "timeout_s": timeout_s, "seed": seed, "rounds": rounds,
         }
         write_outputs(result, endpoints, settings, out_dir)
     return result

@@ -109,6 +109,16 @@ class SweepPoint:
     p99_e2el_ms: float
     ttfts_ms: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    #: Rounds this point combines (`combine_rounds`): counts are summed over them, rates and
+    #: latencies are the median of the rounds' figures.
+    rounds: int = 1
+    #: Each round's figure, for `SPREAD` metrics: the min–max the summary prints.
+    round_figures: dict[str, list[float]] = field(default_factory=dict)
+
+    def spread(self, metric: str) -> tuple[float, float]:
+        """(min, max) of `metric` over the rounds; the point's own value with one round."""
+        xs = self.round_figures.get(metric) or [float(getattr(self, metric))]
+        return min(xs), max(xs)
 
     @property
     def load(self) -> str:
@@ -126,6 +136,45 @@ class SweepPoint:
             f"TPOT p50 {self.median_tpot_ms:.1f} ms | E2E p50 {self.median_e2el_ms:.0f} ms | "
             f"errors {self.errors}"
         )
+
+
+#: The figures whose per-round values a combined point keeps (`SweepPoint.round_figures`).
+SPREAD = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+          "median_e2el_ms", "p99_e2el_ms")
+#: Fields that count requests or tokens: summed over rounds, not medians.
+_SUMMED = ("num_requests", "duration_s", "completed", "errors", "total_input_tokens",
+           "total_output_tokens")
+
+
+def combine_rounds(rounds: Sequence[SweepPoint]) -> SweepPoint:
+    """One sweep point from several rounds of the same endpoint and load.
+
+    Rates and latencies are the median over rounds (one slow round, when another process took
+    the cores, moves a median less than a mean); counts are summed; the per-request TTFTs are
+    pooled; `round_figures` keeps each round's `SPREAD` figures for the min–max.
+
+    Raises:
+        ValueError: no rounds, or rounds of different endpoints or loads.
+    """
+    if not rounds:
+        raise ValueError("combine_rounds needs at least one round")
+    first = rounds[0]
+    if any((r.endpoint, r.load) != (first.endpoint, first.load) for r in rounds):
+        raise ValueError("combine_rounds: rounds of different endpoints or loads")
+    values: dict[str, Any] = {}
+    for name in SweepPoint.__dataclass_fields__:
+        xs = [getattr(r, name) for r in rounds]
+        if name in _SUMMED:
+            values[name] = sum(xs)
+        elif name.endswith(("_ms", "_throughput")) and isinstance(xs[0], (int, float)):
+            values[name] = float(np.median(xs))
+        else:
+            values[name] = xs[0]
+    values["ttfts_ms"] = [t for r in rounds for t in r.ttfts_ms]
+    values["error_samples"] = [e for r in rounds for e in r.error_samples][:3]
+    values["rounds"] = sum(r.rounds for r in rounds)
+    values["round_figures"] = {m: [float(getattr(r, m)) for r in rounds] for m in SPREAD}
+    return SweepPoint(**values)
 
 
 @dataclass

@@ -65,6 +65,66 @@ def _plots(points: list[SweepPoint], endpoints: list[str]) -> dict[str, Any]:
     return out
 
 
+def _with_spread(p: SweepPoint, metric: str, fmt: str) -> str:
+    """`median (min–max)` over the point's rounds; the bare figure for one round."""
+    value = format(getattr(p, metric), fmt)
+    if p.rounds <= 1:
+        return value
+    lo, hi = p.spread(metric)
+    return f"{value} ({format(lo, fmt)}–{format(hi, fmt)})"
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url).hostname or url
+
+
+def compare_student_teacher(result: BenchResult, endpoints: Sequence[EndpointConfig] = ()) -> list[str]:
+    """One sentence per load where both `student` and `teacher` were measured.
+
+    Faster means more requests per second in a closed loop (concurrency) and a lower median
+    end-to-end latency at a request rate (where both serve the same rate). Where the student
+    is not faster, the sentence says so and names the likely cause: the rounds' ranges
+    overlap (within this machine's noise: a shared machine), or they do not (the student
+    really is not faster here: overhead-bound at this size, where serving overhead rather
+    than the model's compute sets the speed).
+    """
+    out: list[str] = []
+    hosts = {_host(e.base_url) for e in endpoints if e.name in ("student", "teacher")}
+    shared = len(hosts) == 1 and len([e for e in endpoints if e.name in ("student", "teacher")]) == 2
+    for p in (p for p in result.points if p.endpoint == "student"):
+        q = next((q for q in result.points if q.endpoint == "teacher" and q.load == p.load), None)
+        if q is None or q.request_throughput <= 0 or q.median_ttft_ms <= 0 or q.median_e2el_ms <= 0:
+            continue
+        head = (f"Student vs teacher at {p.load}: {p.request_throughput / q.request_throughput:.2f}× "
+                f"request throughput, {p.median_ttft_ms / q.median_ttft_ms:.2f}× p50 TTFT, "
+                f"{p.median_e2el_ms / q.median_e2el_ms:.2f}× p50 end-to-end latency"
+                f" (medians of {p.rounds} rounds).")
+        if p.mode == "concurrency":
+            metric, unit, better = "request_throughput", "req/s", p.request_throughput > q.request_throughput
+        else:
+            metric, unit, better = "median_e2el_ms", "ms p50 end-to-end", p.median_e2el_ms < q.median_e2el_ms
+        if better:
+            out.append(head)
+            continue
+        (s_lo, s_hi), (t_lo, t_hi) = p.spread(metric), q.spread(metric)
+        fig = (f"{getattr(p, metric):.2f} {unit} ({s_lo:.2f}–{s_hi:.2f}) vs the teacher's "
+               f"{getattr(q, metric):.2f} ({t_lo:.2f}–{t_hi:.2f})")
+        where = (f"both endpoints are served from {next(iter(hosts))} and share its cores"
+                 if shared else "the endpoints' machines may be shared with other work")
+        if s_lo <= t_hi and t_lo <= s_hi:
+            cause = (f"the rounds' ranges overlap, so the difference is within this machine's noise: "
+                     f"a shared machine ({where}); rerun with more bench.rounds or on a quiet machine")
+        else:
+            cause = ("the ranges do not overlap, so this is likely overhead-bound at this size: both "
+                     "models are small enough that per-request serving overhead (HTTP, Ray Serve's "
+                     "hops, scheduling, tokenization), not the model's compute, sets the speed, and a "
+                     f"smaller student gains little; also {where}")
+        out.append(f"{head} **The student is not faster than the teacher at {p.load}**: {fig}; {cause}.")
+    return out
+
+
 def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], settings: dict[str, Any]) -> str:
     """The benchmark as markdown: settings, one table row per sweep point, ratios, plots.
 
@@ -72,12 +132,17 @@ def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], s
     file reads on its own; report.md rewrites them when it includes the summary.
     """
     eps = ", ".join(f"`{e.name}` ({e.base_url}, model `{e.model}`)" for e in endpoints)
+    rounds = int(settings.get("rounds", 1))
+    how = (f"{rounds} rounds per load level, the endpoints' rounds alternating; each figure is "
+           "the median over rounds, with the min–max in brackets"
+           if rounds > 1 else "one round per load level")
     lines = [
         "## Serving benchmark",
         "",
-        f"Endpoints: {eps}. {settings['num_prompts']} requests per load level, "
+        f"Endpoints: {eps}. {settings['num_prompts']} requests per round, "
         f"{settings['max_tokens']} output tokens each"
-        f"{' (ignore_eos)' if settings['ignore_eos'] else ''}; prompts: {result.prompts_source or 'given'}. "
+        f"{' (ignore_eos)' if settings['ignore_eos'] else ''}; {how}; prompts: "
+        f"{result.prompts_source or 'given'}. "
         "Latencies in ms (vLLM's definitions: TTFT to the first streamed chunk, TPOT per output "
         "token after the first, ITL between chunks, E2E per request).",
         "",
@@ -86,20 +151,13 @@ def summary_markdown(result: BenchResult, endpoints: Sequence[EndpointConfig], s
     ]
     for p in result.points:
         lines.append(
-            f"| {p.endpoint} | {p.load} | {p.request_throughput:.2f} | {p.output_throughput:.1f} | "
-            f"{p.median_ttft_ms:.0f} | {p.p99_ttft_ms:.0f} | {p.median_tpot_ms:.1f} | "
-            f"{p.median_itl_ms:.1f} | {p.median_e2el_ms:.0f} | {p.p99_e2el_ms:.0f} | {p.errors} |"
+            f"| {p.endpoint} | {p.load} | {_with_spread(p, 'request_throughput', '.2f')} | "
+            f"{_with_spread(p, 'output_throughput', '.1f')} | {_with_spread(p, 'median_ttft_ms', '.0f')} | "
+            f"{p.p99_ttft_ms:.0f} | {p.median_tpot_ms:.1f} | {p.median_itl_ms:.1f} | "
+            f"{_with_spread(p, 'median_e2el_ms', '.0f')} | {p.p99_e2el_ms:.0f} | {p.errors} |"
         )
-    names = result.endpoints
-    if "student" in names and "teacher" in names:
-        for p in (p for p in result.points if p.endpoint == "student"):
-            q = next((q for q in result.points if q.endpoint == "teacher" and q.load == p.load), None)
-            if q and q.request_throughput > 0 and q.median_ttft_ms > 0:
-                lines.append("")
-                lines.append(
-                    f"Student vs teacher at {p.load}: {p.request_throughput / q.request_throughput:.2f}× "
-                    f"request throughput, {p.median_ttft_ms / q.median_ttft_ms:.2f}× p50 TTFT."
-                )
+    for sentence in compare_student_teacher(result, endpoints):
+        lines += ["", sentence]
     errs = [(p, e) for p in result.points for e in p.error_samples[:1]]
     if errs:
         lines += ["", "Errors (first per load level):"]

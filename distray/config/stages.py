@@ -508,6 +508,12 @@ class BenchConfig(Section):
         default_factory=list, description="Poisson request-rate sweep (req/s), optional."
     )
     num_prompts: int = Field(default=64, ge=1, description="Requests per sweep point.")
+    rounds: int = Field(
+        default=3,
+        ge=1,
+        description="Rounds per endpoint and load level, the endpoints' rounds alternating "
+        "(A B A B ...); the summary quotes the median over rounds with the min–max.",
+    )
     max_tokens: int = Field(default=64, ge=1, description="Output tokens per request.")
     prompts: str | None = Field(
         default=None,

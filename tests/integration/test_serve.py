@@ -479,7 +479,7 @@ def test_foreground_run_prints_the_url_and_ctrl_c_shuts_down(tiny_model, tmp_pat
 def test_bench_20_requests_every_metric_positive_no_errors(served, tmp_path) -> None:
     prompts = bench.generated_prompts(20, seed=1)
     r = bench.bench_endpoints([served["endpoint"]], prompts, concurrency=[4], max_tokens=8,
-                              timeout_s=120, out_dir=str(tmp_path))
+                              timeout_s=120, out_dir=str(tmp_path), rounds=1)
     (p,) = r.points
     assert p.completed == 20 and p.errors == 0, p.error_samples
     assert p.total_output_tokens == 20 * 8  # ignore_eos: exactly max_tokens each
@@ -510,6 +510,8 @@ def test_bench_stage_writes_the_run_outputs(served) -> None:
     assert r.summary_md == paths.bench_summary
     summary = open(paths.bench_summary).read()
     assert "| student | c=2 |" in summary and "| student | r=20/s |" in summary
+    assert "3 rounds per load level" in summary  # bench.rounds' default: medians with min–max
+    assert [p.rounds for p in r.points] == [3, 3] and [p.num_requests for p in r.points] == [24, 24]
     assert "](latency_vs_throughput.png)" in summary  # relative to bench/ (report.md rebases them)
     assert [p.errors for p in r.points] == [0, 0]
 

@@ -16,6 +16,8 @@ from distray.bench import (
     PERCENTILES,
     BenchResult,
     SweepPoint,
+    combine_rounds,
+    compare_student_teacher,
     compute_metrics,
     generated_prompts,
     load_prompts,
@@ -106,10 +108,68 @@ def test_summary_has_one_row_per_point_and_a_student_teacher_ratio() -> None:
     rows = [line for line in md.splitlines() if line.startswith("| student") or line.startswith("| teacher")]
     assert len(rows) == 2 and "c=4" in rows[0]
     assert "Student vs teacher at c=4: 4.00× request throughput, 0.25× p50 TTFT" in md
+    assert "not faster" not in md
     # Relative to bench/, where summary.md sits next to the plots (report.md rebases them).
     assert "![latency vs throughput](latency_vs_throughput.png)" in md
     assert "![TTFT distribution](ttft_distribution.png)" in md
     assert r.point("teacher", concurrency=4).endpoint == "teacher"
+
+
+def test_rounds_combine_into_medians_with_their_range() -> None:
+    rounds = [_point("student", 16, rps, 0.1) for rps in (10.0, 14.0, 11.0)]
+    p = combine_rounds(rounds)
+    assert p.rounds == 3 and p.request_throughput == pytest.approx(11.0)
+    assert p.spread("request_throughput") == pytest.approx((10.0, 14.0))
+    assert p.num_requests == 12 and p.completed == 12 and p.errors == 0  # counts are summed
+    assert len(p.ttfts_ms) == sum(len(r.ttfts_ms) for r in rounds)
+    with pytest.raises(ValueError):
+        combine_rounds([_point("student", 16, 1.0, 0.1), _point("teacher", 16, 1.0, 0.1)])
+
+
+def _both(student_rps: list[float], teacher_rps: list[float], c: int = 16) -> BenchResult:
+    return BenchResult(
+        points=[combine_rounds([_point("student", c, x, 0.1) for x in student_rps]),
+                combine_rounds([_point("teacher", c, x, 0.1) for x in teacher_rps])],
+        endpoints=["student", "teacher"],
+    )
+
+
+EPS = [EndpointConfig(name=n, base_url="http://127.0.0.1:8000/v1", model=n) for n in ("student", "teacher")]
+
+
+def test_a_student_slower_than_the_teacher_is_flagged_in_words() -> None:
+    """The quickstart's inversion (student 12.03 req/s vs teacher 15.85 at c=16) is said in words,
+    with the likely cause; overlapping rounds point at the shared machine."""
+    apart = _both([12.0, 12.03, 12.5], [15.5, 15.85, 16.2])
+    (line,) = compare_student_teacher(apart, EPS)
+    assert "**The student is not faster than the teacher at c=16**" in line
+    assert "12.03 req/s (12.00–12.50) vs the teacher's 15.85 (15.50–16.20)" in line
+    assert "overhead-bound at this size" in line and "share its cores" in line
+    (line,) = compare_student_teacher(_both([12.0, 12.03, 17.0], [11.0, 15.85, 16.2]), EPS)
+    assert "not faster" in line and "ranges overlap" in line and "shared machine" in line
+    md = summary_markdown(apart, EPS, {"num_prompts": 4, "max_tokens": 5, "ignore_eos": True, "rounds": 3})
+    assert "not faster than the teacher at c=16" in md
+    assert "3 rounds per load level" in md and "| 12.03 (12.00–12.50) |" in md
+    assert compare_student_teacher(_both([20.0, 21.0, 22.0], [15.5, 15.85, 16.2]), EPS)[0].endswith("rounds).")
+
+
+def test_sweep_alternates_endpoints_round_by_round(monkeypatch) -> None:
+    """A B A B at each load, 3 rounds by default, one combined point per endpoint and load."""
+    from distray.bench import load
+
+    calls: list[tuple[str, int | None]] = []
+
+    def fake_point(ep: EndpointConfig, prompts: list, *, concurrency: int | None = None, **kw: object) -> SweepPoint:
+        calls.append((ep.name, concurrency))
+        return _point(ep.name, concurrency or 0, 4.0, 0.1)
+
+    monkeypatch.setattr(load, "warm_up", lambda *a, **k: 0.0)
+    monkeypatch.setattr(load, "run_point", fake_point)
+    r = load.bench_endpoints(EPS, [[{"role": "user", "content": "hi"}]], concurrency=[1, 4])
+    assert calls == [("student", 1), ("teacher", 1)] * 3 + [("student", 4), ("teacher", 4)] * 3
+    assert [(p.endpoint, p.load, p.rounds) for p in r.points] == [
+        ("student", "c=1", 3), ("teacher", "c=1", 3), ("student", "c=4", 3), ("teacher", "c=4", 3)]
+    assert config_from_dict({}).bench.rounds == 3
 
 
 def test_sweep_point_labels() -> None:
