@@ -144,7 +144,10 @@ def _real_stdio() -> bool:
 def _cmd_stage(args: argparse.Namespace) -> int:
     from distray import pipeline
 
-    cfg = _load(args.config, args.overrides)
+    model = getattr(args, "model", None)
+    if args.config is None and model is None:
+        raise UsageError(f"`distray {args.command}` needs --config CONFIG (or --model PATH to serve a folder)")
+    cfg = _load(args.config, [*args.overrides, *([f"serve.model={model}"] if model else [])])
     t0 = time.perf_counter()
     with _captured(args, cfg) as cap:
         result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False),
@@ -335,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         if not stage.command:
             continue
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help, parents=[verbose])
-        p.add_argument("--config", "-c", required=True, metavar="CONFIG", help="YAML config file")
+        serve = stage.name == "serve"
+        p.add_argument("--config", "-c", required=not serve, metavar="CONFIG",
+                       help="YAML config file" + (" (default: every default, with --model)" if serve else ""))
+        if serve:
+            p.add_argument("--model", metavar="PATH", help="serve this Hugging Face model folder "
+                           "instead of the run's student (same as serve.model=PATH)")
         overrides(p)
         if stage.has_lineage:
             p.add_argument(

@@ -223,6 +223,7 @@ class Progress:
     """
 
     PLAIN_EVERY_S = 30.0
+    PLAIN_MIN_S = 5.0
     TTY_EVERY_S = 2.0
 
     def __init__(self, run_dir: str, console: IO[str], cfg: Any = None) -> None:
@@ -252,14 +253,22 @@ class Progress:
                 self._shown = False
 
     def _loop(self) -> None:
-        every = self.TTY_EVERY_S if self.tty else self.PLAIN_EVERY_S
-        while not self._stop.wait(every):
+        # Polled every TTY_EVERY_S either way; a plain console gets a line when the count moved
+        # (at most every PLAIN_MIN_S) or every PLAIN_EVERY_S, so a log shows progress as it
+        # happens without a line every 2 s.
+        last_t, last_head = 0.0, ""
+        while not self._stop.wait(self.TTY_EVERY_S):
             try:
                 line = self.line()
             except Exception:  # noqa: BLE001 - progress must never break a run
                 line = None
             if not line:
                 continue
+            now, head = time.monotonic(), line.split("|", 1)[0]
+            if not self.tty and not (now - last_t >= self.PLAIN_EVERY_S
+                                     or (head != last_head and now - last_t >= self.PLAIN_MIN_S)):
+                continue
+            last_t, last_head = now, head
             with self._lock:
                 if self.tty:
                     self.console.write("\r\x1b[2K" + line)

@@ -211,14 +211,22 @@ def generate_progress(cfg: Any, run_dir: str, state: dict[str, Any]) -> str | No
     done, rejects = _rows_in(p.generate_data), _rows_in(p.generate_rejects)
     answered = answered_rows(run_dir)
     now = time.monotonic()
-    if "t0" not in state:
-        state.update(t0=now, published0=done + rejects, answered0=answered)
+    if "published0" not in state:
+        state.update(published0=done + rejects, answered0=answered)
     seen = max(done + rejects, state["published0"] + answered - state["answered0"])
     if "total" not in state:
         state["total"] = _input_rows(cfg) if cfg is not None else None
-    rate = (seen - state["published0"]) / max(now - state["t0"], 1e-6)
     total = state["total"]
-    parts = [f"generate: {seen}" + (f"/{total} rows" if total else " rows"), f"{rate:.1f} rows/s"]
+    head = f"generate: {seen}" + (f"/{total} rows" if total else " rows")
+    if seen == state["published0"] and "t0" not in state:
+        state["idle"] = now
+        return f"{head} | waiting for the teacher's first answers (engines starting)"
+    # The rate counts from the first answers, not from the engines' start (minutes of weight
+    # loading on a big teacher would make every early rate and ETA wrong).
+    if "t0" not in state:
+        state.update(t0=state.get("idle", now), seen0=state["published0"])
+    rate = (seen - state["seen0"]) / max(now - state["t0"], 1e-6)
+    parts = [head, f"{rate:.1f} rows/s"]
     if rejects:
         parts.append(f"{rejects} rejects")
     if total and rate > 0:

@@ -303,9 +303,11 @@ class _Stage:
             return
         t0 = time.perf_counter()
         counter: Any = count_answered
+        # The engine's batch size keeps the count from fusing into the writer's bigger batches:
+        # it runs as each engine batch comes out, minutes before a shard is full.
         answered = answer(todo, teacher, self.cfg, gen.sampling, gen.logprobs).map_batches(
             counter, fn_kwargs={"folder": f"{self.paths.generate}/{PROGRESS_DIR}"},
-            batch_format="pyarrow", batch_size=None,
+            batch_format="pyarrow", batch_size=int(getattr(teacher, "batch_size", 0) or 16),
         )
         part = sum_stats(
             answered.map_batches(
@@ -409,6 +411,7 @@ def run(cfg: DistrayConfig) -> GenerateResult:
         if stage.tracker is not None:
             ray.kill(stage.tracker)
     result = stage.finish(t_start)
+    clear_progress(stage.paths.generate)
     logger.info(result.summary())
     return result
 

@@ -87,3 +87,27 @@ def test_error_tail_picks_exception_lines(tmp_path: Path) -> None:
                    "(MapWorker pid=9) KeyError: '/psm_5d720120'\n"
                    "(EngineActor pid=3) RuntimeError: engine died\nfine again\n")
     assert error_tail(str(log)) == ["ValueError: bad row", "(EngineActor pid=3) RuntimeError: engine died"]
+
+
+def test_generate_progress_rises_with_answered_rows_before_any_shard(tmp_path) -> None:
+    """The progress line counts rows as the engines answer them (their counters), not only rows
+    in published shards, and its rate starts with the first answers."""
+    import pyarrow as pa
+
+    from distray.stage_facts import generate_progress
+    from distray.teacher.progress import PROGRESS_DIR, count_answered
+
+    run_dir = str(tmp_path)
+    (tmp_path / "generate").mkdir()
+    (tmp_path / "generate" / "lineage.json").write_text("{}")
+    state: dict = {}
+    assert "waiting for the teacher's first answers" in generate_progress(None, run_dir, state)
+    folder = f"{run_dir}/generate/{PROGRESS_DIR}"
+    seen = []
+    for _ in range(3):
+        count_answered(pa.table({"id": ["a"] * 16}), folder)  # one engine batch answered
+        line = generate_progress(None, run_dir, state)
+        seen.append(int(line.split()[1]))
+    assert seen == [16, 32, 48] and "rows/s" in line
+    (tmp_path / "generate" / "stats.json").write_text("{}")  # the stage ended: no line
+    assert generate_progress(None, run_dir, state) is None

@@ -627,3 +627,21 @@ def test_seeded_sampling_on_cpu_prefills_whole_prompts(tmp_path) -> None:
     c = config_from_dict({"run": {"output_dir": str(tmp_path)}, "student": {"model": "/m/student"}})
     assert llm_config(c, "student", "/m/student", on_gpu=False)["engine_kwargs"]["enable_chunked_prefill"] is False
     assert "enable_chunked_prefill" not in llm_config(c, "student", "/m/student", on_gpu=True)["engine_kwargs"]
+
+
+def test_distray_serve_model_path_serves_any_folder(tmp_path, monkeypatch) -> None:
+    """`distray serve --model PATH` needs no config: it serves that folder as `student`."""
+    from distray import cli, pipeline
+    from distray.tiny import make_tokenizer
+
+    folder = tmp_path / "my-model"
+    make_tokenizer(folder)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda cfg, name, **kw: seen.append(cfg) or {})
+    assert cli.main(["serve", "--model", str(folder), "serve.port=8123"]) == 0
+    (cfg,) = seen
+    assert cfg.serve.model == str(folder) and cfg.serve.port == 8123
+    assert resolve_models(cfg) == {"student": str(folder)}
+    assert cli.main(["serve"]) == 2  # neither --config nor --model
