@@ -6,7 +6,7 @@ other `DistrayError` to exit code 1.
 
 from __future__ import annotations
 
-__all__ = ["DistrayError", "ConfigError", "DataError", "StageError", "UsageError"]
+__all__ = ["DistrayError", "ConfigError", "DataError", "LeaseLostError", "StageError", "UsageError"]
 
 
 class DistrayError(Exception):
@@ -27,3 +27,8 @@ class DataError(DistrayError):
 
 class StageError(DistrayError):
     """A stage failed while running (engine failure, too many failed requests, ...)."""
+
+
+class LeaseLostError(StageError):
+    """This run no longer holds its run folder's lease (another run took it over): nothing more
+    may be published, and retrying cannot help."""

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from distray import storage
-from distray.errors import StageError
+from distray.errors import LeaseLostError, StageError
 
 __all__ = ["EXPIRE_S", "RENEW_S", "STOP_JOB_TIMEOUT_S", "Fence", "check_fence", "current", "hold", "read_lease"]
 
@@ -422,7 +422,7 @@ class Fence:
             if _names(seen, self.holder, self.generation):
                 return
             why = _who(seen)
-        raise StageError(
+        raise LeaseLostError(
             f"{what} into {self.run_dir} stopped, nothing published: this writer holds lease "
             f"generation {self.generation}, but {why}. Another run took the folder over (or this "
             "run's driver died), and only the newest generation writes; the run holding "

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distray.config import DistrayConfig
-from distray.errors import ConfigError, DataError, StageError
+from distray.errors import ConfigError, DataError, LeaseLostError, StageError
 from distray.paths import RunPaths
 from distray.train.datasets import Answers, RunDatasets, build_datasets, teacher_splits
 from distray.train.plan import WorkerPlan, build_worker_plan
@@ -345,11 +345,13 @@ def _fit(cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> Any:
     return result
 
 
-def deterministic_cause(error: BaseException) -> ConfigError | DataError | None:
-    """The ConfigError or DataError a worker raised inside a Ray Train failure, if any.
+def deterministic_cause(error: BaseException) -> ConfigError | DataError | LeaseLostError | None:
+    """The ConfigError, DataError or LeaseLostError a worker raised inside a Ray Train failure,
+    if any.
 
     Those come from the data or the settings (rows changed under a checkpoint, a token id
-    outside the vocabulary), so restarting cannot help; anything else (a lost node, an
+    outside the vocabulary) or from another run holding the folder now, so restarting cannot
+    help; anything else (a lost node, an
     out-of-memory kill) may pass on a rerun. Ray Train wraps a worker's exception in
     `WorkerGroupError.worker_failures` and a traceback holder (`_base_exc`); Ray tasks in
     `RayTaskError.cause`.
@@ -361,7 +363,7 @@ def deterministic_cause(error: BaseException) -> ConfigError | DataError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ConfigError, DataError)):
+        if isinstance(e, (ConfigError, DataError, LeaseLostError)):
             return e
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):

@@ -119,3 +119,21 @@ def test_a_data_error_in_a_worker_is_not_called_resumable() -> None:
         assert deterministic_cause(e) is changed
     lost = WorkerGroupError("rank 1 failed", {1: UserExceptionWithTraceback(OSError("node lost"), "")})
     assert deterministic_cause(lost) is None  # may pass on a rerun: resuming is the advice
+
+
+def test_a_lost_lease_in_a_worker_is_final_not_resumable(tmp_path) -> None:
+    """A worker whose fence check fails (another run took the folder over) is not told to
+    rerun to resume: every restart would fail the same way."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from distray.errors import LeaseLostError
+    from distray.lease import Fence
+    from distray.train.trainer import deterministic_cause
+
+    try:
+        Fence(str(tmp_path), "someone-else", 1).check("checkpoint")  # no lease names it
+    except LeaseLostError as e:
+        lost = e
+    failed = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(lost, "")})
+    assert deterministic_cause(failed) is lost
