@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from distray.console import LOG_FORMAT
 from distray.errors import ConfigError, DistrayError, UsageError
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
@@ -31,7 +32,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-_LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s | %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def _setup_logging(verbose: bool) -> None:
     # Third-party INFO chatter (httpx per request, filelock, ...) stays at WARNING unless -v.
     def make() -> logging.Handler:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._distray = True  # type: ignore[attr-defined]
         return handler
 

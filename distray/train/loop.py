@@ -52,8 +52,12 @@ def _worker_logging(rank: int) -> None:
     # other ranks stay quiet.
     lg = logging.getLogger("distray")
     if rank == 0 and not lg.handlers:
+        from distray.console import LOG_FORMAT
+
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(message)s"))
+        # The console's own format, so the driver's console shows these lines (the rest of what
+        # a worker prints goes to the log only).
+        h.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         lg.addHandler(h)
         lg.setLevel(logging.INFO)
         lg.propagate = False
