@@ -3,9 +3,9 @@
     from distray.digest import tree_digest
     tree_digest("runs/quickstart/generate/data")   # sha256 hex over every shard's content
 
-- A local file is hashed whole, streamed in 1 MiB chunks. Its hash is cached by (path, size,
-  mtime_ns) in `~/.cache/distray/digests.json`, so an unchanged 10 GB input is read once, and a
-  same-size edit (which changes the mtime) is read again.
+- A local file is hashed whole, streamed (`distray.fingerprint.file_sha256`). Its hash is
+  cached by path, size, mtime and inode in the fingerprint cache, so an unchanged 10 GB input is
+  read once, and a same-size edit (which changes the mtime) is read again.
 - An object in a bucket is named by its ETag (or checksum), which the store computes from its
   content; pyarrow's FileInfo does not carry one, so it is read with boto3's `head_object`
   when boto3 is installed (the endpoint from `AWS_ENDPOINT_URL`, as pyarrow and Ray read it).
@@ -17,10 +17,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import threading
 from typing import Any
 
 from distray.storage import filesystem_for
@@ -29,61 +27,27 @@ __all__ = ["file_digest", "tree_digest"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
-_cache_lock = threading.Lock()
-_cache: dict[str, list[Any]] | None = None
 
+class _Cache:
+    """The file-hash cache `distray.fingerprint` keeps (one store, one format, its guard
+    against same-size rewrites within the timestamp granularity), loaded once per digest."""
 
-def _cache_path() -> str:
-    root = os.environ.get("DISTRAY_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache", "distray")
-    return os.path.join(root, "digests.json")
+    def __init__(self) -> None:
+        from distray import fingerprint
 
+        self.entries = fingerprint.load_cache()
+        self.before = dict(self.entries)
 
-def _load_cache() -> dict[str, list[Any]]:
-    global _cache
-    if _cache is None:
-        try:
-            with open(_cache_path()) as f:
-                data = json.load(f)
-            _cache = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            _cache = {}
-    return _cache
+    def sha256(self, path: str) -> str:
+        from distray.fingerprint import file_sha256
 
+        return file_sha256(path, self.entries)
 
-def _save_cache() -> None:
-    path = _cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(_cache, f)
-        os.replace(tmp, path)
-    except OSError as e:  # a cache that cannot be written only costs a re-read next time
-        logger.debug("digest cache %s not written: %s", path, e)
+    def save(self) -> None:
+        from distray import fingerprint
 
-
-def _local_digest(path: str) -> str:
-    st = os.stat(path)
-    key = os.path.abspath(path)
-    with _cache_lock:
-        hit = _load_cache().get(key)
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        return str(hit[2])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _cache_lock:
-        cache = _load_cache()
-        cache[key] = [st.st_size, st.st_mtime_ns, digest]
-        if len(cache) > 50_000:  # keep the file small: drop the oldest half
-            for k in list(cache)[:25_000]:
-                del cache[k]
-        _save_cache()
-    return digest
+        if self.entries != self.before:
+            fingerprint.save_cache(self.entries)
 
 
 def _object_digest(uri: str, size: int, mtime: Any) -> str:
@@ -103,10 +67,14 @@ def _object_digest(uri: str, size: int, mtime: Any) -> str:
     return f"stat:{size}:{mtime}"
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: str, cache: _Cache | None = None) -> str:
     """The digest of one file's content (see the module docstring)."""
     if "://" not in path:
-        return _local_digest(path)
+        own = cache or _Cache()
+        digest = own.sha256(path)
+        if cache is None:
+            own.save()
+        return digest
     from pyarrow import fs as pafs
 
     fs, inner = filesystem_for(path)
@@ -133,6 +101,7 @@ def tree_digest(path: str, exclude: tuple[str, ...] = ()) -> str:
     if info.type == pafs.FileType.File:
         return file_digest(path)
     base = path.rstrip("/")
+    cache = _Cache() if "://" not in path else None
     h = hashlib.sha256()
     files = sorted(
         f.path[len(inner.rstrip("/")) + 1:]
@@ -143,5 +112,7 @@ def tree_digest(path: str, exclude: tuple[str, ...] = ()) -> str:
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts) or parts[-1] in exclude:
             continue
-        h.update(f"{rel}\0{file_digest(f'{base}/{rel}')}\0".encode())
+        h.update(f"{rel}\0{file_digest(f'{base}/{rel}', cache)}\0".encode())
+    if cache is not None:
+        cache.save()
     return h.hexdigest()

@@ -33,14 +33,14 @@ from typing import Any
 
 from distray import formats as F
 
-__all__ = ["RACY_S", "cache_path", "file_sha256", "model_fingerprint"]
+__all__ = ["RACY_S", "cache_path", "file_sha256", "load_cache", "model_fingerprint", "save_cache"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a file must be older than its hashing for the digest to be cached.
 RACY_S = 2.0
 _CHUNK_BYTES = 8 << 20
-_MAX_CACHE_ENTRIES = 4096
+_MAX_CACHE_ENTRIES = 50_000  # teacher-data shards are digested through it too
 
 
 def cache_path() -> str:
@@ -52,7 +52,7 @@ def cache_path() -> str:
     return os.path.join(os.path.expanduser(root), "fingerprints.json")
 
 
-def _load_cache() -> dict[str, Any]:
+def load_cache() -> dict[str, Any]:
     try:
         with open(cache_path(), encoding="utf-8") as f:
             data = json.load(f)
@@ -61,7 +61,7 @@ def _load_cache() -> dict[str, Any]:
         return {}  # none yet, or unreadable: every file is hashed again, nothing is wrong
 
 
-def _save_cache(cache: dict[str, Any]) -> None:
+def save_cache(cache: dict[str, Any]) -> None:
     """Write the cache atomically; a failure (read-only home) only costs rehashing later."""
     path = cache_path()
     if len(cache) > _MAX_CACHE_ENTRIES:
@@ -116,11 +116,11 @@ def _local_fingerprint(model: str) -> str:
         paths = [(n, p) for n, p in paths if os.path.isfile(p)]
     else:
         paths = [(os.path.basename(model), model)]
-    cache = _load_cache()
+    cache = load_cache()
     before = dict(cache)
     parts = [[n, os.path.getsize(p), file_sha256(p, cache)] for n, p in paths]
     if cache != before:
-        _save_cache(cache)
+        save_cache(cache)
     return F.content_hash("model", parts)
 
 

@@ -50,7 +50,8 @@ def _read(folder: str, columns: list[str] | None = None) -> pa.Table:
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
 
 
-def write_mix(rp: RoundPaths, teacher_data: str | None, lmbda: float, seed: int) -> dict[str, Any]:
+def write_mix(rp: RoundPaths, teacher_data: str | None, lmbda: float, seed: int,
+              fence: Any = None) -> dict[str, Any]:
     """Write the round's mix to `rp.mix`; its figures.
 
     Args:
@@ -58,6 +59,7 @@ def write_mix(rp: RoundPaths, teacher_data: str | None, lmbda: float, seed: int)
         teacher_data: generate's training data folder, or None (λ = 1 needs none).
         lmbda: `train.on_policy.lmbda`.
         seed: `run.seed`.
+        fence: the run folder lease's fence, checked before each shard is published.
 
     Returns:
         `{on_policy_rows, off_policy_rows, on_policy_tokens, off_policy_tokens}`; tokens are
@@ -99,7 +101,7 @@ def write_mix(rp: RoundPaths, teacher_data: str | None, lmbda: float, seed: int)
     W.clean_tmp(rp.tmp)
     # Two shards, each named by its ids: rewriting the same mix replaces the same files.
     for part in (on, off):
-        W.write_shard(part.to_pylist(), rp.mix, rp.tmp, schema=F.TEACHER_DATA_SCHEMA)
+        W.write_shard(part.to_pylist(), rp.mix, rp.tmp, schema=F.TEACHER_DATA_SCHEMA, fence=fence)
     return {
         "on_policy_rows": on.num_rows,
         "off_policy_rows": off.num_rows,

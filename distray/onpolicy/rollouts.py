@@ -73,11 +73,14 @@ class RolloutSink:
         label: the `teacher` column of the rows (the student's round label).
         retry_prefix: names the shard of this batch's transient failures (engine errors),
             which a rerun retries (`distray.onpolicy.settle`); None: a pass of its own.
+        fence: the run folder lease's fence, checked before each shard is published.
     """
 
     def __init__(
-        self, rp: RoundPaths, meta: dict[str, tuple[str, str]], label: str, retry_prefix: str | None = None
+        self, rp: RoundPaths, meta: dict[str, tuple[str, str]], label: str, retry_prefix: str | None = None,
+        fence: Any = None,
     ) -> None:
+        self.fence = fence
         self.rp = rp
         self.meta = meta
         self.label = label
@@ -107,9 +110,10 @@ class RolloutSink:
                 )
                 continue
             good.append({f.name: row.get(f.name) for f in ROLLOUT_SCHEMA})
-        W.write_shard(good, self.rp.rollouts, self.rp.tmp, schema=ROLLOUT_SCHEMA)
+        W.write_shard(good, self.rp.rollouts, self.rp.tmp, schema=ROLLOUT_SCHEMA, fence=self.fence)
         for rows, prefix in ((rejects, "rejects"), (retries, self.retry_prefix)):
-            W.write_shard(rows, self.rp.rejects, self.rp.tmp, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix=prefix)
+            W.write_shard(rows, self.rp.rejects, self.rp.tmp, schema=F.REJECT_SCHEMA, fmt="jsonl",
+                          prefix=prefix, fence=self.fence)
         return pa.Table.from_pylist(good, schema=ROLLOUT_SCHEMA)
 
 
@@ -176,7 +180,9 @@ def rollout_stream(
     if not parts:
         return None, 0
     answered = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    sink = RolloutSink(rp, meta, student.label, retry_prefix)
+    from distray.lease import current
+
+    sink = RolloutSink(rp, meta, student.label, retry_prefix, fence=current(cfg.run_dir))
     written = answered.map_batches(
         sink, batch_format="pyarrow", batch_size=cfg.generate.rows_per_shard
     )

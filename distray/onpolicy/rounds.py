@@ -37,6 +37,7 @@ from distray import formats as F
 from distray import storage
 from distray.config import DistrayConfig, HFTeacher, VLLMTeacher, deep_merge
 from distray.errors import ConfigError, DataError, StageError
+from distray.lease import current
 from distray.onpolicy import selection, settle
 from distray.onpolicy.layout import EVAL_SAMPLE, PURPOSE, OnPolicyPaths, RoundPaths
 from distray.onpolicy.metrics import eval_figures, plot_rounds
@@ -296,7 +297,8 @@ class OnPolicyRun:
         if train:
             teacher_data = _teacher_train_data(self.run_paths)
             figures.update(
-                self.phase(rp, "mix", lambda: write_mix(rp, teacher_data, self.op.lmbda, self.cfg.run.seed))
+                self.phase(rp, "mix", lambda: write_mix(rp, teacher_data, self.op.lmbda, self.cfg.run.seed,
+                                                        fence=current(self.cfg.run_dir)))
             )
             figures.update(self.phase(rp, "train", lambda: self._train(rp, index, student_dir)))
         return figures
@@ -384,7 +386,8 @@ class OnPolicyRun:
 
     def _sunk(self, ds: Any, scorer: Any, out_dir: str, rp: RoundPaths, kind: str) -> Any:
         stage = settle.TEACHER_SCORE if kind == "teacher" else settle.SELF_SCORE
-        sink = ScoreSink(out_dir, rp.rejects, rp.tmp, kind, retry_prefix=settle.retry_prefix(stage, self.pass_id))
+        sink = ScoreSink(out_dir, rp.rejects, rp.tmp, kind, retry_prefix=settle.retry_prefix(stage, self.pass_id),
+                         fence=current(self.cfg.run_dir))
         return score_dataset(ds, scorer, self.cfg, self.k).map_batches(
             sink, batch_format="pyarrow", batch_size=self.cfg.generate.rows_per_shard
         )

@@ -108,11 +108,14 @@ class ScoreSink:
         whose: `teacher` or `self`: whose scores the batch holds.
         retry_prefix: names the shard of this batch's engine errors, which a rerun retries
             (`distray.onpolicy.settle`); None: a pass of its own.
+        fence: the run folder lease's fence, checked before each shard is published.
     """
 
     def __init__(
-        self, out_dir: str, rejects_dir: str, tmp_dir: str, whose: str, retry_prefix: str | None = None
+        self, out_dir: str, rejects_dir: str, tmp_dir: str, whose: str, retry_prefix: str | None = None,
+        fence: Any = None,
     ) -> None:
+        self.fence = fence
         self.out_dir = out_dir
         self.rejects_dir = rejects_dir
         self.tmp_dir = tmp_dir
@@ -146,8 +149,9 @@ class ScoreSink:
             out.update({F.TOPK_TOKEN_IDS: top_ids, F.TOPK_LOGPROBS: top_lps, TEACHER_TOKEN_LOGPROBS: own})
             good.append(out)
         schema = SELF_SCHEMA if self.whose == "self" else SCORED_SCHEMA
-        W.write_shard(good, self.out_dir, self.tmp_dir, schema=schema)
+        W.write_shard(good, self.out_dir, self.tmp_dir, schema=schema, fence=self.fence)
         for rows, prefix in ((rejects, "rejects"), (retries, self.retry_prefix)):
-            W.write_shard(rows, self.rejects_dir, self.tmp_dir, schema=F.REJECT_SCHEMA, fmt="jsonl", prefix=prefix)
+            W.write_shard(rows, self.rejects_dir, self.tmp_dir, schema=F.REJECT_SCHEMA, fmt="jsonl",
+                          prefix=prefix, fence=self.fence)
         tokens = sum(len(g.get(F.RESPONSE_TOKEN_IDS) or g.get(STUDENT_TOKEN_LOGPROBS) or []) for g in good)
         return pa.table({"kind": [self.whose], "rows": [len(good)], "tokens": [tokens]})
