@@ -183,7 +183,7 @@ def check(cfg: DistrayConfig, stage: str | Stage, *, force_hint: str) -> None:
     more = f"\n  (and {len(diff) - 8} more)" if len(diff) > 8 else ""
     back = " ".join(f"{k}={_cli_value(old.get(k))}" for k in sorted(set(old) | set(new))
                     if old.get(k) != new.get(k))[:400]
-    folders = ", ".join(s.folders(cfg.run_dir))
+    folders = ", ".join(f for f in s.folders(cfg.run_dir) if exists(f)) or f"{cfg.run_dir}/{s.name}"
     cost = s.cost_line(cfg)
     raise ConfigError(
         f"stage {s.name}: its outputs in {folders} (finished or partial) were made with other "

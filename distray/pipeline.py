@@ -215,6 +215,10 @@ def run_stage(cfg: DistrayConfig, name: str, force: bool = False,
 def _run_stage_held(cfg: DistrayConfig, stage: Stage, force: bool, confirm: Confirm | None) -> Any:
     from distray.prepare import prepare, write_record
 
+    if stage.has_lineage and not force and stage.demo:
+        # Refuse before the demo builds anything (its stand-in teacher and baseline take minutes).
+        _check_settings(prepare(cfg, demo=False, models=stage.models), [stage.name], set(),
+                        f"distray {stage.name} --config ... --force")
     cfg = prepare(cfg, demo=stage.demo, baseline=stage.baseline, models=stage.models)
     if stage.deploys:
         _check_demo_teacher(stage.name, cfg)
@@ -275,8 +279,11 @@ def _run_held(cfg: DistrayConfig, wanted: list[str], forced: set[str],
 
     models = tuple(m for m in ("teacher", "student", "baseline")
                    if any(m in REGISTRY[n].models for n in wanted))
+    hint = "distray run ... --force {stage}"
+    # Refuse before the demo builds anything (its stand-in teacher and baseline take minutes).
+    _check_settings(prepare(cfg, demo=False, models=models), wanted, forced, hint)
     cfg = prepare(cfg, models=models)
-    _check_settings(cfg, wanted, forced, "distray run ... --force {stage}")
+    _check_settings(cfg, wanted, forced, hint)
     if "generate" in wanted and ("generate" in forced or not stage_done(cfg, "generate")):
         check_vocabularies(cfg)
     resolved = write_record(cfg)

@@ -56,3 +56,21 @@ def test_a_toy_stage_needs_only_its_registry_entry(tmp_path: Path, monkeypatch: 
     assert RUNS == ["x", "x", "y"]
     pipeline.clear_stage(cfg(), "tally")
     assert not Path(tmp_path, "runs", "r", "tally").exists()
+
+
+def test_generate_needs_no_student_folder(tmp_path: Path) -> None:
+    """generate labels prompts before the student exists: only the models a stage reads
+    (`Stage.models`) must be there."""
+    from distray import prepare
+    from distray.errors import ConfigError
+
+    (tmp_path / "teacher").mkdir()
+    cfg = config_from_dict({
+        "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
+        "data": {"train": str(tmp_path / "p.jsonl")},
+        "teacher": {"kind": "vllm", "model": str(tmp_path / "teacher")},
+        "student": {"model": str(tmp_path / "student-not-yet")},
+    })
+    prepare.prepare(cfg, models=REGISTRY["generate"].models)  # no error
+    with pytest.raises(ConfigError, match="student.model"):
+        prepare.prepare(cfg, models=REGISTRY["train"].models)
