@@ -170,11 +170,11 @@ class BodyGuard:
                 else:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                body = openai_error(
+                late = openai_error(
                     f"the request body was not received within {self.read_timeout_s:g} s "
                     f"({size} bytes arrived; serve.body_read_timeout_s)", code="request_timeout",
                 )
-                await _refuse(scope, receive, send, 408, body)
+                await _refuse(scope, receive, send, 408, late)
                 return
             if message["type"] != "http.request":  # the client left
                 return
