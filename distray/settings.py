@@ -112,7 +112,7 @@ ANSWER: frozenset[str] = frozenset({
     "train.on_policy.sampling.temperature", "train.on_policy.sampling.top_p",
     "train.on_policy.steps_per_round",
     "evaluate.backend", "evaluate.baseline", "evaluate.engine_kwargs",
-    "evaluate.equal_length_tokens", "evaluate.fidelity", "evaluate.latency_samples",
+    "evaluate.equal_length_tokens", "evaluate.extra_models", "evaluate.fidelity", "evaluate.latency_samples",
     "evaluate.max_rows", "evaluate.max_tokens", "evaluate.measure_efficiency", "evaluate.models",
     "evaluate.regex", "evaluate.scorers",
     # serve and bench: what bench measures

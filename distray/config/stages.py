@@ -351,6 +351,9 @@ ScorerName = Literal[
     "teacher_nll",
     "token_agreement",
     "rouge_l_vs_teacher",
+    # Degeneration (distray.evaluate.scorers): repeated 4-grams and answers cut at max_tokens;
+    # evaluate always runs it, naming it here changes nothing.
+    "repetition",
 ]
 
 
@@ -375,6 +378,13 @@ class EvaluateConfig(Section):
         default=None,
         description="Baseline model folder; default the student before distillation "
         "(student.model).",
+    )
+    extra_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="More models to evaluate beside `models`: name → model folder (or offline "
+        "alias), each run like the student and scored against the teacher and the references "
+        "(`distray evaluate --model NAME=PATH`). Names: letters, digits, `_`, `-`, `.`; not "
+        "teacher, student or baseline.",
     )
     backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Engine for local models (the API teacher always uses its API)."
@@ -408,6 +418,21 @@ class EvaluateConfig(Section):
         "model writes exactly this many): request latency and TPOT at equal length, beside the "
         "free-running figures. None uses max_tokens; 0 turns them off.",
     )
+
+    @model_validator(mode="after")
+    def _extra_model_names(self) -> EvaluateConfig:
+        import re
+
+        for name, path in self.extra_models.items():
+            # The name becomes predictions/<name>.parquet and a key of metrics.json's models.
+            if name in ("teacher", "student", "baseline") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(
+                    f"`evaluate.extra_models` has the name `{name}`; use letters, digits, `_`, `-` "
+                    "or `.` (at most 64), other than teacher, student and baseline, e.g. kd=PATH"
+                )
+            if not path:
+                raise ValueError(f"`evaluate.extra_models.{name}` has no model folder; set {name}=PATH")
+        return self
 
 
 class ServeConfig(Section):

@@ -23,6 +23,11 @@ that marker is compared whole; bleu and rouge_l always compare whole texts.
 | f1 | SQuAD token F1 of the final answers, mean | F1 |
 | teacher_agreement | exact_match against the teacher's answer (and BLEU vs its text) | 0/1 |
 | rouge_l_vs_teacher | rouge_l against the teacher's answer instead of the reference | F-measure |
+| repetition | 1 − distinct 4-grams / 4-grams of the answer's words, mean over answers; extra `max_tokens_hit_pct`: answers cut at the cap (finish_reason "length") | share |
+
+`repetition` flags degenerate output ("the citation, and the citation, and the citation, …"):
+it needs no reference, lower is better, and evaluate runs it on every model whatever
+`evaluate.scorers` says. An answer with fewer than 4 words repeats nothing (0).
 
 `teacher_nll` and `token_agreement` need each model's logits, not its text: they are measured by
 `distray.evaluate.fidelity` (with rouge_l_vs_teacher, the white-box fidelity scorers).
@@ -47,10 +52,16 @@ from distray.answers import (
 from distray.config import ScorerName
 from distray.errors import ConfigError
 
-__all__ = ["ScoreResult", "SCORERS", "score", "score_all"]
+__all__ = ["ScoreResult", "SCORERS", "DIAGNOSTIC_SCORERS", "REPETITION_N", "repeated_ngram_share",
+           "score", "score_all"]
 
 #: The scorer names, as the config spells them (`evaluate.scorers`).
 SCORERS: tuple[str, ...] = get_args(ScorerName)
+#: Scorers that describe the output rather than grade it (lower is better, no retention).
+DIAGNOSTIC_SCORERS: tuple[str, ...] = ("repetition",)
+#: n of the repetition scorer: 4-grams of words, the n degeneration studies quote (rep-4).
+REPETITION_N = 4
+_WORD = re.compile(r"\w+")
 
 
 @dataclass
@@ -129,6 +140,32 @@ def _scatter(n: int, idx: list[int], vals: list[float | None]) -> list[float | N
     return out
 
 
+def repeated_ngram_share(text: str | None, n: int = REPETITION_N) -> float:
+    """1 − distinct n-grams / n-grams of `text`'s lowercased words (0 when it has fewer than n).
+
+    >>> repeated_ngram_share("the cat and the cat and the cat and the cat")  # 3 of 8 distinct
+    0.625
+    >>> repeated_ngram_share("The capital of France is Paris.")
+    0.0
+    """
+    words = _WORD.findall((text or "").lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _repetition(preds: Sequence[str | None], finish_reasons: Sequence[str | None] | None) -> ScoreResult:
+    # A row without an answer (an engine error) is neither repetitive nor cut: not counted.
+    per_row: list[float | None] = [None if p is None else repeated_ngram_share(p) for p in preds]
+    value, n = _mean_pct(per_row)
+    hit: float | None = None
+    if finish_reasons is not None:
+        if len(finish_reasons) != len(preds):
+            raise ValueError(f"{len(preds)} predictions but {len(finish_reasons)} finish reasons")
+        reasons = [f for p, f in zip(preds, finish_reasons, strict=True) if p is not None and f is not None]
+        hit = 100.0 * sum(f == "length" for f in reasons) / len(reasons) if reasons else None
+    return ScoreResult(value, n, per_row, {"max_tokens_hit_pct": hit})
+
+
 def score(
     name: str,
     preds: Sequence[str | None],
@@ -137,6 +174,7 @@ def score(
     teacher_preds: Sequence[str | None] | None = None,
     labels: Sequence[str] | None = None,
     regex: str | None = None,
+    finish_reasons: Sequence[str | None] | None = None,
 ) -> ScoreResult:
     """Score one model's predictions with one scorer.
 
@@ -148,6 +186,8 @@ def score(
             rouge_l_vs_teacher).
         labels: allowed answers for `choice`; without them letters A-E are compared.
         regex: the pattern of the `regex` scorer.
+        finish_reasons: the engine's finish_reason per row (`repetition`: "length" is an
+            answer cut at max_tokens or the context window).
 
     Returns:
         A `ScoreResult` (value in %, or None when nothing could be scored).
@@ -220,6 +260,8 @@ def score(
         return _pairwise(preds, teacher_preds, _rl)
     if name == "f1":
         return _pairwise(preds, refs, _f1)
+    if name == "repetition":
+        return _repetition(preds, finish_reasons)
     if name == "teacher_agreement":
         if teacher_preds is None:
             return ScoreResult(None, 0, [None] * len(preds), {"teacher_bleu": None})

@@ -100,10 +100,13 @@ def test_score_all_runs_every_scorer_the_config_allows() -> None:
     allowed = set(EvaluateConfig.model_fields["scorers"].annotation.__args__[0].__args__)
     assert allowed == set(SCORERS)
     from distray.evaluate.fidelity import FORCED_SCORERS
+    from distray.evaluate.scorers import DIAGNOSTIC_SCORERS
 
-    text_scorers = [s for s in SCORERS if s != "regex" and s not in FORCED_SCORERS]
+    text_scorers = [s for s in SCORERS if s != "regex" and s not in FORCED_SCORERS + DIAGNOSTIC_SCORERS]
     out = score_all(text_scorers, ["42"], ["42"], teacher_preds=["42"])
     assert all(v.value == pytest.approx(100.0) for v in out.values())
+    # a diagnostic describes the answer, lower is better: a right short answer repeats nothing
+    assert all(score(n, ["42"], ["42"]).value == 0.0 for n in DIAGNOSTIC_SCORERS)
     for name in FORCED_SCORERS:  # logits, not text: distray.evaluate.fidelity measures them
         with pytest.raises(ValueError, match="fidelity"):
             score(name, ["42"], ["42"])
