@@ -513,12 +513,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=...)`).
 
     Args:
-        config: {"cfg": DistrayConfig as a JSON-able dict, "plan": WorkerPlan,
+        config: {"cfg": the validated DistrayConfig, "plan": WorkerPlan,
             "datasets": {"train": Ray Dataset, "validation"?: Ray Dataset}}.
     """
     if config["plan"].fence is not None:  # a restart after another run took the folder over
         config["plan"].fence.check("training")
-    worker = TrainWorker(DistrayConfig.model_validate(config["cfg"]), config["plan"], config["datasets"])
+    worker = TrainWorker(config["cfg"], config["plan"], config["datasets"])
     worker.setup()
     worker.train()
     worker.finish()

@@ -316,10 +316,10 @@ def _fit(cfg: DistrayConfig, plan: WorkerPlan, datasets: dict[str, Any]) -> Any:
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # The config crosses as its JSON form (validated again on arrival), the plan as itself.
-        # The datasets too: each worker reads its own rows in the run's order
-        # (`distray.train.order`), so Ray Train does not split them.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "datasets": datasets},
+        # The validated config crosses once, as itself (pickled with the plan; no worker
+        # validates it again). The datasets too: each worker reads its own rows in the run's
+        # order (`distray.train.order`), so Ray Train does not split them.
+        train_loop_config={"cfg": cfg, "plan": plan, "datasets": datasets},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources
