@@ -479,12 +479,8 @@ class ServeConfig(Section):
         description="Largest accepted request body in bytes (8 MiB); larger ones get HTTP 413 "
         "before they are parsed. None: no limit.",
     )
-    body_read_timeout_s: float | None = Field(
-        default=30.0,
-        gt=0,
-        description="Longest time a client may take to send a request body; a slower one "
-        "gets HTTP 408 and its request slot back. None: no limit.",
-    )
+    body_read_timeout_s: float | None = Field(default=30.0, gt=0, description="Longest time a "
+        "client may take to send a request body; a slower one gets HTTP 408. None: no limit.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM settings.")
     detached: bool = Field(default=False, description="Return once deployed instead of blocking.")
     stream_batching_interval_ms: float | None = Field(
@@ -533,12 +529,8 @@ class BenchConfig(Section):
         default_factory=list, description="Poisson request-rate sweep (req/s), optional."
     )
     num_prompts: int = Field(default=64, ge=1, description="Requests per sweep point.")
-    rounds: int = Field(
-        default=3,
-        ge=1,
-        description="Rounds per endpoint and load level, the endpoints' rounds alternating "
-        "(A B A B ...); the summary quotes the median over rounds with the min–max.",
-    )
+    rounds: int = Field(default=3, ge=1, description="Rounds per endpoint and load, endpoints "
+        "alternating (A B A B ...); the summary quotes medians with the min–max.")
     max_tokens: int = Field(default=64, ge=1, description="Output tokens per request.")
     prompts: str | None = Field(
         default=None,
