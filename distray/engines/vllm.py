@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENGINE", "VLLMEngine", "generate", "context_length", "engine_kwargs_for", "processor_config",
-    "vllm_scores",
+    "score_request", "vllm_scores",
 ]
 
 # Internal columns of the processor that must not reach the output.
@@ -266,6 +266,24 @@ def _finalize(batch: Any) -> Any:
     return pa.Table.from_pylist(out)
 
 
+def score_request(row: dict[str, Any], k: int) -> dict[str, Any]:
+    """The ray.data.llm request of one prepared scoring row: its ids, `max_tokens: 1` and
+    `prompt_logprobs: k`; a row with an error passes the engine untouched.
+
+    Every row carries the same sampling_params, an error row too: in a block where some rows
+    lack them, max_tokens arrives as a float (null → NaN), which vLLM's request decoder
+    refuses, and its engine core dies.
+    """
+    params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False}
+    if row.get(ERROR):
+        return {"__inference_error__": row[ERROR], "sampling_params": params}
+    return {
+        "__inference_error__": "",
+        "tokenized_prompt": [int(t) for t in row["_ids"]],
+        "sampling_params": params,
+    }
+
+
 def vllm_scores(prepared: Any, scorer: VLLMTeacher, k: int) -> Any:
     """Score prepared rows (see the module docstring) with vLLM replicas of `scorer`; lazy."""
     from ray.data.llm import build_processor
@@ -274,15 +292,7 @@ def vllm_scores(prepared: Any, scorer: VLLMTeacher, k: int) -> Any:
 
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        if row.get(ERROR):
-            return {"__inference_error__": row[ERROR]}
-        return {
-            "__inference_error__": "",
-            "tokenized_prompt": [int(t) for t in row["_ids"]],
-            "sampling_params": {
-                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False,
-            },
-        }
+        return score_request(row, k)
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         out = {ROW: row[ROW], ERROR: row.get(ERROR) or None}

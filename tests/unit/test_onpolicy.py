@@ -206,3 +206,15 @@ def test_a_finished_phase_is_not_run_again(tmp_path) -> None:
     assert calls == [1] and again == first and "rollouts_s" in first
     assert json.loads(open(rp.done("rollouts")).read())["rollout_rows"] == 3
     assert ROLLOUT_SCHEMA.names[-1] == PURPOSE
+
+
+def test_every_scoring_request_carries_the_same_sampling_params() -> None:
+    from distray.engines.vllm import score_request
+
+    good = score_request({"_ids": [1, 2, 3], "_n_prompt": 2, "error": None}, 5)
+    refused = score_request({"_ids": [1], "_n_prompt": 1, "error": "too_long: 900 tokens"}, 5)
+    # A block that mixes both must not leave nulls in sampling_params: vLLM would then get
+    # max_tokens as a float and its engine core would die.
+    assert refused["sampling_params"] == good["sampling_params"]
+    assert good["sampling_params"]["max_tokens"] == 1 and good["sampling_params"]["prompt_logprobs"] == 5
+    assert refused["__inference_error__"] and good["__inference_error__"] == ""
