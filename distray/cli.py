@@ -141,13 +141,29 @@ def _real_stdio() -> bool:
         return False
 
 
+def _eval_model_overrides(items: Sequence[str]) -> list[str]:
+    """`evaluate --model NAME=PATH` as overrides: `evaluate.extra_models.NAME=PATH`, after
+    `evaluate.models=[teacher]` (the run's own student and baseline only when an override names
+    them, since scoring a folder must not need a trained run)."""
+    out = []
+    for item in items:
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path or "." in name:
+            raise UsageError(f"--model `{item}` is not NAME=PATH; write e.g. --model kd=runs/kd/train/student")
+        if os.path.exists(os.path.expanduser(path)):  # else a URI or an alias, resolved later
+            path = os.path.abspath(os.path.expanduser(path))
+        out.append(f"evaluate.extra_models.{name}={path}")
+    return ["evaluate.models=[teacher]", *out] if out else []
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from distray import pipeline
 
     model = getattr(args, "model", None)
     if args.config is None and model is None:
         raise UsageError(f"`distray {args.command}` needs --config CONFIG (or --model PATH to serve a folder)")
-    cfg = _load(args.config, [*args.overrides, *([f"serve.model={model}"] if model else [])])
+    extra = _eval_model_overrides(getattr(args, "eval_models", None) or [])
+    cfg = _load(args.config, [*extra, *args.overrides, *([f"serve.model={model}"] if model else [])])
     t0 = time.perf_counter()
     with _captured(args, cfg) as cap:
         result = pipeline.run_stage(cfg, args.command, force=getattr(args, "force", False),
@@ -352,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         if serve:
             p.add_argument("--model", metavar="PATH", help="serve this Hugging Face model folder "
                            "instead of the run's student (same as serve.model=PATH)")
+        if stage.name == "evaluate":
+            p.add_argument("--model", action="append", dest="eval_models", metavar="NAME=PATH",
+                           help="evaluate this model folder as NAME beside the teacher (repeatable; "
+                           "evaluate.extra_models.NAME=PATH); the run's student and baseline too only "
+                           "with evaluate.models=[teacher,student,baseline]")
         overrides(p)
         if stage.has_lineage:
             p.add_argument(

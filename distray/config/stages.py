@@ -351,9 +351,7 @@ ScorerName = Literal[
     "teacher_nll",
     "token_agreement",
     "rouge_l_vs_teacher",
-    # Degeneration (distray.evaluate.scorers): repeated 4-grams and answers cut at max_tokens;
-    # evaluate always runs it, naming it here changes nothing.
-    "repetition",
+    "repetition",  # degeneration (evaluate.scorers); evaluate always runs it
 ]
 
 
@@ -380,11 +378,8 @@ class EvaluateConfig(Section):
         "(student.model).",
     )
     extra_models: dict[str, str] = Field(
-        default_factory=dict,
-        description="More models to evaluate beside `models`: name → model folder (or offline "
-        "alias), each run like the student and scored against the teacher and the references "
-        "(`distray evaluate --model NAME=PATH`). Names: letters, digits, `_`, `-`, `.`; not "
-        "teacher, student or baseline.",
+        default_factory=dict, description="More models to evaluate like the student: name → "
+        "model folder or alias (`distray evaluate --model NAME=PATH`).",
     )
     backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Engine for local models (the API teacher always uses its API)."
@@ -421,17 +416,13 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _extra_model_names(self) -> EvaluateConfig:
-        import re
+        import re  # a name becomes predictions/<name>.parquet and a key of metrics.json
 
         for name, path in self.extra_models.items():
-            # The name becomes predictions/<name>.parquet and a key of metrics.json's models.
-            if name in ("teacher", "student", "baseline") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-                raise ValueError(
-                    f"`evaluate.extra_models` has the name `{name}`; use letters, digits, `_`, `-` "
-                    "or `.` (at most 64), other than teacher, student and baseline, e.g. kd=PATH"
-                )
-            if not path:
-                raise ValueError(f"`evaluate.extra_models.{name}` has no model folder; set {name}=PATH")
+            if name in ("teacher", "student", "baseline") or not path or not re.fullmatch(
+                    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"`evaluate.extra_models` has `{name}: {path!r}`; a name is letters, "
+                                 "digits, _ - . (not teacher/student/baseline) and a path, e.g. kd=PATH")
         return self
 
 

@@ -2,9 +2,10 @@
 
     distray evaluate --config jobs/configs/quickstart.yaml
 
-For each model in `evaluate.models` the test prompts go through the same batch generation path
-as `distray generate` (`distray.teacher.generate_dataset`: Ray Data + vLLM, HF, or the API
-teacher), greedy, `evaluate.max_tokens` per answer. Predictions land in
+For each model in `evaluate.models` (and each of `evaluate.extra_models`, any model folder
+under its own name: `distray evaluate --model kd=PATH`) the test prompts go through the same
+batch generation path as `distray generate` (`distray.teacher.generate_dataset`: Ray Data +
+vLLM, HF, or the API teacher), greedy, `evaluate.max_tokens` per answer. Predictions land in
 `<run>/evaluate/predictions/<model>.parquet` with a per-row score column per scorer; the
 figures in `<run>/evaluate/metrics.json`, plots beside it; report.md shows the table.
 
@@ -15,13 +16,17 @@ metrics.json (every figure; None where it does not apply)::
                             "ttft_ms", "tpot_ms", "equal_length_latency_ms", "equal_length_tpot_ms",
                             "throughput_rows_per_s", "output_tokens_per_s",
                             "scores": {scorer: value, "teacher_nll", "token_agreement", ...}, ...},
-                "student": {...}, "baseline": {...}},
+                "student": {...}, "baseline": {...}, "<extra model>": {...}},
      "fidelity": {"scorers": ["teacher_nll", ...], "skipped": {role: reason}},
+     "diagnostics": {"scorers": ["repetition"], "repetition_ngram": 4},
      "student_vs_teacher": {"accuracy_retention_pct": {scorer: %}, "latency_reduction_pct",
                             "memory_reduction_pct", "fidelity_change": {scorer: student − teacher}, ...},
      "student_vs_baseline": {"accuracy_gain_pts": {scorer: points}, "fidelity_change": {...}},
+     "extra_vs_teacher": {"<extra model>": {same keys as student_vs_teacher}},
      "headline": {...}}
 
+Every model's `scores` also hold `repetition` (% repeated word 4-grams, mean over answers) and
+`max_tokens_hit_pct` (% of answers cut at the cap), whatever `evaluate.scorers` says.
 `scorers` are the task's scorers (% of rows right); the fidelity scorers
 (`distray.evaluate.fidelity`: teacher_nll in nats per token, token_agreement and
 rouge_l_vs_teacher in %) sit in the same `scores` of each model, listed under `fidelity`.
@@ -50,7 +55,7 @@ from distray.errors import ConfigError, DataError, StageError
 from distray.evaluate import fidelity
 from distray.evaluate.comparison import compare, headline, primary_scorer
 from distray.evaluate.efficiency import Efficiency, measure_api, measure_local_remote
-from distray.evaluate.scorers import ScoreResult, score_all
+from distray.evaluate.scorers import DIAGNOSTIC_SCORERS, REPETITION_N, ScoreResult, score, score_all
 from distray.lease import check_fence
 from distray.paths import RunPaths
 
@@ -130,12 +135,34 @@ def _local_engine(
     return VLLMTeacher(model=path, name=role, engine_kwargs=kwargs, trust_remote_code=trust, **extra)
 
 
+def _extra_model_dir(name: str, path: str) -> str:
+    """The local folder of `evaluate.extra_models[name]`: an offline alias fetched, a relative
+    path made absolute (Ray workers do not share the driver's cwd), a URI copied to the nodes.
+
+    Raises:
+        ConfigError: the path is not a model folder.
+    """
+    from distray.cluster import localize_model
+    from distray.models.aliases import resolve_model
+
+    folder = resolve_model(path)
+    if "://" not in folder:
+        folder = os.path.abspath(os.path.expanduser(folder))
+    if not _is_model_dir(folder):
+        raise ConfigError(
+            f"`evaluate.extra_models.{name}` ({path}) is not a model folder (no config.json); point "
+            "it at a Hugging Face model folder, e.g. --model NAME=runs/x/train/student"
+        )
+    return localize_model(folder)
+
+
 def resolve_models(cfg: DistrayConfig) -> list[_Model]:
-    """The models `evaluate.models` names, in order teacher, student, baseline.
+    """The models `evaluate.models` names, in order teacher, student, baseline, then each of
+    `evaluate.extra_models` under its own name (run like the student).
 
     Raises:
         StageError: the distilled student is asked for but not trained yet.
-        ConfigError: the baseline folder does not exist.
+        ConfigError: the baseline or an extra model's folder does not exist.
     """
     out: list[_Model] = []
     want = cfg.evaluate.models
@@ -176,6 +203,9 @@ def resolve_models(cfg: DistrayConfig) -> list[_Model]:
         else:
             # The baseline is the student before distillation: the student's trust_remote_code.
             out.append(_Model("baseline", _local_engine(cfg, "baseline", base, cfg.student), base))
+    for name, path in cfg.evaluate.extra_models.items():
+        local = _extra_model_dir(name, path)
+        out.append(_Model(name, _local_engine(cfg, name, local, cfg.student), local))
     if not out:
         raise ConfigError(f"`evaluate.models` ({want}) leaves nothing to evaluate")
     return out
@@ -458,7 +488,9 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
     refs = [r.get(F.REFERENCE) for r in rows]
     models = resolve_models(cfg)
     labels = _labels(cfg)
-    scorers: list[str] = [s for s in cfg.evaluate.scorers if s not in fidelity.FIDELITY_SCORERS]
+    scorers: list[str] = [
+        s for s in cfg.evaluate.scorers if s not in fidelity.FIDELITY_SCORERS + DIAGNOSTIC_SCORERS
+    ]
     fid_names = fidelity.fidelity_scorers(cfg.evaluate.scorers, cfg.evaluate.fidelity)
     logger.info(
         "evaluate: %d test rows from %s; models %s; scorers %s; fidelity %s",
@@ -479,6 +511,11 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
             labels=labels, regex=cfg.evaluate.regex,
         )
         scored.update(fid.scores.get(m.role, {}))
+        # Always: a student that loops or never stops must show in every report.
+        scored["repetition"] = score(
+            "repetition", preds[m.role], refs,
+            finish_reasons=[o.get(F.FINISH_REASON) if o else None for o in outputs[m.role]],
+        )
         scores: dict[str, float | None] = {}
         for name, res in scored.items():
             scores[name] = res.value
@@ -499,7 +536,14 @@ def run(cfg: DistrayConfig) -> EvaluateResult:
         "max_tokens": cfg.evaluate.max_tokens,
         "models": figures,
         "fidelity": {"scorers": fid_names, "skipped": fid.skipped},
+        "diagnostics": {"scorers": list(DIAGNOSTIC_SCORERS), "repetition_ngram": REPETITION_N},
         **compare(figures, scorers, fid_names),
+        # Each extra model against the teacher, as the student is (retention, fidelity change).
+        "extra_vs_teacher": {
+            name: compare({"student": figures[name], "teacher": figures.get("teacher", {})},
+                          scorers, fid_names)["student_vs_teacher"]
+            for name in cfg.evaluate.extra_models
+        },
     }
     metrics["headline"] = headline(metrics)
     check_fence(cfg.run_dir, f"evaluate metrics {paths.eval_metrics}")
