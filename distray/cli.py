@@ -253,14 +253,6 @@ def _cmd_data_make_task(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_data_synthesize(args: argparse.Namespace) -> int:
-    from distray import synthesize
-
-    t0 = time.perf_counter()
-    _print_result("synthesize", synthesize.main(args, _load(args.config, args.overrides)), t0)
-    return EXIT_OK
-
-
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from distray import tiny
 
@@ -453,12 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, metavar="S", help="generator seed (default 0)")
     c.set_defaults(func=_cmd_data_make_task)
-    from distray.synthesize import add_cli_args as synthesize_args
+    from distray.synthesize import add_cli_args as synthesize_args  # sets func too
 
-    c = data_sub.add_parser("synthesize", parents=[verbose],
-                            help="let the teacher write new prompts from seed examples (self-instruct)")
-    synthesize_args(c)
-    c.set_defaults(func=_cmd_data_synthesize)
+    synthesize_args(data_sub.add_parser("synthesize", parents=[verbose], help="let the teacher "
+                                        "write new prompts from seed examples (self-instruct)"))
     p.set_defaults(func=_needs_action(p))
 
     p = sub.add_parser(

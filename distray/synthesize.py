@@ -46,6 +46,7 @@ import logging
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SIMILARITY", "NEEDS_MEDIA_WORDS", "Seed", "Filters", "SimilarityIndex", "SynthesizeResult",
-    "add_cli_args", "build_prompt", "parse_answer", "plan_request", "rejects_path_for",
+    "add_cli_args", "build_prompt", "cli_main", "load_seeds", "main", "parse_answer", "plan_request", "rejects_path_for",
     "rouge_l", "run", "words",
 ]
 
@@ -543,6 +544,17 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--similarity", type=fraction, default=SIMILARITY, metavar="F",
                    help="refuse ROUGE-L F1 ≥ F with a seed or a kept prompt (default 0.7)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=cli_main)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`distray data synthesize`: load the config, run, print the summary; the exit code."""
+    from distray.config import load_config
+
+    t0 = time.perf_counter()
+    result = main(args, load_config(args.config, list(args.overrides)))
+    print(f"synthesize ok in {time.perf_counter() - t0:.1f} s | {result.summary()}", flush=True)
+    return 0
 
 
 def main(args: argparse.Namespace, cfg: DistrayConfig) -> SynthesizeResult:

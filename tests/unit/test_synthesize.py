@@ -264,3 +264,21 @@ def test_seed_file_without_valid_rows_is_a_data_error(cfg: Any, tmp_path: Path) 
     bad.write_text('{"prompt": ""}\n')
     with pytest.raises(DataError, match="no valid input row"):
         S.run(cfg, str(bad), str(tmp_path / "o.jsonl"), 2)
+
+
+def test_cli_prints_counts_per_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distray import cli
+
+    use_teacher(monkeypatch, Scripted())
+    config = tmp_path / "c.yaml"
+    config.write_text('teacher: {kind: openai, model: m, base_url: "http://127.0.0.1:9/v1"}\n')
+    argv = ["data", "synthesize", "--config", str(config), "--seeds", write_seeds(tmp_path / "s.jsonl"),
+            "--n", "4", "--out", str(tmp_path / "new.jsonl")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "synthesize ok" in out and "4 kept of 4 wanted from 8 requests" in out
+    for reason in ("exact_duplicate", "near_duplicate", "too_short", "needs_media"):
+        assert reason in out
+    assert cli.main([*argv[:-4], "--n", "0", "--out", "x"]) == 2  # a usage error
