@@ -42,8 +42,8 @@ TIMEOUT_S = {"unit": 60, "integration": 900, "gpu": 600}
 #: loadfile`, files in this order): the long files start first, the short ones fill the gaps.
 SLOW_FILES = (
     "test_cluster.py", "test_pipeline.py", "test_train.py", "test_onpolicy_rounds.py",
-    "test_rerun_matrix.py", "test_benchmarks.py", "test_generate.py", "test_real_model.py", "test_serve.py",
-    "test_evaluate.py",
+    "test_rerun_matrix.py", "test_benchmarks.py", "test_generate.py", "test_real_model.py",
+    "test_serve.py", "test_serve_hostile.py", "test_evaluate.py",
 )
 
 
