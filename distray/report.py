@@ -143,6 +143,7 @@ def comparison_table(metrics: dict[str, Any]) -> str:
                 cells = " | ".join(_f(v, 1) for v in vals)
                 lines.append(f"| teacher_bleu | {cells}" + (" | |" if has_change else " |"))
     lines += _fidelity_rows(metrics, names, has_change)
+    lines += _degeneration_rows(metrics, names, has_change)
     return "\n".join(lines)
 
 
@@ -168,6 +169,45 @@ def _fidelity_rows(metrics: dict[str, Any], names: list[str], has_change: bool) 
         cells = " | ".join(_f(v, digits) for v in vals)
         lines.append(f"| {label} | {cells}" + (f" | {diff} |" if has_change else " |"))
     return lines
+
+
+def _degeneration_rows(metrics: dict[str, Any], names: list[str], has_change: bool) -> list[str]:
+    """Repeated n-grams and answers cut at max_tokens (lower is better); the change column is
+    the student's figure as a multiple of the teacher's."""
+    models = metrics.get("models", {})
+    n = (metrics.get("diagnostics") or {}).get("repetition_ngram", 4)
+    lines = []
+    for key, label in (("repetition", f"Repeated {n}-grams in answers (%, lower is better)"),
+                       ("max_tokens_hit_pct", f"Answers cut at max_tokens={metrics.get('max_tokens')} (%)")):
+        vals = [models[m].get("scores", {}).get(key) for m in names]
+        if all(v is None for v in vals):
+            continue
+        t, st = (models.get(r, {}).get("scores", {}).get(key) for r in ("teacher", "student"))
+        ratio = "–" if t is None or st is None or t == 0 else f"×{st / t:.2f} the teacher's"
+        cells = " | ".join(_f(v, 1) for v in vals)
+        lines.append(f"| {label} | {cells}" + (f" | {ratio} |" if has_change else " |"))
+    return lines
+
+
+def _degeneration_note(metrics: dict[str, Any]) -> str | None:
+    """Names each model whose answers loop or run to the cap: repetition over 1.5× the
+    teacher's (and over 1.5%), or more than 5% of answers cut at max_tokens."""
+    models = metrics.get("models", {})
+    t = (models.get("teacher") or {}).get("scores", {}).get("repetition")
+    flagged = []
+    for m in ordered_roles(models):
+        sc = models[m].get("scores", {})
+        rep, cut = sc.get("repetition"), sc.get("max_tokens_hit_pct")
+        why = []
+        if m != "teacher" and rep is not None and t is not None and rep > 1.5 * max(t, 1.0):
+            why.append(f"{rep:.1f}% repeated n-grams vs the teacher's {t:.1f}%")
+        if cut is not None and cut > 5.0:
+            why.append(f"{cut:.0f}% of answers cut at max_tokens")
+        if why:
+            flagged.append(f"{ROLE_TITLES.get(m, m)} ({', '.join(why)})")
+    if not flagged:
+        return None
+    return "**Degenerate output:** " + "; ".join(flagged) + "."
 
 
 def _headline(metrics: dict[str, Any]) -> str | None:
@@ -265,6 +305,17 @@ def _evaluate_section(paths: RunPaths) -> list[str]:
         if head:
             out.append(head + "\n")
         out.append(comparison_table(metrics) + "\n")
+        degenerate = _degeneration_note(metrics)
+        if degenerate:
+            out.append(degenerate + "\n")
+        primary = metrics.get("primary_scorer")
+        for name, vt in (metrics.get("extra_vs_teacher") or {}).items():
+            ret = (vt.get("accuracy_retention_pct") or {}).get(primary)
+            nll = (vt.get("fidelity_change") or {}).get("teacher_nll")
+            bits = ([f"keeps {ret:.1f}% of the teacher's {primary}"] if ret is not None else []) + (
+                [f"teacher_nll {nll:+.3f} nats vs the teacher"] if nll is not None else [])
+            if bits:
+                out.append(f"`{name}`: " + ", ".join(bits) + ".\n")
         vb = metrics.get("student_vs_baseline") or {}
         if vb.get("accuracy_gain_pts"):
             gains = ", ".join(f"{k} {v:+.1f} pts" for k, v in vb["accuracy_gain_pts"].items() if v is not None)
