@@ -8,25 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _configs import small_config
 
 from distray import pipeline, prepare
-from distray.config import config_from_dict
 from distray.errors import ConfigError
 from distray.paths import RunPaths
 
-
-def _cfg(tmp_path: Path, **sections: Any) -> Any:
-    for folder in ("teacher", "student"):  # prepare stops on a model folder that is not there
-        (tmp_path / folder).mkdir(exist_ok=True)
-    data: dict[str, Any] = {
-        "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
-        "data": {"builtin": {"name": "reverse", "n_train": 20, "n_validation": 0, "n_test": 5}},
-        "teacher": {"kind": "vllm", "model": str(tmp_path / "teacher")},
-        "student": {"model": str(tmp_path / "student")},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return config_from_dict(data)
+_cfg = small_config
 
 
 def test_settings_follow_what_each_stage_makes_its_outputs_from(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _configs import small_config
 from pydantic import BaseModel
 
 from distray import lineage, pipeline, prepare, settings
-from distray.config import DistrayConfig, config_from_dict
+from distray.config import DistrayConfig
 from distray.errors import ConfigError
 
 
@@ -61,17 +62,7 @@ def test_row_ids_and_lineage_use_the_same_table() -> None:
 
 
 def _cfg(tmp_path: Path, **sections: Any) -> Any:
-    for folder in ("teacher", "student"):
-        (tmp_path / folder).mkdir(exist_ok=True)
-    data: dict[str, Any] = {
-        "run": {"name": "r", "output_dir": str(tmp_path / "runs")},
-        "data": {"builtin": {"name": "reverse", "n_train": 20, "n_validation": 0, "n_test": 5}},
-        "teacher": {"kind": "vllm", "model": str(tmp_path / "teacher")},
-        "student": {"model": str(tmp_path / "student")},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return prepare.prepare(config_from_dict(data))
+    return prepare.prepare(small_config(tmp_path, **sections))
 
 
 @pytest.mark.parametrize(("stage", "change"), [
