@@ -186,3 +186,43 @@ def test_answers_from_the_measured_batch_equal_the_prediction_run(
         if not p.get(ERROR):
             assert list(m[RESPONSE_TOKEN_IDS]) == list(p[RESPONSE_TOKEN_IDS]) and m[FINISH_REASON] == p[FINISH_REASON], i
     assert eff.throughput_rows == len(rows) - len(refused) and eff.latency_ms and wall > 0
+
+
+def test_evaluate_named_model_folders_on_any_test_file(
+    tmp_path: Path, tiny_model: str, tiny_teacher_model: str, ray_cluster
+) -> None:
+    """`distray evaluate --config C --model kd=PATH --model sft=PATH data.test=FILE`: no trained
+    run, two folders scored under their own names against the teacher and the references."""
+    from distray.cli import EXIT_OK, main
+
+    test = tmp_path / "held_out.jsonl"
+    rows = [{"prompt": f"Reverse the word: {w}", "reference": w[::-1]} for w in ("abc", "hello", "ray", "tiny")]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"run: {{name: named, output_dir: {tmp_path}/runs}}\n"
+        f"teacher: {{kind: hf, model: {tiny_teacher_model}}}\nstudent: {{model: {tiny_model}}}\n"
+        "evaluate: {backend: hf, max_tokens: 6, latency_samples: 2, scorers: [exact_match]}\n"
+    )
+    kd = tmp_path / "kd-copy"
+    shutil.copytree(tiny_teacher_model, kd)  # a "student" that is the teacher: agrees everywhere
+    rc = main(["evaluate", "--config", str(config), "--model", f"kd={kd}", "--model",
+               f"sft={tiny_model}", f"data.test={test}"])
+    assert rc == EXIT_OK
+    run_dir = tmp_path / "runs" / "named"
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["test_data"] == str(test) and metrics["test_rows"] == 4
+    assert list(metrics["models"]) == ["teacher", "kd", "sft"]  # the run's student is not needed
+    kd_m, sft_m = metrics["models"]["kd"], metrics["models"]["sft"]
+    assert kd_m["model"] == str(kd) and sft_m["model"] == tiny_model
+    assert kd_m["answered_rows"] == sft_m["answered_rows"] == 4
+    assert kd_m["scores"]["token_agreement"] == 100.0 and sft_m["scores"]["token_agreement"] < 100.0
+    assert kd_m["scores"]["exact_match"] is not None and sft_m["latency_ms"] > 0
+    for m in metrics["models"].values():  # degeneration figures on every model
+        assert m["scores"]["repetition"] is not None and m["scores"]["max_tokens_hit_pct"] is not None
+    assert metrics["extra_vs_teacher"]["kd"]["fidelity_change"]["token_agreement"] == 0.0
+    for name in ("kd", "sft"):
+        table = pq.read_table(run_dir / "evaluate" / "predictions" / f"{name}.parquet")
+        assert table.num_rows == 4 and "score_repetition" in table.column_names
+    md = (run_dir / "report.md").read_text()
+    assert "| Metric | Teacher | kd | sft |" in md and "`kd`: " in md
