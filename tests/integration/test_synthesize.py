@@ -136,3 +136,34 @@ def test_synthesize_dedupes_filters_and_reruns_idempotently(ray_cluster, tmp_pat
     again = run(cfg, str(seeds), str(out), 6)
     assert again.new_requests == 0 and scripted.requests == sent
     assert (out.read_bytes(), rejects.read_bytes()) == before
+
+
+def test_synthesize_on_the_tiny_hf_teacher_repeats_itself(ray_cluster, tmp_path: Path, tiny_teacher_model: str) -> None:
+    """A random tiny model writes no usable task: every request is refused with a reason, and a
+    rerun from scratch writes the same files (the hf engine samples under the seed)."""
+    from distray.config import config_from_dict
+    from distray.synthesize import run
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"s{i}", "prompt": t}) + "\n" for i, t in enumerate(SEEDS[:3])))
+    cfg = config_from_dict({
+        "run": {"name": "synth", "output_dir": str(tmp_path / "runs")},
+        "teacher": {"kind": "hf", "model": tiny_teacher_model},
+    })
+    out, rejects = tmp_path / "new.jsonl", tmp_path / "new.rejects.jsonl"
+    kwargs: dict[str, Any] = {"examples_per_prompt": 2, "max_tokens": 24, "max_requests": 4, "temperature": 1.0}
+
+    res = run(cfg, str(seeds), str(out), 2, **kwargs)
+
+    kept = out.read_text().splitlines()
+    refused = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert res.requests == len(kept) + len(refused) == 4  # each request in one file, once
+    known = {"truncated", "empty", "too_short", "too_long", "needs_media", "exact_duplicate",
+             "near_duplicate", "prompt_too_long"}
+    assert set(res.reasons) <= known and sum(res.reasons.values()) == len(refused)
+    before = (out.read_bytes(), rejects.read_bytes())
+    assert run(cfg, str(seeds), str(out), 2, **kwargs).new_requests == 0  # max_requests spent
+    out.unlink()
+    rejects.unlink()
+    again = run(cfg, str(seeds), str(out), 2, **kwargs)
+    assert again.new_requests == 4 and (out.read_bytes(), rejects.read_bytes()) == before
