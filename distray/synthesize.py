@@ -349,10 +349,17 @@ class Synthesizer:
             if not storage.exists(path):
                 continue
             for line in storage.read_text(path).splitlines():
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     rec = json.loads(line)
                     meta = rec["synth"] if kept else json.loads(rec["row"])
-                    by_index[int(meta["request"])] = (meta["key"], (kept, rec))
+                    by_index[int(meta["request"])] = (str(meta["key"]), (kept, rec))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(
+                        f"`{path}` holds a row that `distray data synthesize` did not write "
+                        f"({line[:80]!r}); give another --out"
+                    ) from e
         while self.done in by_index:
             key, (kept, rec) = by_index[self.done]
             if key != self.request(self.done)[0]:

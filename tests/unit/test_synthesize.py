@@ -282,3 +282,11 @@ def test_cli_prints_counts_per_reason(
     for reason in ("exact_duplicate", "near_duplicate", "too_short", "needs_media"):
         assert reason in out
     assert cli.main([*argv[:-4], "--n", "0", "--out", "x"]) == 2  # a usage error
+
+
+def test_an_out_file_it_did_not_write_is_refused(cfg: Any, tmp_path: Path) -> None:
+    out = tmp_path / "mine.jsonl"
+    out.write_text('{"prompt": "my own data"}\n')
+    with pytest.raises(DataError, match="did not write.*another --out"):
+        S.run(cfg, write_seeds(tmp_path / "s.jsonl"), str(out), 2)
+    assert out.read_text() == '{"prompt": "my own data"}\n'
