@@ -435,11 +435,10 @@ class DistillationJob:
             ConfigError: an unknown metric name (with the valid ones), no test data.
             StageError: the distilled student is not trained yet.
         """
-        from distray.evaluate.runner import run as evaluate_run
-        from distray.report import build_report
-
         from distray import lineage
+        from distray.evaluate.runner import run as evaluate_run
         from distray.lease import hold
+        from distray.report import build_report
 
         cfg = self._evaluate_config(test_data, metrics, baseline_model)
         # As `distray evaluate` does: one writer in the run folder, and a lineage record, so a
