@@ -1,6 +1,6 @@
 """Publishing teacher rows exactly once: the per-batch end of the generate pipeline.
 
-    .venv/bin/python -m pytest tests/unit/test_teacher_resume.py -q
+    .venv/bin/python -m pytest tests/unit/test_exactly_once_property.py tests/unit/test_teacher_resume.py -q
 
 **The invariant.** Every input row (× teachers × samples) ends in `generate/data/` or
 `generate/rejects/` exactly once, whatever moment a run is killed at and however often it is
@@ -21,7 +21,8 @@ run again. It rests on four rules, each kept in one place:
    rejects/ keeps the latest outcome of each row. Only a run killed outright can leave a
    retried row in data/ and in an older retry shard until the next run settles it.
 
-Answers the teacher gave are never asked for twice: rows answered but not yet published are
+`tests/unit/test_exactly_once_property.py` checks the invariant on this code with random kill
+points and random outcomes. Answers the teacher gave are never asked for twice: rows answered but not yet published are
 the only ones a killed run asks again. Rejected answers are final: delete their rejects shard
 to retry them.
 """
