@@ -411,7 +411,9 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path, fake_openai) -> Non
     written_prompts = {f"question {r['input_id'][1:]}" for r in written}
     asked_before = len(server.answered)
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # The rerun changes a speed-only setting (shard size): it resumes, unrefused.
+    done = subprocess.run([*cmd, "generate.rows_per_shard=3"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     data, rejects = assert_exactly_once(cfg)
     # The same, counted from the input file alone (not with distray's readers or id scheme):

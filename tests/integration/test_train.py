@@ -381,6 +381,9 @@ def test_zero1_driver_killed_mid_run_resumes_exactly_after_its_checkpoint(
     assert before, f"no kill after a checkpoint: {(tmp_path / 'driver-1.log').read_text()[-3000:]}"
     assert max(before) < 16
 
+    # The rerun changes speed-only settings (restarts, checkpoints kept): it resumes, unrefused.
+    raw["train"] = {**train, "max_failures": 1, "keep_checkpoints": 3}
+    cfg_path.write_text(yaml.safe_dump(raw))
     proc = _start_cli(cfg_path, tmp_path / "driver-2.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "driver-2.log").read_text()[-3000:]
     recs = _metrics(str(metrics))
