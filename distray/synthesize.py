@@ -315,7 +315,7 @@ class Synthesizer:
 
         if not cfg.all_teachers:
             raise DataError("synthesize needs a teacher: set `teacher` in the config")
-        self.cfg, self.teacher = cfg, cfg.all_teachers[0]
+        self.cfg, self.teacher = cfg, _local_folder(cfg.all_teachers[0])
         self.pool = [s for s in seeds if len(words(s.text)) <= filters.max_words] or seeds
         self.prompt_form, self.out, self.rejects_path = prompt_form, out, rejects_path_for(out)
         self.n, self.k, self.seed, self.sampling = n, examples_per_prompt, seed, sampling
@@ -462,6 +462,17 @@ class Synthesizer:
             logger.warning("synthesize: %d of %d kept after %d requests (--max-requests); see the "
                            "reasons in %s", len(self.kept), self.n, self.done, self.rejects_path)
         return sent
+
+
+def _local_folder(teacher: Any) -> Any:
+    """The teacher with an offline model alias (`smollm2-135m-instruct`) replaced by its fetched
+    folder, as `distray.prepare` does for a run; an endpoint's model name stays as written."""
+    from distray.engines import engine_for
+    from distray.models.aliases import resolve_model
+
+    if not engine_for(teacher).local:
+        return teacher
+    return teacher.model_copy(update={"model": resolve_model(teacher.model)})
 
 
 def reason_code(reason: str) -> str:
