@@ -22,6 +22,11 @@ the teacher's greedy answers again; the report gives the share of test prompts o
 pairs' teacher answers are identical, since the arms of different pairs are compared against
 those answers.
 
+Every arm-vs-arm difference gets a 95% paired bootstrap interval over the test prompts
+(`distray.evaluate.stats`, from the per-row `score_*` columns of the predictions); where it
+contains 0 the report says "within noise" instead of ranking the two arms. The report also
+flags arms whose answers loop or run to `evaluate.max_tokens` (the `repetition` scorer).
+
 Reruns reuse what is done: the generate stage skips itself, an arm whose `arm.json` settings
 match is not retrained, and a pair whose arms did not change is not evaluated again.
 """
@@ -39,7 +44,8 @@ from distray import storage
 from distray.config import DistrayConfig, config_from_dict
 from distray.errors import ConfigError
 
-__all__ = ["ARMS", "PRUNED", "ArmsResult", "arm_config", "eval_pairs", "run", "render_report"]
+__all__ = ["ARMS", "PRUNED", "ArmsResult", "arm_config", "arm_differences", "eval_pairs", "run",
+           "render_report", "ordering_ci"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ COLUMNS = (
     ("token_agreement", "token_agreement (%) ↑", "{:.1f}"),
     ("rouge_l_vs_teacher", "rouge_l_vs_teacher ↑", "{:.1f}"),
     ("rouge_l", "rouge_l vs human ↑", "{:.1f}"),
+    ("repetition", "repeated 4-grams (%) ↓", "{:.1f}"),
+    ("max_tokens_hit_pct", "cut at max_tokens (%) ↓", "{:.0f}"),
     ("latency_output_tokens", "answer tokens", "{:.0f}"),
     ("latency_ms", "latency ms (free)", "{:.0f}"),
     ("equal_length_latency_ms", "latency ms (equal length)", "{:.0f}"),
@@ -71,6 +79,9 @@ class ArmsResult:
         seconds: phase → wall seconds this call spent (generate, train:<arm>, evaluate:<pair>).
         ordering_met: pruned < sft < every logit arm on teacher_nll and token_agreement
             (None when an arm of the comparison is missing).
+        differences: every arm-vs-arm difference per scorer with its 95% paired bootstrap
+            interval over the test prompts (`arm_differences`).
+        ordering_ci: the same goal judged by those intervals: "met", "NOT met" or "within noise".
     """
 
     run_dir: str
@@ -80,6 +91,8 @@ class ArmsResult:
     seconds: dict[str, float] = field(default_factory=dict)
     teacher_answers_identical_pct: float | None = None
     ordering_met: bool | None = None
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    ordering_ci: str | None = None
 
 
 def check_arms(arms: list[str]) -> list[str]:
@@ -215,6 +228,90 @@ def ordering(figures: dict[str, dict[str, Any]], arms: list[str]) -> bool | None
     return True
 
 
+#: Scorers compared arm against arm: per-row column `score_<name>` of the predictions, the factor
+#: that puts a row's value in the table's unit, and whether lower is better.
+CI_SCORERS: dict[str, tuple[float, bool]] = {
+    "teacher_nll": (1.0, True), "token_agreement": (100.0, False), "rouge_l_vs_teacher": (100.0, False),
+    "rouge_l": (100.0, False), "repetition": (100.0, True), "max_tokens_hit_pct": (100.0, True),
+}
+
+
+def _per_row(cfg: DistrayConfig, pairs: list[tuple[str | None, str | None]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """arm → scorer → {test row id: the row's figure}, from each pair's predictions."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for s, b in pairs:
+        for role, arm in (("student", s), ("baseline", b)):
+            p = f"{cfg.run_dir}/arms/{s or b}/evaluate/predictions/{role}.parquet"
+            if not arm or not storage.exists(p):
+                continue
+            fs, inner = storage.filesystem_for(p)
+            rows = pq.read_table(inner, filesystem=fs).to_pylist()
+            cols = [c[len("score_"):] for c in (rows[0] if rows else {}) if c.startswith("score_")]
+            out[arm] = {c: {r["id"]: r[f"score_{c}"] for r in rows} for c in cols}
+            # A row cut at the cap counts 1, one that stopped 0: the mean is max_tokens_hit_pct.
+            out[arm]["max_tokens_hit_pct"] = {
+                r["id"]: None if r.get("finish_reason") is None else float(r["finish_reason"] == "length")
+                for r in rows}
+    return out
+
+
+def arm_differences(
+    per_row: dict[str, dict[str, dict[str, Any]]], arms: list[str], *, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Every later arm minus every earlier one, per scorer of `CI_SCORERS` (others: % and higher
+    is better), with the 95% paired bootstrap interval over the prompts both arms answered.
+
+    Args:
+        per_row: arm → scorer → {test row id: figure} (None where the row was not scored).
+        arms: table order; `arms[j] − arms[i]` for i < j.
+        seed: the bootstrap's seed.
+
+    Returns:
+        One dict per (pair, scorer): `a`, `b`, `scorer`, `diff`, `low`, `high`, `n` in the table's
+        unit, and `better`: the arm the interval ranks first, or None (within noise).
+    """
+    from distray.evaluate.stats import paired_bootstrap
+
+    out: list[dict[str, Any]] = []
+    for j, a in enumerate(arms):
+        for b in arms[:j]:
+            if a not in per_row or b not in per_row:
+                continue
+            for scorer in [k for k in per_row[a] if k in per_row[b]]:
+                scale, lower = CI_SCORERS.get(scorer, (100.0, False))
+                ra, rb = per_row[a][scorer], per_row[b][scorer]
+                ids = [i for i in ra if i in rb]
+                ci = paired_bootstrap([None if ra[i] is None else ra[i] * scale for i in ids],
+                                      [None if rb[i] is None else rb[i] * scale for i in ids], seed=seed)
+                if ci is None:
+                    continue
+                better = None if ci.within_noise else (a if (ci.diff < 0) == lower else b)
+                out.append({"a": a, "b": b, "scorer": scorer, "diff": ci.diff, "low": ci.low,
+                            "high": ci.high, "n": ci.n, "better": better})
+    return out
+
+
+def ordering_ci(differences: list[dict[str, Any]], arms: list[str]) -> str | None:
+    """pruned < sft < each logit arm on teacher_nll and token_agreement, judged by the intervals:
+    "NOT met" when one step is ranked the wrong way, "within noise" when one cannot be ranked,
+    "met" when every step is ranked the right way; None without the figures."""
+    logit = [a for a in arms if a not in (PRUNED, "sft")]
+    steps = [("sft", PRUNED)] + [(a, "sft") for a in logit]
+    by = {(d["a"], d["b"], d["scorer"]): d for d in differences}
+    if PRUNED not in arms or "sft" not in arms or not logit:
+        return None
+    verdicts = []
+    for hi, lo in steps:
+        for scorer in ("teacher_nll", "token_agreement"):
+            d = by.get((hi, lo, scorer)) or by.get((lo, hi, scorer))
+            if d is None:
+                return None
+            verdicts.append("within noise" if d["better"] is None else "met" if d["better"] == hi else "NOT met")
+    return "NOT met" if "NOT met" in verdicts else "within noise" if "within noise" in verdicts else "met"
+
+
 def run(cfg: DistrayConfig, arms: list[str], *, force: bool = False) -> ArmsResult:
     """Generate once, train every arm, evaluate them in pairs, write one report.
 
@@ -272,6 +369,8 @@ def run(cfg: DistrayConfig, arms: list[str], *, force: bool = False) -> ArmsResu
                     res.figures[name] = _flat(m["models"][role])
     res.teacher_answers_identical_pct = _teacher_consistency(cfg, pairs)
     res.ordering_met = ordering(res.figures, arms)
+    res.differences = arm_differences(_per_row(cfg, pairs), arms, seed=cfg.run.seed)
+    res.ordering_ci = ordering_ci(res.differences, arms)
     res.seconds["total"] = round(time.perf_counter() - t0, 1)
     _write_outputs(cfg, arms, res)
     logger.info("arms %s: report %s, figures %s/arms.json, ordering pruned < sft < logit: %s",
@@ -355,15 +454,22 @@ def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png
             + f" | {_fmt(t.get('steps'), '{}')} | {_fmt(t.get('tokens_per_s'), '{:.0f}')} |"
         )
     word = {True: "met", False: "NOT met", None: "not measured"}
+    # With per-prompt intervals the verdict is theirs: a step they cannot rank is "within noise".
+    verdict = res.ordering_ci if res.differences else word[res.ordering_met]
     lines += [
         "",
-        f"Goal pruned < sft < logit arms on teacher_nll and token_agreement: **{word[res.ordering_met]}**.",
+        f"Goal pruned < sft < logit arms on teacher_nll and token_agreement: **{verdict or 'not measured'}**"
+        + (" (95% bootstrap intervals over the test prompts)." if res.differences else "."),
     ]
     logit = [a for a in res.figures if a not in ("teacher", PRUNED, "sft")]
     if len(logit) > 1:
         # One verdict per logit arm: which loss beat SFT, not only whether all of them did.
+        per = {a: (ordering_ci(res.differences, [PRUNED, "sft", a]) if res.differences
+                   else word[ordering(res.figures, [PRUNED, "sft", a])]) for a in logit}
         lines.append("Per arm: " + "; ".join(
-            f"pruned < sft < {a}: {word[ordering(res.figures, [PRUNED, 'sft', a])]}" for a in logit) + ".")
+            f"pruned < sft < {a}: {v or 'not measured'}" for a, v in per.items()) + ".")
+    lines += _differences_table(res.differences)
+    lines += _degenerate_arms(res.figures)
     if res.teacher_answers_identical_pct is not None:
         lines.append(
             f"The teacher's greedy answers were identical in every evaluate run on "
@@ -375,6 +481,41 @@ def render_report(cfg: DistrayConfig, arms: list[str], res: ArmsResult, loss_png
     lines += [f"| {k} | {v:.0f} |" for k, v in res.seconds.items()]
     lines += ["", "Figures: arms.json; each arm's run folder: arms/<arm>/ (train/, evaluate/)."]
     return "\n".join(lines) + "\n"
+
+
+def _differences_table(differences: list[dict[str, Any]]) -> list[str]:
+    """Arm − arm per scorer: the mean difference, its 95% interval, and the arm it ranks first
+    or "within noise" when the interval contains 0."""
+    if not differences:
+        return []
+    scorers = list(dict.fromkeys(d["scorer"] for d in differences))
+    pairs = list(dict.fromkeys((d["a"], d["b"]) for d in differences))
+    by = {(d["a"], d["b"], d["scorer"]): d for d in differences}
+    lines = ["", "Arm − arm, mean over the test prompts [95% paired bootstrap interval]; the better arm, "
+             "or within noise where the interval contains 0 (teacher_nll in nats/token, others in points):",
+             "", "| arms | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
+    for a, b in pairs:
+        cells = []
+        for sc in scorers:
+            d, k = by.get((a, b, sc)), 3 if sc == "teacher_nll" else 1
+            cells.append("–" if d is None else f"{d['diff']:+.{k}f} [{d['low']:+.{k}f}, {d['high']:+.{k}f}] "
+                         + (f"{d['better']} better" if d["better"] else "within noise"))
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _degenerate_arms(figures: dict[str, dict[str, Any]]) -> list[str]:
+    """Arms whose answers loop (repetition over 1.5× the teacher's) or run to the cap (> 5%)."""
+    t = figures.get("teacher", {}).get("repetition")
+    bad = []
+    for name, f in figures.items():
+        rep, cut = f.get("repetition"), f.get("max_tokens_hit_pct")
+        why = ([f"{rep:.1f}% repeated 4-grams (teacher {t:.1f}%)"]
+               if name != "teacher" and rep is not None and t is not None and rep > 1.5 * max(t, 1.0) else [])
+        why += [f"{cut:.0f}% of answers cut at max_tokens"] if cut is not None and cut > 5.0 else []
+        if why:
+            bad.append(f"{name} ({', '.join(why)})")
+    return ["", "**Degenerate output:** " + "; ".join(bad) + "."] if bad else []
 
 
 def _write_outputs(cfg: DistrayConfig, arms: list[str], res: ArmsResult) -> None:
