@@ -567,10 +567,22 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """`distray data synthesize`: load the config, run, print the summary; the exit code."""
+    import os
+    import sys
+
     from distray.config import load_config
+    from distray.console import capture
 
     t0 = time.perf_counter()
-    result = main(args, load_config(args.config, list(args.overrides)))
+    cfg = load_config(args.config, list(args.overrides))
+    try:  # a test harness or notebook that replaced stdout keeps its own capture
+        real = sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    # Ray's and vLLM's lines go to <OUT's folder>/logs/driver.log, distray's to the console.
+    verbose = bool(getattr(args, "verbose", False)) or not real
+    with capture(os.path.dirname(args.out) or ".", verbose=verbose):
+        result = main(args, cfg)
     print(f"synthesize ok in {time.perf_counter() - t0:.1f} s | {result.summary()}", flush=True)
     return 0
 
