@@ -13,6 +13,8 @@ task (`parse_answer`) and kept unless a filter refuses it, in this order:
 | `truncated` | the answer hit `max_tokens` before the task ended |
 | `empty` / `too_short` / `too_long` | under `min_words` / over `max_words` words |
 | `needs_media` | it asks for an image, a plot, audio, ... that a text model cannot give (self-instruct's filter) |
+| `meta_task` | it talks about the task list ("a new task that ...", "the above task") instead of being a task |
+| `missing_input` | it ends with ":" and gives nothing after it ("Summarize the following text:") |
 | `exact_duplicate` | same words (lowercase, punctuation dropped) as a seed or a kept prompt |
 | `near_duplicate` | ROUGE-L F1 ≥ `similarity` (0.7, self-instruct's test) with a seed or a kept prompt |
 
@@ -32,7 +34,9 @@ request answered ends in exactly one of the two files, in request order.
 Resumable, hence idempotent: requests are asked in rounds, and both files are rewritten after each
 round. A rerun reads them back, checks that each recorded request is the one it would ask now (a
 different seed file, `--seed`, `--examples-per-prompt`, sampling or teacher is refused), and
-only asks for what is missing; with OUT already holding `n` prompts it writes nothing. From
+only asks for what is missing; with OUT already holding `n` prompts it writes nothing. The
+filter flags are not in that check: decisions already in the files stand, new answers meet the
+new flags. From
 scratch, the same command gives the same file again when the teacher samples deterministically
 under a seed (vllm, hf); an API teacher may not.
 """
@@ -76,6 +80,9 @@ NEEDS_MEDIA_WORDS = frozenset({
 
 _TASK_MARK = re.compile(r"^[ \t>*#]*task[ \t]*(\d+)[ \t*]*[:.)][ \t*]*", re.I | re.M)
 _QUOTES = "\"'`“”"
+#: A small teacher often echoes the request ("Write a new task that involves ...") instead of
+#: writing a task; the words of `build_prompt` that show it.
+_META = re.compile(r"\b(new task|above tasks?|tasks? above|these tasks|example tasks?|task \d+)\b", re.I)
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,8 @@ def parse_answer(answer: str) -> tuple[str, bool]:
     text = text.strip()
     if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
         text = text[1:-1].strip()
+    elif text and text[0] in _QUOTES and text.count(text[0]) == 1:
+        text = text[1:].strip()  # an opening quote the teacher never closed
     return text, ended
 
 
@@ -238,6 +247,11 @@ class Filters:
         media = sorted(set(words(text)) & NEEDS_MEDIA_WORDS)
         if media:
             return "needs_media", f"asks for {', '.join(media)}, which a text model cannot give"
+        meta = _META.search(text)
+        if meta:
+            return "meta_task", f"talks about the task list ({meta.group(0)!r}) instead of being a task"
+        if text.rstrip().endswith(":"):
+            return "missing_input", "ends with ':' and gives no input after it"
         hit = index.match(text)
         if hit is not None:
             reason, key, score = hit
