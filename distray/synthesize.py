@@ -281,8 +281,8 @@ class SynthesizeResult:
 
     def summary(self) -> str:
         lines = [
-            f"{self.kept} kept of {self.wanted} wanted from {self.requests} requests "
-            f"({self.new_requests} sent now), {sum(self.reasons.values())} rejected → {self.out}"
+            f"{self.kept} kept of {self.wanted} wanted, {sum(self.reasons.values())} rejected, "
+            f"of {self.requests} requests filed ({self.new_requests} sent this run) → {self.out}"
         ]
         for reason, count in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {reason:<20} {count:>8}")

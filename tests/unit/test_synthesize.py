@@ -283,7 +283,7 @@ def test_cli_prints_counts_per_reason(
             "--n", "4", "--out", str(tmp_path / "new.jsonl")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "synthesize ok" in out and "4 kept of 4 wanted from 8 requests" in out
+    assert "synthesize ok" in out and "4 kept of 4 wanted, 4 rejected, of 8 requests filed" in out
     for reason in ("exact_duplicate", "near_duplicate", "too_short", "needs_media"):
         assert reason in out
     assert cli.main([*argv[:-4], "--n", "0", "--out", "x"]) == 2  # a usage error
