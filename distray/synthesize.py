@@ -514,7 +514,7 @@ def run(
         seed: the stream of seed draws, and the sampling seed.
         temperature, top_p, max_tokens: the teacher's sampling for writing tasks.
         filters: what a task must pass; default `Filters()`.
-        max_requests: most requests in all (default 3·n).
+        max_requests: most requests in all (default 5·n: a small teacher keeps 1 in 3).
 
     Raises:
         DataError: no valid seed, or `out` was written by other settings.
@@ -528,7 +528,7 @@ def run(
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=1,
                               seed=seed, stop=[f"Task {k + 2}:"])
     syn = Synthesizer(cfg, pool, prompt_form, out, n=n, examples_per_prompt=k, seed=seed,
-                      sampling=sampling, filters=filters, max_requests=max_requests or 3 * n)
+                      sampling=sampling, filters=filters, max_requests=max_requests or 5 * n)
     syn.resume()
     sent = syn.run()
     result = SynthesizeResult(
@@ -570,7 +570,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=temperature, default=0.7, metavar="T", help="default 0.7")
     p.add_argument("--top-p", type=fraction, default=0.95, metavar="P", help="default 0.95")
     p.add_argument("--max-tokens", type=positive, default=256, metavar="N", help="per answer, default 256")
-    p.add_argument("--max-requests", type=positive, default=None, metavar="N", help="default 3×n")
+    p.add_argument("--max-requests", type=positive, default=None, metavar="N", help="default 5×n")
     p.add_argument("--min-words", type=positive, default=Filters.min_words, metavar="N", help="default 3")
     p.add_argument("--max-words", type=positive, default=Filters.max_words, metavar="N", help="default 300")
     p.add_argument("--similarity", type=fraction, default=SIMILARITY, metavar="F",
