@@ -159,7 +159,7 @@ def test_synthesize_on_the_tiny_hf_teacher_repeats_itself(ray_cluster, tmp_path:
     refused = [json.loads(x) for x in rejects.read_text().splitlines()]
     assert res.requests == len(kept) + len(refused) == 4  # each request in one file, once
     known = {"truncated", "empty", "too_short", "too_long", "needs_media", "exact_duplicate",
-             "near_duplicate", "prompt_too_long"}
+             "near_duplicate", "prompt_too_long", "meta_task", "missing_input"}
     assert set(res.reasons) <= known and sum(res.reasons.values()) == len(refused)
     before = (out.read_bytes(), rejects.read_bytes())
     assert run(cfg, str(seeds), str(out), 2, **kwargs).new_requests == 0  # max_requests spent
