@@ -56,20 +56,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distray.errors import DataError, StageError
+from distray.similarity import SIMILARITY, SimilarityIndex, words
 
 if TYPE_CHECKING:
     from distray.config import DistrayConfig, SamplingConfig
 
 __all__ = [
-    "SIMILARITY", "NEEDS_MEDIA_WORDS", "Seed", "Filters", "SimilarityIndex", "SynthesizeResult",
-    "add_cli_args", "build_prompt", "cli_main", "load_seeds", "main", "parse_answer", "plan_request", "rejects_path_for",
-    "rouge_l", "run", "words",
+    "NEEDS_MEDIA_WORDS", "Seed", "Filters", "SynthesizeResult", "add_cli_args", "build_prompt",
+    "cli_main", "load_seeds", "main", "parse_answer", "plan_request", "reason_code",
+    "rejects_path_for", "run",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: self-instruct's near-duplicate threshold (ROUGE-L F1 against every task already in the pool).
-SIMILARITY = 0.7
 
 #: Words of a task a text-only model cannot do (self-instruct's keyword filter, less "file"
 #: and "map", which coding tasks use).
@@ -138,86 +136,6 @@ def parse_answer(answer: str) -> tuple[str, bool]:
     elif text and text[0] in _QUOTES and text.count(text[0]) == 1:
         text = text[1:].strip()  # an opening quote the teacher never closed
     return text, ended
-
-
-# ---- similarity --------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    """Lowercase word tokens (`\\w+`): on ASCII text, rouge_score's tokens without stemming."""
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge_l(a: list[str], b: list[str]) -> float:
-    """ROUGE-L F1 of two token lists: 2·LCS / (len(a) + len(b))."""
-    if not a or not b:
-        return 0.0
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return 2 * prev[-1] / (len(a) + len(b))
-
-
-class SimilarityIndex:
-    """Exact and near-duplicate lookups against every text added.
-
-    Exact: the same `words`. Near: ROUGE-L F1 ≥ `threshold`. The LCS runs only on texts that
-    share enough tokens for the score to reach the threshold (LCS ≤ the multiset overlap), found
-    through an index of (token, occurrence) pairs, so a lookup costs about its candidates.
-    """
-
-    def __init__(self, threshold: float = SIMILARITY) -> None:
-        self.threshold = threshold
-        self._exact: dict[str, str] = {}
-        self._tokens: list[list[str]] = []
-        self._keys: list[str] = []
-        self._postings: dict[tuple[str, int], list[int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @staticmethod
-    def _pairs(tokens: list[str]) -> list[tuple[str, int]]:
-        seen: Counter[str] = Counter()
-        out = []
-        for t in tokens:
-            seen[t] += 1
-            out.append((t, seen[t]))
-        return out
-
-    def add(self, key: str, text: str) -> None:
-        tokens = words(text)
-        self._exact.setdefault(" ".join(tokens), key)
-        doc = len(self._keys)
-        self._keys.append(key)
-        self._tokens.append(tokens)
-        for pair in self._pairs(tokens):
-            self._postings.setdefault(pair, []).append(doc)
-
-    def match(self, text: str) -> tuple[str, str, float] | None:
-        """`("exact_duplicate" | "near_duplicate", key of the closest text, ROUGE-L)`, or None."""
-        tokens = words(text)
-        hit = self._exact.get(" ".join(tokens))
-        if hit is not None:
-            return "exact_duplicate", hit, 1.0
-        overlap: Counter[int] = Counter()
-        for pair in self._pairs(tokens):
-            overlap.update(self._postings.get(pair, ()))
-        best: tuple[float, int] | None = None
-        for doc, shared in overlap.items():
-            if 2 * shared < self.threshold * (len(tokens) + len(self._tokens[doc])):
-                continue
-            score = rouge_l(tokens, self._tokens[doc])
-            if score >= self.threshold and (best is None or score > best[0]):
-                best = (score, doc)
-        if best is None:
-            return None
-        return "near_duplicate", self._keys[best[1]], best[0]
 
 
 # ---- filters -----------------------------------------------------------------------------

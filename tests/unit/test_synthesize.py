@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from rouge_score import rouge_scorer
 
+from distray import similarity as sim
 from distray import synthesize as S
 from distray.errors import DataError, StageError
 
@@ -80,11 +81,11 @@ def test_rouge_l_is_rouge_scores_on_ascii_text() -> None:
         a = " ".join(rng.choices(vocab, k=rng.randint(1, 12)))
         b = " ".join(rng.choices(vocab, k=rng.randint(1, 12)))
         want = scorer.score(a, b)["rougeL"].fmeasure
-        assert S.rouge_l(S.words(a), S.words(b)) == pytest.approx(want)
+        assert sim.rouge_l(sim.words(a), sim.words(b)) == pytest.approx(want)
 
 
 def test_index_finds_exact_and_near_duplicates_like_a_full_scan() -> None:
-    index = S.SimilarityIndex(0.7)
+    index = sim.SimilarityIndex(0.7)
     for s in seeds():
         index.add(s.id, s.text)
     assert index.match("give THREE tips, for staying healthy!") == ("exact_duplicate", "s0", 1.0)
@@ -95,11 +96,11 @@ def test_index_finds_exact_and_near_duplicates_like_a_full_scan() -> None:
     rng = random.Random(1)
     vocab = "a b c d e f g h".split()
     texts = [" ".join(rng.choices(vocab, k=rng.randint(2, 9))) for _ in range(150)]
-    index = S.SimilarityIndex(0.7)
+    index = sim.SimilarityIndex(0.7)
     for i, t in enumerate(texts[:100]):
         index.add(str(i), t)
     for t in texts[100:]:
-        full = max(S.rouge_l(S.words(t), S.words(u)) for u in texts[:100])
+        full = max(sim.rouge_l(sim.words(t), sim.words(u)) for u in texts[:100])
         hit = index.match(t)
         assert (hit is not None) == (full >= 0.7)
         if hit is not None and hit[0] == "near_duplicate":
@@ -124,7 +125,7 @@ def test_index_finds_exact_and_near_duplicates_like_a_full_scan() -> None:
     ("Name two rivers in Asia and say which is longer.", False, "stop", None),
 ])
 def test_filters_name_the_reason(text: str, ended: bool, finish: str, reason: str | None) -> None:
-    index = S.SimilarityIndex()
+    index = sim.SimilarityIndex()
     for s in seeds():
         index.add(s.id, s.text)
     got = S.Filters().check(text, ended, finish, index)
