@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_config_show)
     p.set_defaults(func=_needs_action(p))
 
-    p = sub.add_parser("data", help="check input data, write built-in tasks", parents=[verbose])
+    p = sub.add_parser("data", help="check input data, write built-in tasks, synthesize prompts", parents=[verbose])
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     c = data_sub.add_parser(
         "check",
