@@ -322,9 +322,6 @@ def _confirm(args: argparse.Namespace) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
-    from distray.stages import REGISTRY
-    from distray.stages import STAGES as PIPELINE_STAGES
-
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     verbose = _Parser(add_help=False)
     verbose.add_argument(
@@ -344,11 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distray {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_stage_commands(sub, verbose)
+    _add_run_command(sub, verbose)
+    p = sub.add_parser(
+        "report", help="write report.md and plots for a run folder", parents=[verbose]
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (<output_dir>/<run.name>)")
+    p.set_defaults(func=_cmd_report)
+    _add_config_and_data_commands(sub, verbose)
+    _add_model_commands(sub, verbose)
+    return parser
 
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
-        )
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
+    )
+
+
+def _add_stage_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """`distray <stage> --config ...` for every registered stage with a command."""
+    from distray.stages import REGISTRY
 
     for stage in REGISTRY.values():
         if not stage.command:
@@ -365,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="evaluate this model folder as NAME beside the teacher (repeatable; "
                            "evaluate.extra_models.NAME=PATH); the run's student and baseline too only "
                            "with evaluate.models=[teacher,student,baseline]")
-        overrides(p)
+        _overrides(p)
         if stage.has_lineage:
             p.add_argument(
                 "--force", action="store_true",
@@ -374,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             _yes(p)
         p.set_defaults(func=_cmd_stage)
+
+
+def _add_run_command(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """`distray run CONFIG`: the whole pipeline."""
+    from distray.stages import STAGES as PIPELINE_STAGES
 
     run_stages = ", ".join(PIPELINE_STAGES)
     p = sub.add_parser(
@@ -384,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[verbose],
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
-    overrides(p)
+    _overrides(p)
     p.add_argument(
         "--stages", metavar="a,b", help=f"only these stages, from {','.join(PIPELINE_STAGES)}"
     )
@@ -396,19 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     _yes(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser(
-        "report", help="write report.md and plots for a run folder", parents=[verbose]
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (<output_dir>/<run.name>)")
-    p.set_defaults(func=_cmd_report)
 
+def _add_config_and_data_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """`distray config show`, `distray data check|make-task|synthesize` and `distray make-tiny`."""
     p = sub.add_parser("config", help="inspect configs", parents=[verbose])
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     c = config_sub.add_parser(
         "show", help="print the resolved config as YAML (defaults filled in)", parents=[verbose]
     )
     c.add_argument("config", metavar="CONFIG", help="YAML config file")
-    overrides(c)
+    _overrides(c)
     c.set_defaults(func=_cmd_config_show)
     p.set_defaults(func=_needs_action(p))
 
@@ -464,8 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab", type=_positive_int, default=None, metavar="N", help="tokenizer vocabulary size"
     )
     p.set_defaults(func=_cmd_make_tiny)
-    _add_model_commands(sub, verbose)
-    return parser
 
 
 def _add_model_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
