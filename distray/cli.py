@@ -324,21 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The `distray` argument parser (all subcommands)."""
     # -v works before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     verbose = _Parser(add_help=False)
-    verbose.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="debug logging and full tracebacks on failure",
-    )
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging and full tracebacks on failure")
     parser = _Parser(
         prog="distray",
         description="LLM knowledge distillation on Ray: generate → train → evaluate/serve/bench.",
         epilog="Exit codes: 0 success, 1 run failure, 2 usage or config error.",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", default=False, help="debug logs and full tracebacks"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=False,
+                        help="debug logs and full tracebacks")
     parser.add_argument("--version", action="version", version=f"distray {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_stage_commands(sub, verbose)
@@ -475,9 +469,7 @@ def _add_config_and_data_commands(sub: Any, verbose: argparse.ArgumentParser) ->
     p.add_argument("--layers", type=_positive_int, default=2, metavar="N", help="default 2")
     p.add_argument("--hidden", type=_positive_int, default=128, metavar="N", help="default 128")
     p.add_argument("--heads", type=_positive_int, default=4, metavar="N", help="default 4")
-    p.add_argument(
-        "--vocab", type=_positive_int, default=None, metavar="N", help="tokenizer vocabulary size"
-    )
+    p.add_argument("--vocab", type=_positive_int, metavar="N", help="tokenizer vocabulary size")
     p.set_defaults(func=_cmd_make_tiny)
 
 

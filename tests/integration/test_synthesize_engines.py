@@ -1,7 +1,7 @@
 """`distray data synthesize` through the real generation path (Ray Data × the openai engine) on a
 local OpenAI-compatible stand-in whose answers are scripted, so dedupe and every filter fire.
 
-    .venv/bin/python -m pytest tests/integration/test_synthesize.py -q -p no:xdist
+    .venv/bin/python -m pytest tests/integration/test_synthesize_engines.py -q -p no:xdist
 """
 
 from __future__ import annotations
