@@ -69,7 +69,7 @@ def _one_run(root: Path, ids: list[str], rng: random.Random, kill_at: int | None
     try:
         for start in range(0, len(todo), batch):
             outcomes = [rng.choice(["ok", "ok", "final", "transient"]) for _ in todo[start:start + batch]]
-            sink(pa.Table.from_pylist([_row(i, o) for i, o in zip(todo[start:start + batch], outcomes)]))
+            sink(pa.Table.from_pylist([_row(i, o) for i, o in zip(todo[start:start + batch], outcomes, strict=True)]))
         W.settle_retry_shards(rejects, tmp, [data, rejects], prefix)
     finally:
         storage.publish = real_publish  # type: ignore[assignment]
