@@ -61,7 +61,7 @@ def tiny_pipeline_config(tmp: Path, name: str) -> dict:
             "engine_kwargs": ENGINE,
         },
         "serve": {"port": free_port(), "serve_teacher": True, "engine_kwargs": ENGINE},
-        "bench": {"concurrency": [2], "num_prompts": 6, "max_tokens": 8},
+        "bench": {"concurrency": [2], "num_prompts": 6, "max_tokens": 8, "rounds": 1},
         "resources": {"num_cpus": 4},
         "demo": {
             "train_teacher": True,
