@@ -36,7 +36,7 @@ from distray.stages import stage as stage_of
 from distray.storage import exists, read_text, write_text
 
 __all__ = ["changed_settings", "check", "input_digests", "inputs_changed", "output_digest", "read",
-           "settings", "write"]
+           "settings", "settings_changed", "write"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,15 @@ def check(cfg: DistrayConfig, stage: str | Stage, *, force_hint: str) -> None:
         f"`{force_hint}` would DELETE {folders}" + (f" ({cost})" if cost else "")
         + f" and redo {s.name} with the new settings."
     )
+
+
+def settings_changed(cfg: DistrayConfig, stage: str | Stage) -> list[str]:
+    """`key: old → new` for each answer-changing setting that differs from the stage's record
+    ([] when none, or no record)."""
+    record = read(cfg, stage)
+    if record is None:
+        return []
+    return changed_settings(_answer_part(dict(record.get("settings") or {})), settings(cfg, stage))
 
 
 def _skeleton(cfg: DistrayConfig) -> dict[str, Any]:

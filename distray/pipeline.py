@@ -142,15 +142,13 @@ def _redo_if_stale(cfg: DistrayConfig, stage: Stage) -> None:
         return
     changed = lineage.inputs_changed(cfg, stage)
     if not changed and not stage.resumable:
-        record = lineage.read(cfg, stage) or {}
-        if lineage.changed_settings(lineage._answer_part(record.get("settings") or {}),
-                                    lineage.settings(cfg, stage)):
+        if lineage.settings_changed(cfg, stage):
             changed = ["settings"]
     if not changed:
         return
     if stage.keyed_by_content:
-        logger.warning("stage generate: its inputs changed (%s); resuming to label new prompts",
-                       ", ".join(changed))
+        logger.warning("stage %s: its inputs changed (%s); resuming to label new prompts",
+                       stage.name, ", ".join(changed))
         marker = stage.marker_of(cfg.run_dir)
         if marker and exists(marker):
             from distray.storage import filesystem_for
