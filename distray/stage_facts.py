@@ -137,8 +137,13 @@ def train_cost(cfg: Any) -> str:
     return f"{student}{n_ckpt} checkpoint(s), {steps} training steps"
 
 
-def _rows_in(folder: str) -> int:
-    """Rows in the Parquet and JSONL shards under `folder` (Parquet from metadata only)."""
+def _rows_in(folder: str, known: dict[str, int]) -> int:
+    """Rows in the Parquet and JSONL shards under `folder` (Parquet from metadata only).
+
+    Shards are published whole and never change (a rename, or a retry shard settled into a new
+    one), so `known` keeps each one's count between polls: a poll lists the folder and reads
+    only the shards published since the last one.
+    """
     from distray.storage import filesystem_for, list_files
 
     if not exists(folder):
@@ -146,17 +151,19 @@ def _rows_in(folder: str) -> int:
     fs, _ = filesystem_for(folder)
     n = 0
     for path in list_files(folder, (".parquet", ".jsonl")):
-        try:
-            if path.endswith(".parquet"):
-                import pyarrow.parquet as pq
+        if path not in known:
+            try:
+                if path.endswith(".parquet"):
+                    import pyarrow.parquet as pq
 
-                with fs.open_input_file(path) as f:
-                    n += pq.ParquetFile(f).metadata.num_rows
-            else:
-                with fs.open_input_stream(path) as f:
-                    n += f.read().count(b"\n")
-        except OSError:
-            continue  # a shard being written or moved
+                    with fs.open_input_file(path) as f:
+                        known[path] = pq.ParquetFile(f).metadata.num_rows
+                else:
+                    with fs.open_input_stream(path) as f:
+                        known[path] = f.read().count(b"\n")
+            except OSError:
+                continue  # a shard being written or moved
+        n += known[path]
     return n
 
 
@@ -208,7 +215,8 @@ def generate_progress(cfg: Any, run_dir: str, state: dict[str, Any]) -> str | No
     p = RunPaths(run_dir)
     if not exists(f"{p.generate}/lineage.json") or exists(p.generate_stats):
         return None
-    done, rejects = _rows_in(p.generate_data), _rows_in(p.generate_rejects)
+    known = state.setdefault("shards", {})
+    done, rejects = _rows_in(p.generate_data, known), _rows_in(p.generate_rejects, known)
     answered = answered_rows(run_dir)
     now = time.monotonic()
     if "published0" not in state:

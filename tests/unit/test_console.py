@@ -111,3 +111,25 @@ def test_generate_progress_rises_with_answered_rows_before_any_shard(tmp_path) -
     assert seen == [16, 32, 48] and "rows/s" in line
     (tmp_path / "generate" / "stats.json").write_text("{}")  # the stage ended: no line
     assert generate_progress(None, run_dir, state) is None
+
+
+def test_generate_progress_reads_each_published_shard_once(tmp_path, monkeypatch) -> None:
+    """Polled every few seconds, the progress line reads only shards published since its last
+    poll (a shard never changes once published)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distray.stage_facts import generate_progress
+
+    data = tmp_path / "generate" / "data" / "train"
+    data.mkdir(parents=True)
+    (tmp_path / "generate" / "lineage.json").write_text("{}")
+    pq.write_table(pa.table({"id": ["a", "b"]}), data / "part-1.parquet")
+    opened: list[str] = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda f, *a, **k: opened.append("x") or real(f, *a, **k))
+    state: dict = {}
+    generate_progress(None, str(tmp_path), state)
+    pq.write_table(pa.table({"id": ["c"]}), data / "part-2.parquet")
+    line = generate_progress(None, str(tmp_path), state)
+    assert line.startswith("generate: 3 rows") and len(opened) == 2
