@@ -6,10 +6,10 @@
 - A local file is hashed whole, streamed (`distray.fingerprint.file_sha256`). Its hash is
   cached by path, size, mtime and inode in the fingerprint cache, so an unchanged 10 GB input is
   read once, and a same-size edit (which changes the mtime) is read again.
-- An object in a bucket is named by its ETag (or checksum), which the store computes from its
-  content; pyarrow's FileInfo does not carry one, so it is read with boto3's `head_object`
-  when boto3 is installed (the endpoint from `AWS_ENDPOINT_URL`, as pyarrow and Ray read it).
-  Without boto3, size and modification time stand in, and the digest says so.
+- An s3:// object is named by its ETag (and checksum), which the store computes from its
+  content; pyarrow's FileInfo does not carry one, so a folder's ETags come from one boto3
+  listing (`distray.fingerprint.s3_objects`, the same one model fingerprints use). Without boto3,
+  and on other stores, size and modification time stand in.
 - A folder's digest covers the relative name and the digest of each file under it, sorted,
   leaving out hidden files (leases, temp files) and the names given in `exclude`.
 """
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from typing import Any
 
 from distray.storage import filesystem_for
 
-__all__ = ["file_digest", "tree_digest"]
+__all__ = ["tree_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,38 +48,23 @@ class _Cache:
             fingerprint.save_cache(self.entries)
 
 
-def _object_digest(uri: str, size: int, mtime: Any) -> str:
-    """An object's ETag or checksum from the store; size and mtime when boto3 is missing."""
-    scheme, _, rest = uri.partition("://")
-    if scheme in ("s3", "s3a"):
-        try:
-            import boto3
-        except ImportError:
-            boto3 = None
-        if boto3 is not None:
-            bucket, _, key = rest.partition("/")
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            head = boto3.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)
-            tag = head.get("ChecksumSHA256") or head.get("ETag") or ""
-            return f"etag:{tag.strip(chr(34))}:{head.get('ContentLength', size)}"
-    return f"stat:{size}:{mtime}"
+def _s3_tree(uri: str, exclude: tuple[str, ...]) -> str | None:
+    """The digest of an s3:// object or folder from one listing of its ETags; None without
+    boto3 (the caller falls back to pyarrow's listing)."""
+    from distray.fingerprint import s3_objects
 
-
-def file_digest(path: str, cache: _Cache | None = None) -> str:
-    """The digest of one file's content (see the module docstring)."""
-    if "://" not in path:
-        own = cache or _Cache()
-        digest = own.sha256(path)
-        if cache is None:
-            own.save()
-        return digest
-    from pyarrow import fs as pafs
-
-    fs, inner = filesystem_for(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        return "missing"
-    return _object_digest(path, info.size, info.mtime_ns)
+    objects = s3_objects(uri.rstrip("/"), recursive=True)
+    if objects is None:
+        return None
+    h = hashlib.sha256()
+    kept = 0
+    for name, size, etag, checksum in sorted(objects):
+        parts = name.split("/")
+        if any(p.startswith(".") for p in parts) or parts[-1] in exclude:
+            continue
+        kept += 1
+        h.update(f"{name}\0{size}\0{etag}\0{checksum}\0".encode())
+    return h.hexdigest() if kept else "missing"
 
 
 def tree_digest(path: str, exclude: tuple[str, ...] = ()) -> str:
@@ -94,25 +77,35 @@ def tree_digest(path: str, exclude: tuple[str, ...] = ()) -> str:
     """
     from pyarrow import fs as pafs
 
+    if path.startswith("s3://"):
+        listed = _s3_tree(path, exclude)
+        if listed is not None:
+            return listed
     fs, inner = filesystem_for(path)
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
         return "missing"
     if info.type == pafs.FileType.File:
-        return file_digest(path)
+        if "://" in path:
+            return f"stat:{info.size}:{info.mtime_ns}"
+        one = _Cache()
+        digest = one.sha256(path)
+        one.save()
+        return digest
     base = path.rstrip("/")
     cache = _Cache() if "://" not in path else None
     h = hashlib.sha256()
     files = sorted(
-        f.path[len(inner.rstrip("/")) + 1:]
+        (f.path[len(inner.rstrip("/")) + 1:], f)
         for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
         if f.type == pafs.FileType.File
     )
-    for rel in files:
+    for rel, f in files:
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts) or parts[-1] in exclude:
             continue
-        h.update(f"{rel}\0{file_digest(f'{base}/{rel}', cache)}\0".encode())
+        digest = cache.sha256(f"{base}/{rel}") if cache is not None else f"stat:{f.size}:{f.mtime_ns}"
+        h.update(f"{rel}\0{digest}\0".encode())
     if cache is not None:
         cache.save()
     return h.hexdigest()

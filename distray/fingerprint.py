@@ -33,7 +33,9 @@ from typing import Any
 
 from distray import formats as F
 
-__all__ = ["RACY_S", "cache_path", "file_sha256", "load_cache", "model_fingerprint", "save_cache"]
+__all__ = [
+    "RACY_S", "cache_path", "file_sha256", "load_cache", "model_fingerprint", "s3_objects", "save_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +126,10 @@ def _local_fingerprint(model: str) -> str:
     return F.content_hash("model", parts)
 
 
-def _s3_objects(uri: str) -> list[list[Any]] | None:
-    """[name, size, ETag, checksum] of each object directly under an s3:// folder, from one
-    listing (boto3 reads AWS_ENDPOINT_URL and credentials as pyarrow does); None without boto3."""
+def s3_objects(uri: str, *, recursive: bool = False) -> list[list[Any]] | None:
+    """[name, size, ETag, checksum] of each object under an s3:// folder (directly under it, or
+    at any depth with `recursive`; names relative to it), from one listing (boto3 reads
+    AWS_ENDPOINT_URL and credentials as pyarrow does); None without boto3."""
     try:
         import boto3
     except ImportError:
@@ -136,14 +139,21 @@ def _s3_objects(uri: str) -> list[list[Any]] | None:
     client = boto3.client("s3")
     out: list[list[Any]] = []
     for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix, Delimiter="/"
+        Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"})
     ):
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix):]
             if name and not name.startswith("."):
                 out.append([name, obj["Size"], obj.get("ETag"), obj.get("ChecksumAlgorithm")])
-    if not out and key:  # a single object (a .gguf file), not a folder
-        head = client.head_object(Bucket=bucket, Key=key)
+    if not out and key:  # a single object (a .gguf file), not a folder; or nothing there
+        from botocore.exceptions import ClientError
+
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return out
+            raise
         out.append([key.rsplit("/", 1)[-1], head["ContentLength"], head.get("ETag"), None])
     return out
 
@@ -172,7 +182,7 @@ def _remote_fingerprint(uri: str) -> str:
     objects: list[list[Any]] | None = None
     if uri.startswith("s3://"):
         try:
-            objects = _s3_objects(uri)
+            objects = s3_objects(uri)
         except Exception as e:  # noqa: BLE001 - any client error: the listing below still works
             logger.warning("no ETags for %s (%s); fingerprinting by size and mtime", uri, e)
     if objects is None:

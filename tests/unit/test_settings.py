@@ -132,3 +132,29 @@ def test_force_of_a_finished_stage_asks_and_keeps_it_on_no(tmp_path: Path) -> No
     assert stats.exists() and "teacher rows" in asked[0]
     pipeline._clear_forced(cfg, pipeline.REGISTRY["generate"], lambda q: True)
     assert not stats.exists()
+
+
+def test_an_s3_folder_is_digested_from_one_listing_of_its_etags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards in a bucket are named by their ETags from one listing; a rewritten shard changes
+    the digest, hidden files and excluded names do not."""
+    moto = pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    from distray.digest import tree_digest
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with moto.mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="runs")
+        s3.put_object(Bucket="runs", Key="r/generate/data/train/part-1.parquet", Body=b"rows")
+        s3.put_object(Bucket="runs", Key="r/generate/stats.json", Body=b'{"wall_s": 1}')
+        before = tree_digest("s3://runs/r/generate", exclude=("stats.json",))
+        s3.put_object(Bucket="runs", Key="r/generate/stats.json", Body=b'{"wall_s": 2}')
+        s3.put_object(Bucket="runs", Key="r/generate/.tmp/x", Body=b"in flight")
+        assert tree_digest("s3://runs/r/generate", exclude=("stats.json",)) == before
+        s3.put_object(Bucket="runs", Key="r/generate/data/train/part-1.parquet", Body=b"rowz")
+        assert tree_digest("s3://runs/r/generate", exclude=("stats.json",)) != before
+        assert tree_digest("s3://runs/r/nothing") == "missing"
